@@ -1,0 +1,159 @@
+"""The `qwen2` command: one thin Typer function per command over a library call. No torch at import time."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import BadInput, report
+from .options import (CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
+                      SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
+
+app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens):
+    """SamplingParams from the options given, the rest from the model's generation_config.json."""
+    from .sampling import SamplingParams
+
+    defaults = engine.config.generation
+    return SamplingParams(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k if top_k is None else top_k,
+        min_p=defaults.min_p if min_p is None else min_p,
+        repeat_penalty=defaults.repetition_penalty if repeat_penalty is None else repeat_penalty,
+        seed=seed,
+        max_tokens=defaults.max_new_tokens if max_tokens is None else max_tokens,
+    )
+
+
+def _read_stdin() -> str:
+    """Piped standard input, or '' when stdin is a terminal or closed."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    return sys.stdin.read()
+
+
+@app.command()
+def run(
+    model: ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; piped stdin is appended to it.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
+    json_output: JsonOpt = False,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    ctx: CtxOpt = 4096,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Answer one prompt and print only the answer on stdout."""
+    from .console import print_json, write_answer
+    from .runner import answer_once
+
+    piped = _read_stdin().rstrip("\n")
+    text = "\n".join(part for part in (prompt, piped) if part)
+    if not text:
+        raise BadInput("no prompt: give PROMPT or pipe text on stdin")
+    result = answer_once(model, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype,
+                         sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
+                                                           min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                                                           max_tokens=max_tokens),
+                         on_text=None if json_output else write_answer)
+    if json_output:
+        print_json(result)
+    elif sys.stdout.isatty():
+        write_answer("\n")
+
+
+@app.command()
+def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
+    """Token ids of the text on stdin."""
+    from .console import print_json
+    from .registry import resolve_model
+    from .tokenizer import Qwen2Tokenizer
+
+    ids = Qwen2Tokenizer.from_dir(resolve_model(model)).encode(_read_stdin())
+    if json_output:
+        print_json(ids)
+    else:
+        sys.stdout.write(" ".join(map(str, ids)) + "\n")
+
+
+@app.command()
+def info(model: ModelArg = None, json_output: JsonOpt = False) -> None:
+    """What a model is: architecture, size, context, quantization, files."""
+    from .console import print_json
+    from .model_info import describe
+    from .registry import resolve_model
+
+    facts = describe(resolve_model(model))
+    if json_output:
+        print_json(facts)
+    else:
+        width = max(map(len, facts))
+        for key, value in facts.items():
+            sys.stdout.write(f"{key:<{width}}  {value}\n")
+
+
+@app.command()
+def bench(
+    model: ModelArg = None,
+    prompt_tokens: Annotated[int, typer.Option("-p", "--prompt-tokens", help="Prompt length.")] = 512,
+    new_tokens: Annotated[int, typer.Option("-n", "--new-tokens", help="Tokens to decode.")] = 128,
+    json_output: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Prefill and decode tokens/s, time to first token, load time, peak RSS."""
+    from .bench import as_dict, run_bench
+    from .console import print_json
+    from .registry import resolve_model
+
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise BadInput("-p and -n must be at least 1")
+    result = as_dict(run_bench(resolve_model(model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                               device=device, dtype=dtype))
+    if json_output:
+        print_json(result)
+    else:
+        for key, value in result.items():
+            shown = f"{value:.2f}" if isinstance(value, float) else value
+            sys.stdout.write(f"{key:<14} {shown}\n")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning every failure into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except SystemExit as exc:
+        raise
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        sys.exit(0)
+    except KeyboardInterrupt as exc:
+        sys.exit(report(exc))
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes a message
+        from click.exceptions import ClickException, Abort
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            sys.exit(exc.exit_code if exc.exit_code != 2 else 1)
+        if isinstance(exc, Abort):
+            sys.exit(130)
+        sys.exit(report(exc))
+
+
+def _quiet_broken_pipe() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain about the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -1,0 +1,137 @@
+"""Prefill (chunked) and decode loops: prompt ids in, text chunks with finish reasons and timing stats out."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import LoadedModel, load_model
+from .config import Qwen2Config
+from .errors import ContextOverflow
+from .kv_cache import KVCache
+from .sampling import SamplingParams, pick_token
+from .tokenizer import Qwen2Tokenizer
+
+PREFILL_CHUNK = 512
+STOP_TOKEN_TEXTS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class Engine:
+    """A loaded model with its tokenizer: what every command that generates works on."""
+
+    loaded: LoadedModel
+    tokenizer: Qwen2Tokenizer
+    model_dir: Path
+    stop_ids: frozenset[int]
+    sampleable_vocab: int  # logits rows at or past this index are padding and never sampled
+    load_seconds: float = 0.0
+
+    @property
+    def config(self) -> Qwen2Config:
+        return self.loaded.config
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """A KV cache of `max_len` positions on the model's device, in its dtype."""
+        return KVCache(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
+
+
+def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto") -> Engine:
+    """Load model and tokenizer from a checkpoint directory and work out the stop ids."""
+    started = time.perf_counter()
+    tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
+    loaded = load_model(Path(model_dir), device=device, dtype=dtype)
+    stops = set(loaded.config.eos_token_ids)
+    stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
+    sampleable = min(loaded.config.vocab_size, tokenizer.sampleable_size)
+    return Engine(loaded=loaded, tokenizer=tokenizer, model_dir=Path(model_dir), stop_ids=frozenset(stops),
+                  sampleable_vocab=sampleable, load_seconds=time.perf_counter() - started)
+
+
+@dataclass
+class Stats:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens that actually ran through the model (the rest were cached)
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    generated_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.completion_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+@dataclass
+class Chunk:
+    """A piece of answer text; the last chunk has a finish_reason ("stop" or "length") and the stats."""
+
+    text: str
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+def prefill(engine: Engine, cache: KVCache, token_ids: list[int], *, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run `token_ids` through the model from cache.pos on, in chunks; return the last position's logits (vocab,)."""
+    device = engine.loaded.device
+    logits = None
+    for begin in range(0, len(token_ids), chunk_size):
+        piece = torch.tensor([token_ids[begin:begin + chunk_size]], device=device)
+        logits = engine.loaded.model(piece, cache, cache.pos, last_only=True)
+    assert logits is not None, "prefill needs at least one token"
+    return logits[0, -1].float()
+
+
+def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, cache: KVCache) -> Iterator[Chunk]:
+    """Continue `prompt_ids`, reusing the cache's first cache.pos positions, which must hold prompt_ids' prefix."""
+    if len(prompt_ids) >= cache.max_len:
+        raise ContextOverflow(f"the prompt is {len(prompt_ids)} tokens; the context holds {cache.max_len} "
+                              "(raise --ctx or shorten the prompt)")
+    if cache.pos >= len(prompt_ids):
+        cache.trim(len(prompt_ids) - 1)  # at least one token must run to produce logits
+    stats = Stats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids) - cache.pos)
+    generator = torch.Generator(device=engine.loaded.device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    vocab = engine.config.vocab_size
+    seen = torch.zeros(vocab, dtype=torch.bool, device=engine.loaded.device)
+    seen[torch.tensor(prompt_ids, device=engine.loaded.device)] = True
+    padding = torch.arange(vocab, device=engine.loaded.device) >= engine.sampleable_vocab
+    decoder = engine.tokenizer.stream_decoder()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = prefill(engine, cache, prompt_ids[cache.pos:])
+        stats.prefill_s = time.perf_counter() - started
+        finish = "length"
+        while True:
+            token = pick_token(logits.masked_fill(padding, float("-inf")), params, seen=seen, generator=generator)
+            if not stats.completion_tokens:
+                stats.ttft_s = time.perf_counter() - started
+            stats.completion_tokens += 1
+            stats.generated_ids.append(token)
+            if token in engine.stop_ids:
+                finish = "stop"
+                break
+            text = decoder.push(token)
+            if text:
+                yield Chunk(text)
+            if stats.completion_tokens >= params.max_tokens or cache.pos >= cache.max_len:
+                break
+            seen[token] = True
+            logits = engine.loaded.model(torch.tensor([[token]], device=engine.loaded.device), cache, cache.pos,
+                                         last_only=True)[0, -1].float()
+    stats.decode_s = time.perf_counter() - started - stats.ttft_s
+    yield Chunk(decoder.flush(), finish_reason=finish, stats=stats)

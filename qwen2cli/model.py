@@ -1,0 +1,204 @@
+"""The Qwen2 decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or files."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen2Config
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as Qwen2 was trained."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def yarn_inverse_frequencies(config: Qwen2Config, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN's blended inverse frequencies and attention factor (the paper's ramp between interpolation and extrapolation)."""
+    scaling = config.rope_scaling or {}
+    base = config.rope_theta
+    factor = float(scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"])
+    original = scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(scale: float, multiplier: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * multiplier * math.log(scale) + 1.0
+
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    position_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    extrapolation_weight = 1 - ramp
+    inverse = (1.0 / (factor * position_freqs)) * (1 - extrapolation_weight) + (1.0 / position_freqs) * extrapolation_weight
+    return inverse, float(attention_factor)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for rotary position embedding, grown on demand; plain RoPE or YaRN."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        dim = config.head_dim
+        with torch.device("cpu"):  # the model may be built on the meta device; these tables are computed, not loaded
+            self._init_frequencies(config, dim)
+        self.cos = self.sin = torch.empty(0)
+
+    def _init_frequencies(self, config: Qwen2Config, dim: int) -> None:
+        if config.rope_scaling and config.rope_scaling.get("type") == "yarn":
+            self.inverse_frequencies, self.attention_scaling = yarn_inverse_frequencies(config, dim)
+        else:
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+            self.inverse_frequencies = 1.0 / (config.rope_theta ** exponents)
+            self.attention_scaling = 1.0
+
+    def tables(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (positions, head_dim) in float32 for positions [0, end) at least."""
+        if self.cos.shape[0] < end or self.cos.device != device:
+            size = max(end, 2 * self.cos.shape[0], 256)
+            positions = torch.arange(size, dtype=torch.float32, device=device)
+            freqs = torch.outer(positions, self.inverse_frequencies.to(device))  # (P, head_dim/2)
+            angles = torch.cat((freqs, freqs), dim=-1)  # (P, head_dim)
+            self.cos = angles.cos() * self.attention_scaling
+            self.sin = angles.sin() * self.attention_scaling
+        return self.cos, self.sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias; scores in float32; K/V never repeated in memory."""
+
+    def __init__(self, config: Qwen2Config, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window_for(layer_index)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.write(self.layer_index, start_pos, k.to(cache.keys[0].dtype), v.to(cache.values[0].dtype))
+        group = self.num_heads // self.num_kv_heads
+        # fold each KV head's group of query heads into the query length: (B, Hkv, group*T, D)
+        q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)
+        mask = self._mask(length, start_pos, keys.shape[2], x.device)
+        out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask)
+        out = out.to(x.dtype).view(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _mask(self, length: int, start_pos: int, key_length: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (group*T, S) mask: causal, and within the sliding window when this layer has one."""
+        if length == 1 and (self.sliding_window is None or key_length <= self.sliding_window):
+            return None
+        query_pos = torch.arange(start_pos, start_pos + length, device=device)[:, None]  # (T, 1)
+        key_pos = torch.arange(key_length, device=device)[None, :]  # (1, S)
+        allowed = key_pos <= query_pos
+        if self.sliding_window is not None:
+            allowed &= key_pos > query_pos - self.sliding_window
+        return allowed.repeat(self.num_heads // self.num_kv_heads, 1)  # (group*T, S)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_index):
+            from .moe import SparseMoeBlock
+
+            self.mlp: nn.Module = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and head; forward(input_ids, cache, start_pos) -> logits."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for `input_ids` (B, T) at positions start_pos.. (only the last one if last_only)."""
+        length = input_ids.shape[1]
+        if start_pos + length > cache.max_len:
+            raise ValueError(f"positions up to {start_pos + length} exceed the cache's {cache.max_len}")
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = self.rotary.tables(start_pos + length, input_ids.device)
+        cos, sin = cos[start_pos:start_pos + length], sin[start_pos:start_pos + length]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start_pos)
+        cache.pos = start_pos + length
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))

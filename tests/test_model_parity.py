@@ -1,0 +1,72 @@
+"""Our decoder against transformers' Qwen2ForCausalLM on tiny random checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2cli.checkpoint import load_model
+from qwen2cli.kv_cache import KVCache
+from tests.conftest import write_tiny_checkpoint
+
+VARIANTS = {
+    "untied-2kv": {},
+    "tied-2kv": {"tie": True},
+    "1kv": {"num_kv_heads": 1},
+    "4kv": {"num_kv_heads": 4},
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    "sliding": {"sliding_window": 8, "max_window_layers": 1},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), with_tokenizer=False,
+                                      **VARIANTS[request.param])
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+    ours = load_model(directory, device="cpu", dtype="float32")
+    return reference, ours
+
+
+def _ids(length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 500, (1, length), generator=generator)
+
+
+def test_full_forward_matches(pair):
+    reference, ours = pair
+    ids = _ids(40)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        cache = KVCache(ours.config, 64)
+        got = ours.model(ids, cache, 0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_matches_full_forward(pair):
+    reference, ours = pair
+    ids = _ids(40, seed=2)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        cache = KVCache(ours.config, 64)
+        prefix = ours.model(ids[:, :7], cache, 0)  # a chunked start, then one token at a time
+        steps = [ours.model(ids[:, i:i + 1], cache, i) for i in range(7, ids.shape[1])]
+    got = torch.cat([prefix, *steps], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_greedy_64_tokens_identical(pair):
+    reference, ours = pair
+    ids = _ids(8, seed=3)
+    with torch.no_grad():
+        expected = reference.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, 8:].tolist()
+        cache = KVCache(ours.config, 128)
+        logits = ours.model(ids, cache, 0, last_only=True)
+        got = []
+        for _ in range(64):
+            token = int(logits[0, -1].argmax())
+            got.append(token)
+            logits = ours.model(torch.tensor([[token]]), cache, cache.pos)
+    assert got == expected
