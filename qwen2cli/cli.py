@@ -133,24 +133,35 @@ def bench(
 
 def main() -> None:
     """Console-script entry point: run the app, turning every failure into one line and an exit code."""
+    from typer import Abort, Exit
+
+    try:  # typer >= 0.24 vendors click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError
+
     try:
-        app(standalone_mode=False)
-    except SystemExit as exc:
-        raise
+        result = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        sys.exit(0)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(1)
+    except (Abort, KeyboardInterrupt) as exc:
+        sys.exit(report(KeyboardInterrupt()) if isinstance(exc, Abort) else report(exc))
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
-    except KeyboardInterrupt as exc:
-        sys.exit(report(exc))
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes a message
-        from click.exceptions import ClickException, Abort
-
-        if isinstance(exc, ClickException):
-            exc.show()
-            sys.exit(exc.exit_code if exc.exit_code != 2 else 1)
-        if isinstance(exc, Abort):
-            sys.exit(130)
         sys.exit(report(exc))
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def _quiet_broken_pipe() -> None:
