@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,10 +93,20 @@ def _place(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> to
     return tensor.to(device=device)
 
 
-def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a checkpoint directory into a ready-to-run model in eval mode."""
+def with_context(config: Qwen2Config, ctx: int | None) -> Qwen2Config:
+    """Turn YaRN on when the requested context exceeds the trained one (Qwen's recipe); plain RoPE otherwise."""
+    if ctx is None or ctx <= config.max_position_embeddings or config.rope_scaling is not None:
+        return config
+    original = config.max_position_embeddings
+    factor = float(2 ** math.ceil(math.log2(ctx / original)))  # 2x, 4x ... as Qwen documents (factor 4 for 128K)
+    scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    return replace(config, rope_scaling=scaling, max_position_embeddings=int(original * factor))
+
+
+def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None) -> LoadedModel:
+    """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context."""
     model_dir = Path(model_dir)
-    config = load_config(model_dir)
+    config = with_context(load_config(model_dir), ctx)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     files = weight_files(model_dir)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import BadInput, report
-from .options import (CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
+from .options import (CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
@@ -53,6 +53,7 @@ def run(
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = None,
     ctx: CtxOpt = 4096,
+    kv_cache: KvCacheOpt = "float",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -64,7 +65,7 @@ def run(
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
-    result = answer_once(model, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype,
+    result = answer_once(model, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                                            max_tokens=max_tokens),

@@ -10,8 +10,8 @@ import torch
 
 from .checkpoint import LoadedModel, load_model
 from .config import Qwen2Config
-from .errors import ContextOverflow
-from .kv_cache import KVCache
+from .errors import BadInput, ContextOverflow
+from .kv_cache import Int8KVCache, KVCache
 from .sampling import SamplingParams, pick_token
 from .tokenizer import Qwen2Tokenizer
 
@@ -29,26 +29,33 @@ class Engine:
     stop_ids: frozenset[int]
     sampleable_vocab: int  # logits rows at or past this index are padding and never sampled
     load_seconds: float = 0.0
+    kv_cache: str = "float"  # or "int8"
 
     @property
     def config(self) -> Qwen2Config:
         return self.loaded.config
 
     def new_cache(self, max_len: int) -> KVCache:
-        """A KV cache of `max_len` positions on the model's device, in its dtype."""
-        return KVCache(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
+        """A KV cache of `max_len` positions on the model's device, in its dtype (int8 when asked)."""
+        kind = Int8KVCache if self.kv_cache == "int8" else KVCache
+        return kind(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
 
 
-def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto") -> Engine:
+def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
+                kv_cache: str = "float") -> Engine:
     """Load model and tokenizer from a checkpoint directory and work out the stop ids."""
+    if kv_cache not in ("float", "int8"):
+        raise BadInput(f"unknown --kv-cache {kv_cache!r}: use float or int8")
+    if ctx is not None and ctx < 2:
+        raise BadInput(f"--ctx must be at least 2 tokens, got {ctx}")
     started = time.perf_counter()
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(Path(model_dir), device=device, dtype=dtype)
+    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.sampleable_size)
     return Engine(loaded=loaded, tokenizer=tokenizer, model_dir=Path(model_dir), stop_ids=frozenset(stops),
-                  sampleable_vocab=sampleable, load_seconds=time.perf_counter() - started)
+                  sampleable_vocab=sampleable, load_seconds=time.perf_counter() - started, kv_cache=kv_cache)
 
 
 @dataclass

@@ -118,7 +118,7 @@ class Attention(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = cache.write(self.layer_index, start_pos, k.to(cache.keys[0].dtype), v.to(cache.values[0].dtype))
+        keys, values = cache.write(self.layer_index, start_pos, k, v)  # (B, Hkv, S, D) each
         group = self.num_heads // self.num_kv_heads
         # fold each KV head's group of query heads into the query length: (B, Hkv, group*T, D)
         q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)

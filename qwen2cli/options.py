@@ -18,3 +18,4 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Same seed, same 
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="Stop after this many new tokens.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the model's own).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV cache size).")]
+KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
