@@ -132,6 +132,38 @@ def bench(
             sys.stdout.write(f"{key:<14} {shown}\n")
 
 
+@app.command(name="perplexity")
+def perplexity_command(
+    model: ModelArg = None,
+    file: Annotated[Optional[str], typer.Option("--file", help="Text file to score.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Window length in tokens.")] = 512,
+    kv_cache: KvCacheOpt = "float",
+    json_output: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Perplexity of a text file over non-overlapping windows of --ctx tokens."""
+    from pathlib import Path
+
+    from .console import print_json
+    from .generate import load_engine
+    from .perplexity import perplexity
+    from .registry import resolve_model
+
+    if file is None:
+        raise BadInput("--file is required")
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {file}: {exc}") from exc
+    engine = load_engine(resolve_model(model), device=device, dtype=dtype, kv_cache=kv_cache)
+    result = perplexity(engine, text, ctx=ctx)
+    if json_output:
+        print_json({"ppl": result.ppl, "tokens": result.tokens})
+    else:
+        sys.stdout.write(f"perplexity {result.ppl:.4f} over {result.tokens} tokens in {result.windows} windows\n")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning every failure into one line and an exit code."""
     from typer import Abort, Exit
