@@ -93,8 +93,15 @@ def _place(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> to
     return tensor.to(device=device)
 
 
-def with_context(config: Qwen2Config, ctx: int | None) -> Qwen2Config:
-    """Turn YaRN on when the requested context exceeds the trained one (Qwen's recipe); plain RoPE otherwise."""
+def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "default") -> Qwen2Config:
+    """Dual chunk attention when asked; else YaRN when `ctx` exceeds the trained context (Qwen's recipe)."""
+    if attention not in ("default", "dca"):
+        raise BadInput(f"unknown --attention {attention!r}: use default or dca")
+    if attention == "dca" and config.dual_chunk_attention_config is None:
+        chunk_size = config.max_position_embeddings
+        dca = {"chunk_size": chunk_size, "local_size": max(1, chunk_size // 32),
+               "original_max_position_embeddings": chunk_size}
+        return replace(config, dual_chunk_attention_config=dca)
     if ctx is None or ctx <= config.max_position_embeddings or config.rope_scaling is not None:
         return config
     original = config.max_position_embeddings
@@ -103,10 +110,11 @@ def with_context(config: Qwen2Config, ctx: int | None) -> Qwen2Config:
     return replace(config, rope_scaling=scaling, max_position_embeddings=int(original * factor))
 
 
-def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None) -> LoadedModel:
+def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
+               attention: str = "default") -> LoadedModel:
     """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context."""
     model_dir = Path(model_dir)
-    config = with_context(load_config(model_dir), ctx)
+    config = with_context(load_config(model_dir), ctx, attention=attention)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     files = weight_files(model_dir)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import BadInput, report
-from .options import (CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
+from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
@@ -54,6 +54,7 @@ def run(
     max_tokens: MaxTokensOpt = None,
     ctx: CtxOpt = 4096,
     kv_cache: KvCacheOpt = "float",
+    attention: AttentionOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -66,6 +67,7 @@ def run(
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
     result = answer_once(model, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
+                         attention=attention,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                                            max_tokens=max_tokens),

@@ -47,6 +47,7 @@ class Qwen2Config:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     quantization_config: dict[str, Any] | None = None
+    dual_chunk_attention_config: dict[str, Any] | None = None
     # Qwen2-MoE
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -146,6 +147,7 @@ def config_from_dict(raw: dict[str, Any], generation: dict[str, Any] | None = No
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
             quantization_config=raw.get("quantization_config"),
+            dual_chunk_attention_config=raw.get("dual_chunk_attention_config"),
             num_experts=int(raw.get("num_experts") or 0),
             num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),

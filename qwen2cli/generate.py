@@ -42,7 +42,7 @@ class Engine:
 
 
 def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-                kv_cache: str = "float") -> Engine:
+                kv_cache: str = "float", attention: str = "default") -> Engine:
     """Load model and tokenizer from a checkpoint directory and work out the stop ids."""
     if kv_cache not in ("float", "int8"):
         raise BadInput(f"unknown --kv-cache {kv_cache!r}: use float or int8")
@@ -50,7 +50,7 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
         raise BadInput(f"--ctx must be at least 2 tokens, got {ctx}")
     started = time.perf_counter()
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx)
+    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.sampleable_size)

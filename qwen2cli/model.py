@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2Config
+from .dca import DualChunkConfig, dual_chunk_attention, rotate
 from .kv_cache import KVCache
 
 
@@ -105,17 +106,21 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window_for(layer_index)
+        dca = config.dual_chunk_attention_config
+        self.dual_chunk = DualChunkConfig.from_hf(dca) if dca else None
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start_pos: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, D)
+        if self.dual_chunk is not None:
+            return self._dual_chunk_forward(q, k, v, rope, cache, start_pos)
+        cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)  # (T, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(self.layer_index, start_pos, k, v)  # (B, Hkv, S, D) each
@@ -125,6 +130,19 @@ class Attention(nn.Module):
         mask = self._mask(length, start_pos, keys.shape[2], x.device)
         out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask)
         out = out.to(x.dtype).view(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
+                            cache: KVCache, start_pos: int) -> torch.Tensor:
+        batch, _, length, _ = q.shape
+        key_cos, key_sin, succ_cos, succ_sin, inter_cos, inter_sin = rope
+        keys, values = cache.write(self.layer_index, start_pos, rotate(k, key_cos, key_sin), v)
+        group = self.num_heads // self.num_kv_heads
+        grouped = q.view(batch, self.num_kv_heads, group, length, self.head_dim)  # (B, Hkv, group, T, D)
+        queries = (rotate(grouped, key_cos, key_sin), rotate(grouped, succ_cos, succ_sin),
+                   rotate(grouped, inter_cos, inter_sin))
+        out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=self.dual_chunk)
+        out = out.to(q.dtype).reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
     def _mask(self, length: int, start_pos: int, key_length: int, device: torch.device) -> torch.Tensor | None:
@@ -165,8 +183,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start_pos: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,6 +196,9 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+RopeTables = tuple[torch.Tensor, ...]  # (cos, sin) per position; dual chunk: key, successive and inter pairs
+
+
 class Qwen2ForCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and head; forward(input_ids, cache, start_pos) -> logits."""
 
@@ -187,6 +208,19 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        dca = config.dual_chunk_attention_config
+        self.dual_chunk = DualChunkConfig.from_hf(dca) if dca else None
+
+    def _rope_tables(self, start_pos: int, length: int, device: torch.device) -> RopeTables:
+        """cos/sin rows for positions start_pos..start_pos+length (three pairs under dual chunk attention)."""
+        if self.dual_chunk is None:
+            cos, sin = self.rotary.tables(start_pos + length, device)
+            return cos[start_pos:start_pos + length], sin[start_pos:start_pos + length]
+        cos, sin = self.rotary.tables(self.dual_chunk.chunk_size + 1, device)
+        positions = torch.arange(start_pos, start_pos + length, device=device)
+        key_pos, succ_pos = self.dual_chunk.key_positions(positions), self.dual_chunk.successive_positions(positions)
+        inter_pos = torch.full_like(positions, self.dual_chunk.inter_position())
+        return cos[key_pos], sin[key_pos], cos[succ_pos], sin[succ_pos], cos[inter_pos], sin[inter_pos]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T) at positions start_pos.. (only the last one if last_only)."""
@@ -194,10 +228,9 @@ class Qwen2ForCausalLM(nn.Module):
         if start_pos + length > cache.max_len:
             raise ValueError(f"positions up to {start_pos + length} exceed the cache's {cache.max_len}")
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = self.rotary.tables(start_pos + length, input_ids.device)
-        cos, sin = cos[start_pos:start_pos + length], sin[start_pos:start_pos + length]
+        rope = self._rope_tables(start_pos, length, input_ids.device)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start_pos)
+            x = layer(x, rope, cache, start_pos)
         cache.pos = start_pos + length
         if last_only:
             x = x[:, -1:]

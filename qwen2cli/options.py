@@ -19,3 +19,4 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="Stop 
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the model's own).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV cache size).")]
 KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
+AttentionOpt = Annotated[str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")]
