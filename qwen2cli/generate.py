@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedModel, load_model
-from .config import Qwen2Config
+from .config import Qwen2Config, load_config
 from .errors import BadInput, ContextOverflow
 from .kv_cache import Int8KVCache, KVCache
 from .sampling import SamplingParams, pick_token
@@ -49,6 +49,7 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
     if ctx is not None and ctx < 2:
         raise BadInput(f"--ctx must be at least 2 tokens, got {ctx}")
     started = time.perf_counter()
+    load_config(Path(model_dir))  # a missing or foreign config.json is the first thing to report
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
     loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention)
     stops = set(loaded.config.eos_token_ids)

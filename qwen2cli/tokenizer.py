@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from array import array
 from typing import Any
 
 import tiktoken
 
+from . import paths
 from .errors import BadCheckpoint
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -71,76 +76,83 @@ def _normalizer_from(normalizer: dict | None) -> str | None:
     return forms[0] if forms else None
 
 
+@dataclass(frozen=True)
+class TokenizerTables:
+    """Everything a tokenizer needs, precomputed: what the on-disk cache holds."""
+
+    ranked: list[bytes]  # token bytes in rank (merge) order: tiktoken's mergeable ranks
+    rank_to_id: list[int]
+    bytes_by_id: list[bytes]  # what each id decodes to (special tokens as their UTF-8 text)
+    special_tokens: dict[str, int]
+    pattern: str
+    normalizer: str | None
+    sampleable_size: int  # ids at or past this are filler rows ([PAD...]) a model must never emit
+    chat_template: str | None
+
+
+def build_tables(*, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: Sequence[dict], pattern: str,
+                 normalizer: str | None, chat_template: str | None) -> TokenizerTables:
+    """Ranks in merge order (the order Hugging Face's BPE applies merges), single bytes first."""
+    to_latin1 = str.maketrans({char: chr(byte) for char, byte in _byte_decoder().items()})
+    try:
+        token_bytes = {token: token.translate(to_latin1).encode("latin-1") for token in vocab}
+    except UnicodeEncodeError as exc:
+        raise BadCheckpoint(f"tokenizer vocabulary is not byte-level BPE ({exc.object[exc.start]!r})") from exc
+    ranks: dict[bytes, int] = {b: 0 for b in token_bytes.values() if len(b) == 1}
+    if len(ranks) != 256:
+        raise BadCheckpoint(f"tokenizer vocabulary covers {len(ranks)} of the 256 bytes")
+    try:
+        for left, right in merges:
+            ranks.setdefault(token_bytes[left] + token_bytes[right], 0)
+    except KeyError as exc:
+        raise BadCheckpoint(f"tokenizer merges name a token missing from the vocabulary: {exc}") from exc
+    id_of = {token_bytes[token]: token_id for token, token_id in vocab.items()}
+    ranked = list(ranks)
+    special = {entry["content"]: int(entry["id"]) for entry in added}
+    size = max([*vocab.values(), *special.values()]) + 1
+    bytes_by_id = [b""] * size
+    for token, token_id in vocab.items():
+        bytes_by_id[token_id] = token_bytes[token]
+    for content, token_id in special.items():
+        bytes_by_id[token_id] = content.encode("utf-8")
+    padding = {i for t, i in vocab.items() if _PADDING.fullmatch(t)}
+    sampleable = size
+    while sampleable > 0 and sampleable - 1 in padding:
+        sampleable -= 1
+    return TokenizerTables(ranked=ranked, rank_to_id=[id_of[piece] for piece in ranked], bytes_by_id=bytes_by_id,
+                           special_tokens=special, pattern=pattern, normalizer=normalizer, sampleable_size=sampleable,
+                           chat_template=chat_template)
+
+
 class Qwen2Tokenizer:
     """Byte-level BPE with Qwen2's pre-tokenizer; `encode` recognises added tokens, `encode_ordinary` never does."""
 
-    def __init__(self, *, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: Sequence[dict],
-                 pattern: str, normalizer: str | None, chat_template: str | None) -> None:
-        to_byte = _byte_decoder()
-        try:
-            token_bytes = {token: bytes(to_byte[ch] for ch in token) for token in vocab}
-        except KeyError as exc:
-            raise BadCheckpoint(f"tokenizer vocabulary is not byte-level BPE (character {exc})") from exc
-        # ranks follow merge order, as Hugging Face's BPE applies merges; single bytes come first
-        ranks: dict[bytes, int] = {}
-        for token, token_id in vocab.items():
-            if len(token_bytes[token]) == 1:
-                ranks[token_bytes[token]] = len(ranks)
-        if len(ranks) != 256:
-            raise BadCheckpoint(f"tokenizer vocabulary covers {len(ranks)} of the 256 bytes")
-        for left, right in merges:
-            ranks.setdefault(token_bytes[left] + token_bytes[right], len(ranks))
-        by_bytes = {b: i for t, i in vocab.items() for b in (token_bytes[t],)}
-        self._rank_to_id = [0] * len(ranks)
-        for piece, rank in ranks.items():
-            self._rank_to_id[rank] = by_bytes[piece]
-        self._identity = all(rank == token_id for rank, token_id in enumerate(self._rank_to_id))
-        self._bpe = tiktoken.Encoding("qwen2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        self.special_tokens = {entry["content"]: int(entry["id"]) for entry in added}
-        self._added_split = (re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
-                             if self.special_tokens else None)
-        size = max([*vocab.values(), *self.special_tokens.values()]) + 1
-        self._bytes_by_id: list[bytes] = [b""] * size
-        for token, token_id in vocab.items():
-            self._bytes_by_id[token_id] = token_bytes[token]
-        for content, token_id in self.special_tokens.items():
-            self._bytes_by_id[token_id] = content.encode("utf-8")
-        self.vocab_size = size
-        padding = {i for t, i in vocab.items() if _PADDING.fullmatch(t)}
-        sampleable = size
-        while sampleable > 0 and sampleable - 1 in padding:
-            sampleable -= 1
-        self.sampleable_size = sampleable  # ids at or past this are filler rows ([PAD...]) a model must never emit
-        self._normal_form = normalizer
-        self.chat_template = chat_template
+    def __init__(self, tables: TokenizerTables) -> None:
+        self._rank_to_id = tables.rank_to_id
+        self._identity = all(rank == token_id for rank, token_id in enumerate(tables.rank_to_id))
+        ranks = dict(zip(tables.ranked, range(len(tables.ranked))))
+        self._bpe = tiktoken.Encoding("qwen2", pat_str=tables.pattern, mergeable_ranks=ranks, special_tokens={})
+        self.special_tokens = tables.special_tokens
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)
+        self._added_split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
+        self._bytes_by_id = tables.bytes_by_id
+        self.vocab_size = len(tables.bytes_by_id)
+        self.sampleable_size = tables.sampleable_size
+        self._normal_form = tables.normalizer
+        self.chat_template = tables.chat_template
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "Qwen2Tokenizer":
         """tokenizer.json, else vocab.json + merges.txt, with tokenizer_config.json's added tokens and template."""
         model_dir = Path(model_dir)
-        config_path = model_dir / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
-        template = config.get("chat_template")
-        if template is None and (model_dir / "chat_template.jinja").is_file():
-            template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        if isinstance(template, list):  # the list-of-named-templates form
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        config_added = [{"id": int(i), **entry} for i, entry in (config.get("added_tokens_decoder") or {}).items()]
-        if (model_dir / "tokenizer.json").is_file():
-            data = _read_json(model_dir / "tokenizer.json")
-            model = data.get("model") or {}
-            if model.get("type") != "BPE":
-                raise BadCheckpoint(f"tokenizer.json holds a {model.get('type')} model; Qwen2 uses byte-level BPE")
-            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            return cls(vocab=model["vocab"], merges=merges, added=data.get("added_tokens") or config_added,
-                       pattern=_pattern_from(data.get("pre_tokenizer")),
-                       normalizer=_normalizer_from(data.get("normalizer")), chat_template=template)
-        if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
-            lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
-            return cls(vocab=_read_json(model_dir / "vocab.json"), merges=merges, added=config_added,
-                       pattern=QWEN2_PATTERN, normalizer="NFC", chat_template=template)
-        raise BadCheckpoint(f"no tokenizer.json or vocab.json+merges.txt in {model_dir}")
+        cache = _cache_path(model_dir)
+        if cache is not None:
+            tables = _load_cached(cache)
+            if tables is None:
+                tables = tables_from_files(model_dir)
+                _save_cached(tables, cache)
+            return cls(tables)
+        return cls(tables_from_files(model_dir))
 
     def _ids(self, ranks: list[int]) -> list[int]:
         return ranks if self._identity else [self._rank_to_id[r] for r in ranks]
@@ -180,3 +192,105 @@ class Qwen2Tokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def tables_from_files(model_dir: Path) -> TokenizerTables:
+    """Tokenizer tables from the checkpoint's own files (tokenizer.json, or vocab.json + merges.txt)."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    template = config.get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # the list-of-named-templates form
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    config_added = [{"id": int(i), **entry} for i, entry in (config.get("added_tokens_decoder") or {}).items()]
+    if (model_dir / "tokenizer.json").is_file():
+        data = _read_json(model_dir / "tokenizer.json")
+        model = data.get("model") or {}
+        if model.get("type") != "BPE":
+            raise BadCheckpoint(f"tokenizer.json holds a {model.get('type')} model; Qwen2 uses byte-level BPE")
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return build_tables(vocab=model["vocab"], merges=merges, added=data.get("added_tokens") or config_added,
+                            pattern=_pattern_from(data.get("pre_tokenizer")),
+                            normalizer=_normalizer_from(data.get("normalizer")), chat_template=template)
+    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+        return build_tables(vocab=_read_json(model_dir / "vocab.json"), merges=merges, added=config_added,
+                            pattern=QWEN2_PATTERN, normalizer="NFC", chat_template=template)
+    raise BadCheckpoint(f"no tokenizer.json or vocab.json+merges.txt in {model_dir}")
+
+
+_CACHE_MAGIC = b"qwen2cli-tokenizer-tables-1\n"
+_SOURCES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _cache_path(model_dir: Path) -> Path | None:
+    """Where this tokenizer's tables are cached: keyed by the source files' paths, sizes and times."""
+    stamps = []
+    for name in _SOURCES:
+        path = model_dir / name
+        if path.is_file():
+            info = path.stat()
+            stamps.append(f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}")
+    if not stamps:
+        return None
+    key = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:24]
+    return paths.home() / "cache" / "tokenizers" / f"{key}.bin"
+
+
+def _pack(items: list[bytes]) -> bytes:
+    lengths = array("I", map(len, items))
+    return len(items).to_bytes(4, "little") + lengths.tobytes() + b"".join(items)
+
+
+def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
+    count = int.from_bytes(data[offset:offset + 4], "little")
+    lengths = array("I")
+    lengths.frombytes(data[offset + 4:offset + 4 + 4 * count])
+    position = offset + 4 + 4 * count
+    items = []
+    for length in lengths:
+        items.append(bytes(data[position:position + length]))
+        position += length
+    return items, position
+
+
+def _save_cached(tables: TokenizerTables, path: Path) -> None:
+    """Write the tables (best effort: a read-only home just means no cache)."""
+    header = json.dumps({"special_tokens": tables.special_tokens, "pattern": tables.pattern,
+                         "normalizer": tables.normalizer, "sampleable_size": tables.sampleable_size,
+                         "chat_template": tables.chat_template}).encode()
+    blob = (_CACHE_MAGIC + len(header).to_bytes(4, "little") + header + _pack(tables.ranked)
+            + array("I", tables.rank_to_id).tobytes() + _pack(tables.bytes_by_id))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        temporary.write_bytes(blob)
+        temporary.replace(path)
+    except OSError:
+        pass
+
+
+def _load_cached(path: Path) -> TokenizerTables | None:
+    """The cached tables, or None when absent or unreadable (then they are rebuilt from the sources)."""
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError:
+        return None
+    if bytes(data[:len(_CACHE_MAGIC)]) != _CACHE_MAGIC:
+        return None
+    try:
+        offset = len(_CACHE_MAGIC)
+        size = int.from_bytes(data[offset:offset + 4], "little")
+        header = json.loads(bytes(data[offset + 4:offset + 4 + size]))
+        ranked, position = _unpack(data, offset + 4 + size)
+        rank_to_id = array("I")
+        rank_to_id.frombytes(data[position:position + 4 * len(ranked)])
+        bytes_by_id, _ = _unpack(data, position + 4 * len(ranked))
+        return TokenizerTables(ranked=ranked, rank_to_id=rank_to_id.tolist(), bytes_by_id=bytes_by_id,
+                               special_tokens=header["special_tokens"], pattern=header["pattern"],
+                               normalizer=header["normalizer"], sampleable_size=header["sampleable_size"],
+                               chat_template=header["chat_template"])
+    except (ValueError, KeyError, IndexError):
+        return None
