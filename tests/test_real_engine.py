@@ -39,8 +39,8 @@ def test_greedy_48_tokens_match_transformers(real_model_dir, reference, name):
         out = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=[151643, 151645],
                              pad_token_id=151643)[0, ids.shape[1]:]
     expected = tokenizer.decode([t for t in out.tolist() if t not in (151643, 151645)])
-    done = subprocess.run([sys.executable, "-m", "qwen2cli", "run", str(real_model_dir), prompt, "--raw",
-                           "--temperature", "0", "--max-tokens", "48", "--dtype", "float32"],
+    done = subprocess.run([sys.executable, "-m", "qwen2cli", "run", "--raw", "--temperature", "0", "--max-tokens", "48",
+                           "--dtype", "float32", str(real_model_dir), "--", prompt],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected
