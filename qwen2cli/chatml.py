@@ -5,6 +5,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import BadInput
 from .tokenizer import Qwen2Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -43,17 +44,27 @@ def render_text(messages: Sequence[Message], *, default_system: str | None, add_
 
 
 def encode_chat(tokenizer: Qwen2Tokenizer, messages: Sequence[Message], *, default_system: str | None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the rendered prompt: markers as special ids, every text segment with encode_ordinary."""
+                add_generation_prompt: bool = True, content_ids: Sequence[list[int] | None] = ()) -> list[int]:
+    """Token ids of the rendered prompt: markers as special ids, every text segment with encode_ordinary.
+
+    content_ids[i], when given, are message i's content tokens as the model produced them (a chat keeps its
+    answers' own tokens, which may differ from re-encoding their text).
+    """
     start, end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
     if start is None or end is None:
-        raise ValueError("this tokenizer has no ChatML tokens: use --raw")
+        raise BadInput("this tokenizer has no ChatML tokens: use --raw")
+    rendered = _with_system(messages, default_system)
+    offset = len(rendered) - len(messages)
     ids: list[int] = []
-    for index, message in enumerate(_with_system(messages, default_system)):
+    for index, message in enumerate(rendered):
         if index:
             ids.extend(tokenizer.encode_ordinary("\n"))
         ids.append(start)
-        ids.extend(tokenizer.encode_ordinary(f"{message.role}\n{message.content}"))
+        own = content_ids[index - offset] if 0 <= index - offset < len(content_ids) else None
+        if own is None:
+            ids.extend(tokenizer.encode_ordinary(f"{message.role}\n{message.content}"))
+        else:
+            ids.extend(tokenizer.encode_ordinary(f"{message.role}\n") + own)
         ids.append(end)
     if add_generation_prompt:
         if ids:

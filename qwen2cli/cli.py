@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -76,6 +77,45 @@ def run(
         print_json(result)
     elif sys.stdout.isatty():
         write_answer("\n")
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    load: Annotated[Optional[str], typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    ctx: CtxOpt = 4096,
+    kv_cache: KvCacheOpt = "float",
+    attention: AttentionOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Chat in a REPL; with stdin not a terminal, one user turn per input line."""
+    from .generate import load_engine
+    from .registry import resolve_model
+    from .repl import run_chat
+    from .session import ChatSession, read_transcript
+
+    transcript = read_transcript(Path(load)) if load else None
+    if model is None and transcript is not None:
+        model = transcript.get("model")
+    engine = load_engine(resolve_model(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
+                         attention=attention)
+    params = _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    session = ChatSession(engine, params=params, ctx=ctx, system=system)
+    if load:
+        session.load(Path(load))
+        if system is not None:
+            session.system = system
+    raise typer.Exit(run_chat(session, model_name=str(model or engine.model_dir)))
 
 
 @app.command()

@@ -105,6 +105,29 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+def _generation_defaults(gen: dict[str, Any]) -> GenerationDefaults:
+    """generation_config.json's sampling fields. Missing temperature/top-p/top-k take Qwen2.5-Instruct's published
+    values; a missing repetition penalty is 1.0, as transformers reads it, so greedy output matches transformers'."""
+    base = GenerationDefaults()
+
+    def pick(key: str, fallback: Any, off: Any) -> Any:
+        if key not in gen:
+            return fallback
+        return off if gen[key] is None else gen[key]
+
+    temperature = float(pick("temperature", base.temperature, 1.0))
+    if gen.get("do_sample") is False:
+        temperature = 0.0
+    return GenerationDefaults(
+        temperature=temperature,
+        top_p=float(pick("top_p", base.top_p, 1.0)),
+        top_k=int(pick("top_k", base.top_k, 0)),
+        min_p=float(pick("min_p", base.min_p, 0.0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0, 1.0)),
+        max_new_tokens=int(pick("max_new_tokens", base.max_new_tokens, base.max_new_tokens)),
+    )
+
+
 def config_from_dict(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> Qwen2Config:
     """Build a Qwen2Config from config.json's dict; refuse other architectures by name."""
     model_type = raw.get("model_type")
@@ -116,16 +139,8 @@ def config_from_dict(raw: dict[str, Any], generation: dict[str, Any] | None = No
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         theta, scaling = _rope(raw)
-        gen = generation or {}
-        eos = _as_tuple(gen.get("eos_token_id")) or _as_tuple(raw.get("eos_token_id"))
-        defaults = GenerationDefaults(
-            temperature=float(gen.get("temperature", 0.7)) if gen.get("do_sample", True) else 0.0,
-            top_p=float(gen.get("top_p", 0.8) if gen.get("top_p") is not None else 1.0),
-            top_k=int(gen.get("top_k", 20) if gen.get("top_k") is not None else 0),
-            min_p=float(gen.get("min_p") or 0.0),
-            repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
-            max_new_tokens=int(gen.get("max_new_tokens") or 512),
-        )
+        eos = _as_tuple((generation or {}).get("eos_token_id")) or _as_tuple(raw.get("eos_token_id"))
+        defaults = _generation_defaults(generation or {})
         return Qwen2Config(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
