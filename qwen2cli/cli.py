@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import BadInput, report
+from .errors import BadInput, OutputClosed, report
 from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
@@ -121,7 +121,7 @@ def chat(
 @app.command()
 def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
     """Token ids of the text on stdin."""
-    from .console import print_json
+    from .console import print_json, write_answer
     from .registry import resolve_model
     from .tokenizer import Qwen2Tokenizer
 
@@ -129,7 +129,7 @@ def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
     if json_output:
         print_json(ids)
     else:
-        sys.stdout.write(" ".join(map(str, ids)) + "\n")
+        write_answer(" ".join(map(str, ids)) + "\n")
 
 
 @app.command()
@@ -227,7 +227,7 @@ def main() -> None:
         sys.exit(1)
     except (Abort, KeyboardInterrupt) as exc:
         sys.exit(report(KeyboardInterrupt()) if isinstance(exc, Abort) else report(exc))
-    except BrokenPipeError:
+    except (BrokenPipeError, OutputClosed):
         _quiet_broken_pipe()
         sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes a message

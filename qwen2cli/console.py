@@ -8,6 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
+from .errors import OutputClosed
+
 
 def _plain() -> bool:
     return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
@@ -19,15 +21,17 @@ def status_console() -> Console:
 
 
 def write_answer(text: str) -> None:
-    """Answer text to stdout, flushed at once so pipes stream."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Answer text to stdout, flushed at once so pipes stream; a closed pipe becomes OutputClosed."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise OutputClosed() from exc
 
 
 def print_json(data: Any) -> None:
     """One JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    write_answer(json.dumps(data, ensure_ascii=False) + "\n")
 
 
 def dim(text: str) -> None:

@@ -32,6 +32,10 @@ class DownloadError(Qwen2Error):
     """A transfer or verification failure while fetching a model."""
 
 
+class OutputClosed(Exception):
+    """The reader of our stdout went away (`| head`): stop quietly with success."""
+
+
 class MissingDependency(Qwen2Error):
     """An optional package that this feature needs is not installed."""
 
