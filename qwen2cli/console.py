@@ -37,3 +37,31 @@ def print_json(data: Any) -> None:
 def dim(text: str) -> None:
     """A dim status line on stderr."""
     status_console().print(text, style="dim", markup=False)
+
+
+class ProgressBars:
+    """Progress bars on stderr for downloads and imports (silent when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), console=status_console(),
+                                  transient=True, disable=_plain())
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "ProgressBars":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._progress.__exit__(*exc_info)
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if what not in self._tasks:
+            self._tasks[what] = self._progress.add_task(what, total=total or None)
+        self._progress.update(self._tasks[what], completed=done, total=total or None)
+
+    def notice(self, text: str) -> None:
+        status_console().print(text, style="dim", markup=False, highlight=False)

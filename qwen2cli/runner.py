@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .chatml import Message, default_system_prompt, encode_chat
 from .generate import Engine, generate, load_engine
-from .registry import resolve_model
 from .sampling import SamplingParams
 
 
@@ -18,11 +18,11 @@ def prompt_ids(engine: Engine, text: str, *, raw: bool, system: str | None) -> l
     return encode_chat(engine.tokenizer, messages, default_system=default_system_prompt(engine.tokenizer.chat_template))
 
 
-def answer_once(model: str | None, text: str, *, raw: bool, system: str | None, ctx: int, device: str, dtype: str,
+def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ctx: int, device: str, dtype: str,
                 kv_cache: str, attention: str, sampling: Callable[[Engine], SamplingParams],
                 on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """Generate one answer, streaming text to `on_text`; return text, finish reason and usage."""
-    engine = load_engine(resolve_model(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
+    engine = load_engine(model_dir, device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
                          attention=attention)
     params = sampling(engine)
     ids = prompt_ids(engine, text, raw=raw, system=system)

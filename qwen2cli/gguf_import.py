@@ -1,0 +1,160 @@
+"""GGUF -> a Hugging Face-layout checkpoint: config.json, generation_config.json, safetensors, tokenizer files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import save_weights
+from .errors import BadCheckpoint, BadInput
+
+GPT2_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """llama.cpp's tensor name -> Hugging Face's (qwen2 stores Q/K unpermuted, unlike llama)."""
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match and match.group(2) in LAYER_TENSORS:
+        return f"model.layers.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}.{match.group(3)}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[base]}.{kind}"
+    raise BadCheckpoint(f"unexpected tensor {gguf_name!r} in a qwen2 GGUF")
+
+
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise BadInput(f"{path} is not a readable GGUF file ({' '.join(str(exc).split())[:100]})") from exc
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_config(reader) -> dict[str, Any]:
+    """config.json from the GGUF's metadata; other architectures are refused by name."""
+    architecture = _field(reader, "general.architecture")
+    if architecture != "qwen2":
+        raise BadCheckpoint(f"this GGUF holds a {architecture!r} model; qwen2cli imports qwen2 GGUFs only")
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise BadCheckpoint("GGUF has no token_embd.weight")
+    heads = int(_field(reader, "qwen2.attention.head_count"))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": shapes["token_embd.weight"][1],
+        "hidden_size": int(_field(reader, "qwen2.embedding_length")),
+        "intermediate_size": int(_field(reader, "qwen2.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "qwen2.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, "qwen2.attention.head_count_kv", heads)),
+        "max_position_embeddings": int(_field(reader, "qwen2.context_length", 32768)),
+        "rms_norm_eps": float(_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, "qwen2.rope.freq_base", 1_000_000.0)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos, "hidden_act": "silu", "use_sliding_window": False, "torch_dtype": "float32",
+    }
+
+
+def build_tokenizer_files(reader) -> tuple[dict, dict]:
+    """tokenizer.json and tokenizer_config.json rebuilt from the GGUF's vocabulary, merges and token types."""
+    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise BadCheckpoint("GGUF tokenizer is not byte-level BPE (tokenizer.ggml.model != gpt2)")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = _field(reader, "tokenizer.ggml.merges") or []
+    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind == GPT2_TOKEN_TYPES["control"]}
+             for i, (token, kind) in enumerate(zip(tokens, types))
+             if kind in (GPT2_TOKEN_TYPES["control"], GPT2_TOKEN_TYPES["user_defined"])]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {token: i for i, token in enumerate(tokens)},
+                  "merges": [merge.split(" ", 1) for merge in merges]},
+    }
+    ids = {entry["id"]: entry["content"] for entry in added}
+
+    def token(key: str) -> str | None:
+        index = _field(reader, key)
+        return None if index is None else ids.get(int(index), tokens[int(index)])
+
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": token("tokenizer.ggml.eos_token_id"),
+              "pad_token": token("tokenizer.ggml.padding_token_id"), "add_prefix_space": False,
+              "model_max_length": int(_field(reader, "qwen2.context_length", 32768)),
+              "chat_template": _field(reader, "tokenizer.chat_template")}
+    return tokenizer, config
+
+
+def dequantized_tensors(reader, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor as float32 under its Hugging Face name, in (out, in) layout."""
+    import gguf
+
+    tensors: dict[str, torch.Tensor] = {}
+    for index, tensor in enumerate(reader.tensors):
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise BadCheckpoint(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package "
+                                "cannot dequantize") from exc
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first
+        tensors[hf_tensor_name(tensor.name)] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
+        if progress is not None:
+            progress(index + 1, len(reader.tensors))
+    return tensors
+
+
+def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a complete checkpoint directory for `gguf_path` at `target` (built beside it, then renamed)."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise BadInput(f"no such GGUF file: {gguf_path}")
+    reader = _open(gguf_path)
+    config = read_config(reader)
+    tokenizer, tokenizer_config = build_tokenizer_files(reader)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_weights(dequantized_tensors(reader, progress), staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (staging / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
