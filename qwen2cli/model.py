@@ -124,13 +124,30 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(self.layer_index, start_pos, k, v)  # (B, Hkv, S, D) each
-        group = self.num_heads // self.num_kv_heads
-        # fold each KV head's group of query heads into the query length: (B, Hkv, group*T, D)
-        q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)
-        mask = self._mask(length, start_pos, keys.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask)
-        out = out.to(x.dtype).view(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
+        out = self._attend(q, keys, values, start_pos)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Causal (and windowed) GQA attention; K/V are never repeated (SDPA's enable_gqa or a folded query).
+
+        Scores are float32: torch's fused CPU/CUDA kernels accumulate bfloat16 in float32; float16, whose math
+        fallback would not, is upcast here (Qwen2 overflows float16 scores).
+        """
+        batch, _, length, _ = q.shape
+        dtype = q.dtype
+        if dtype == torch.float16:
+            q, keys, values = q.float(), keys.float(), values.float()
+        key_length = keys.shape[2]
+        if length == 1 and (self.sliding_window is None or key_length <= self.sliding_window):
+            group = self.num_heads // self.num_kv_heads
+            folded = q.reshape(batch, self.num_kv_heads, group, self.head_dim)  # (B, Hkv, group, D)
+            out = F.scaled_dot_product_attention(folded, keys, values)
+        elif start_pos == 0 and self.sliding_window is None:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            mask = self._mask(length, start_pos, key_length, q.device)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return out.to(dtype).reshape(batch, self.num_heads, length, self.head_dim)
 
     def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
                             cache: KVCache, start_pos: int) -> torch.Tensor:
@@ -145,16 +162,14 @@ class Attention(nn.Module):
         out = out.to(q.dtype).reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
-    def _mask(self, length: int, start_pos: int, key_length: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean (group*T, S) mask: causal, and within the sliding window when this layer has one."""
-        if length == 1 and (self.sliding_window is None or key_length <= self.sliding_window):
-            return None
+    def _mask(self, length: int, start_pos: int, key_length: int, device: torch.device) -> torch.Tensor:
+        """Boolean (T, S) mask: causal, and within the sliding window when this layer has one."""
         query_pos = torch.arange(start_pos, start_pos + length, device=device)[:, None]  # (T, 1)
         key_pos = torch.arange(key_length, device=device)[None, :]  # (1, S)
         allowed = key_pos <= query_pos
         if self.sliding_window is not None:
             allowed &= key_pos > query_pos - self.sliding_window
-        return allowed.repeat(self.num_heads // self.num_kv_heads, 1)  # (group*T, S)
+        return allowed
 
 
 class MLP(nn.Module):
