@@ -1,0 +1,101 @@
+"""GGUF import: weights, config and tokenizer against transformers' own GGUF loader."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen2cli.generate import generate, load_engine
+from qwen2cli.gguf_import import import_gguf
+from qwen2cli.kv_cache import KVCache
+from qwen2cli.sampling import SamplingParams
+from qwen2cli.tokenizer import Qwen2Tokenizer
+from tests.corpus import build_corpus
+from tests.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def imported(tiny_gguf, tmp_path_factory):
+    return import_gguf(tiny_gguf, tmp_path_factory.mktemp("imported") / "model")
+
+
+def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name,
+                                                     dtype=torch.float32).eval()
+    engine = load_engine(imported, device="cpu", dtype="float32")
+    ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = engine.loaded.model(ids, KVCache(engine.config, 32), 0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_tokenizer_matches_transformers_gguf_tokenizer(tiny_gguf, imported):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    ours = Qwen2Tokenizer.from_dir(imported)
+    for document in build_corpus()[:60]:
+        assert ours.encode(document) == reference(document, add_special_tokens=False).input_ids
+
+
+def _import_cli(path, tmp_path):
+    env = {"QWEN2_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "qwen2cli", "import", str(path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_bad_files_are_one_line_errors(tiny_gguf, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 3])
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("this is not a GGUF file\n" * 10)
+    llama = write_tiny_gguf(tmp_path / "llama.gguf", architecture="llama")
+    for path, fragment in ((truncated, "not a readable GGUF"), (not_gguf, "not a readable GGUF"),
+                           (llama, "'llama' model"), (tmp_path / "missing.gguf", "no such GGUF")):
+        done = _import_cli(path, tmp_path)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and fragment in done.stderr, done.stderr
+    assert not list((tmp_path / "home" / "models").glob("*")) or all(
+        p.name.startswith(".") for p in (tmp_path / "home" / "models").iterdir())
+
+
+def test_import_command_installs_into_the_store(tiny_gguf, tmp_path):
+    done = _import_cli(tiny_gguf, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "home" / "models") in __import__("pathlib").Path(done.stdout.strip()).parents
+
+
+@pytest.mark.real
+def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.real_model import real_gguf
+
+    gguf_path = real_gguf()
+    target = import_gguf(gguf_path, tmp_path / "real")
+    reference_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ours = Qwen2Tokenizer.from_dir(target)
+    for document in build_corpus():
+        assert ours.encode(document) == reference_tokenizer(document, add_special_tokens=False).input_ids
+    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32).eval()
+    engine = load_engine(target, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
+    for prompt in ["def quicksort(items):", "The capital of Australia is", "用Python写一个快速排序："]:
+        ids = ours.encode(prompt)
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                     eos_token_id=sorted(engine.stop_ids), pad_token_id=151643)[0, len(ids):]
+        expected = reference_tokenizer.decode([t for t in out.tolist() if t not in engine.stop_ids])
+        got = "".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + 30)))
+        assert got == expected
