@@ -179,6 +179,52 @@ def bench(
             sys.stdout.write(f"{key:<14} {shown}\n")
 
 
+@app.command()
+def quantize(
+    model: ModelArg = None,
+    method: Annotated[str, typer.Option("--method", help="gptq or rtn.")] = "gptq",
+    bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="32, 64, 128, 256 or -1 (per channel). Default: 128 at 4 bits, -1 at 8.")] = None,
+    desc_act: Annotated[bool, typer.Option("--desc-act", help="GPTQ act-order.")] = False,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric zero points.")] = True,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text or JSONL file.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Quantize a model to int4/int8 in the standard GPTQ format (loads in transformers and vLLM); prints the path."""
+    from .console import ProgressBars, write_answer
+    from .generate import load_engine
+    from .quantize import quantize_model, read_calibration
+    from . import store
+
+    if method not in ("gptq", "rtn", "awq"):
+        raise BadInput(f"unknown --method {method!r}: use gptq or rtn")
+    group = group_size if group_size is not None else (128 if bits == 4 else -1)
+    model_dir = _resolve(model)
+    base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
+    name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
+    engine = load_engine(model_dir, device=device, dtype="float32")
+    text = read_calibration(Path(calib)) if calib else None
+    with ProgressBars() as bars:
+        if out:
+            path = quantize_model(engine, Path(out), method=method, bits=bits, group_size=group, sym=sym,
+                                  desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
+                                  progress=bars.update)
+        else:
+            with store.install_lock(name), store.staging(name) as staged:
+                quantize_model(engine, staged / "model", method=method, bits=bits, group_size=group, sym=sym,
+                               desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
+                               progress=bars.update)
+                for item in (staged / "model").iterdir():
+                    item.replace(staged / item.name)
+                (staged / "model").rmdir()
+                path = store.commit(name, staged, {"source": "quantize", "base": str(model_dir),
+                                                   "quantization": f"{method}-int{bits}"}).path
+    write_answer(f"{path}\n")
+
+
 @app.command(name="perplexity")
 def perplexity_command(
     model: ModelArg = None,

@@ -1,0 +1,107 @@
+"""GPTQ (Frantar et al., 2022): quantize one column at a time, pushing each column's error onto the columns not
+yet quantized through the inverse Hessian of the layer's inputs; lazy block updates, damping, act-order, groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rtn import dequantize, group_params, quantize
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # (out, in) int32, original channel order
+    scales: torch.Tensor  # (groups, out)
+    zeros: torch.Tensor  # (groups, out) int32
+    g_idx: torch.Tensor  # (in,) int32: each input channel's group
+    damping_used: float
+    samples: int
+    fallback: str | None  # why the Hessian was not used as measured, if it was not
+
+
+class GPTQ:
+    """Accumulates H = 2/n sum x x^T over calibration inputs of one Linear, then quantizes its weight."""
+
+    def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Add inputs (..., in_features) seen by the layer."""
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        count = rows.shape[0]
+        self.hessian *= self.samples / (self.samples + count)
+        self.samples += count
+        rows = rows * (2 / self.samples) ** 0.5
+        self.hessian += rows.t() @ rows
+
+    def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
+                 static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128) -> GPTQResult:
+        out_features, in_features = weight.shape
+        size = in_features if group_size == -1 else group_size
+        W = weight.detach().clone().float()
+        H = self.hessian.clone()
+        fallback = None
+        if self.samples == 0:  # an expert no calibration token reached: plain RTN is what an identity H gives
+            H = torch.eye(in_features, device=W.device)
+            fallback = "no calibration inputs reached this layer: identity Hessian (round-to-nearest)"
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        static = None
+        if static_groups and group_size != -1:
+            static = [group_params(W[:, g:g + size], bits=bits, sym=sym) for g in range(0, in_features, size)]
+        order = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_features, device=W.device)
+        W, H = W[:, order], H[order][:, order]
+        damping = damp_percent
+        while True:
+            try:
+                damped = H + damping * torch.mean(torch.diag(H)) * torch.eye(in_features, device=W.device)
+                inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+                break
+            except RuntimeError:  # not positive definite: damp harder, as GPTQModel does
+                if damping >= 1.0:
+                    raise
+                damping = min(1.0, damping * 10)
+                fallback = f"Hessian not positive definite: damping raised to {damping}"
+        codes = torch.zeros_like(W, dtype=torch.int32)
+        group_scales: list[torch.Tensor] = []
+        group_zeros: list[torch.Tensor] = []
+        scale = zero = None
+        if group_size == -1:
+            scale, zero = group_params(W, bits=bits, sym=sym)
+            group_scales, group_zeros = [scale[:, 0]], [zero[:, 0]]
+        for begin in range(0, in_features, block_size):
+            end = min(begin + block_size, in_features)
+            block, errors = W[:, begin:end].clone(), torch.zeros(out_features, end - begin, device=W.device)
+            block_inverse = inverse[begin:end, begin:end]
+            for offset in range(end - begin):
+                column = begin + offset
+                if group_size != -1:
+                    if static is not None:
+                        scale, zero = static[int(order[column]) // size]
+                    elif column % size == 0:
+                        scale, zero = group_params(torch.cat([block[:, offset:], W[:, end:]], dim=1)[:, :size],
+                                                   bits=bits, sym=sym)
+                        group_scales.append(scale[:, 0])
+                        group_zeros.append(zero[:, 0])
+                w = block[:, offset]
+                q = quantize(w[:, None], scale, zero, bits=bits)
+                codes[:, column] = q[:, 0].to(torch.int32)
+                error = (w - dequantize(q, scale, zero)[:, 0]) / block_inverse[offset, offset]
+                block[:, offset:] -= error[:, None] @ block_inverse[offset, offset:][None, :]
+                errors[:, offset] = error
+            W[:, end:] -= errors @ inverse[begin:end, end:]
+        restore = torch.argsort(order)
+        codes = codes[:, restore]
+        if static is not None:
+            group_scales = [s[:, 0] for s, _ in static]
+            group_zeros = [z[:, 0] for _, z in static]
+            g_idx = torch.arange(in_features, device=W.device) // size
+        elif group_size == -1:
+            g_idx = torch.zeros(in_features, dtype=torch.long, device=W.device)
+        else:  # groups follow the (possibly permuted) quantization order
+            g_idx = restore // size
+        return GPTQResult(codes=codes, scales=torch.stack(group_scales), zeros=torch.stack(group_zeros).to(torch.int32),
+                          g_idx=g_idx.to(torch.int32), damping_used=damping, samples=self.samples, fallback=fallback)

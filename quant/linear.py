@@ -1,0 +1,157 @@
+"""QuantLinear: packed weights under the checkpoint's own names, a reference path and fast per-device kernels."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantConfig
+from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from .rtn import quantize_rtn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as GPTQ or AWQ packed integers; `post_load()` picks the kernel once."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, config: QuantConfig,
+                 dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        self.group_size = config.group_size_for(in_features)
+        groups = in_features // self.group_size
+        per = 32 // config.bits
+        if config.layout == "awq":
+            if out_features % 8:
+                raise ValueError(f"AWQ needs out_features divisible by 8, got {out_features}")
+            self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32))
+            self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32))
+        else:
+            if in_features % per or out_features % per:
+                raise ValueError(f"{config.bits}-bit GPTQ needs sizes divisible by {per}")
+            self.register_buffer("qweight", torch.zeros(in_features // per, out_features, dtype=torch.int32))
+            self.register_buffer("qzeros", torch.zeros(groups, out_features // per, dtype=torch.int32))
+            self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // self.group_size)
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.kernel = "reference"
+        self._fast: dict[str, torch.Tensor] = {}
+
+    # -- decoding the stored layout ------------------------------------------------------------------------------
+    @property
+    def _version(self) -> int:
+        return 2 if self.config.checkpoint_format == "gptq_v2" else 1
+
+    def codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes (out, in), zeros (groups, out) and each input channel's group (in,)."""
+        if self.config.layout == "awq":
+            codes, zeros = unpack_awq(self.qweight, self.qzeros)
+            return codes, zeros, torch.arange(self.in_features, device=codes.device) // self.group_size
+        codes, zeros = unpack_gptq(self.qweight, self.qzeros, bits=self.config.bits, version=self._version)
+        return codes, zeros, self.g_idx.long()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) this layer stands for."""
+        if self.config.layout == "awq":
+            return dequantize_awq(self.qweight, self.qzeros, self.scales, group_size=self.group_size)
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, bits=self.config.bits,
+                               version=self._version)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then an ordinary float matmul: what every fast kernel is tested against."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantized_weight(), bias).to(x.dtype)
+
+    # -- fast kernels ------------------------------------------------------------------------------------------
+    def post_load(self) -> None:
+        """Repack once for the device: act-order is resolved here, never per token."""
+        device = self.qweight.device
+        codes, zeros, groups = self.codes_and_zeros()
+        order = torch.argsort(groups, stable=True)
+        contiguous = bool((groups[order] == torch.arange(self.in_features, device=device) // self.group_size).all())
+        if not contiguous:  # a group not made of whole consecutive blocks: the reference path handles it
+            return
+        permuted = not torch.equal(order, torch.arange(self.in_features, device=device))
+        scales = self.scales.float()  # (groups, out)
+        int4_shape_ok = self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0
+        if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
+            # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
+            offsets = scales * (8 - zeros.float())
+            self._fast = {
+                "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[:, order].to(torch.int32), 2),
+                "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
+            }
+            self.kernel = "int4pack-cpu"
+        elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
+            self._fast = {"weight": (codes[:, order] - zeros[0][:, None]).to(torch.int8).contiguous(),
+                          "scales": scales[0].to(torch.bfloat16)}
+            self.kernel = "int8pack-cpu"
+        elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok:  # untested here: no GPU in CI
+            offsets = scales * (8 - zeros.float())
+            packed = ((codes[:, order][:, ::2] << 4) | codes[:, order][:, 1::2]).to(torch.uint8)
+            self._fast = {"packed": torch.ops.aten._convert_weight_to_int4pack(packed, 8),
+                          "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous()}
+            self.kernel = "int4pack-cuda"
+        else:
+            return
+        if permuted:
+            self._fast["order"] = order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "reference":
+            return self.forward_reference(x)
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # these kernels want bfloat16 activations
+        if "order" in self._fast:
+            flat = flat[:, self._fast["order"]]
+        if self.kernel == "int8pack-cpu":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
+        elif self.kernel == "int4pack-cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._fast["packed"], self.group_size,
+                                                             self._fast["scales_and_zeros"])
+        else:
+            out = torch.ops.aten._weight_int4pack_mm(flat, self._fast["packed"], self.group_size,
+                                                     self._fast["scales_and_zeros"])
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    # -- building -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                       bias: torch.Tensor | None, config: QuantConfig) -> "QuantLinear":
+        """Pack an algorithm's result: codes (out, in), scales/zeros (groups, out), g_idx (in,)."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bias=bias is not None, config=config)
+        if config.layout == "awq":
+            layer.qweight, layer.qzeros = pack_awq(codes, zeros)
+        else:
+            layer.qweight, layer.qzeros = pack_gptq(codes, zeros, bits=config.bits, version=layer._version)
+            layer.g_idx = g_idx.to(torch.int32)
+        layer.scales = scales.to(torch.float16)
+        if bias is not None:
+            layer.bias = bias.detach().to(torch.float16)
+        return layer
+
+
+def quantize_linear(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+    """Round-to-nearest quantization of a float Linear (what `--load-in 4bit|8bit` does on CPU)."""
+    codes, scales, zeros = quantize_rtn(linear.weight.detach().float(), bits=config.bits,
+                                        group_size=config.group_size_for(linear.in_features), sym=config.sym)
+    g_idx = torch.arange(linear.in_features) // config.group_size_for(linear.in_features)
+    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, config)
+
+
+def replace_linears(module: nn.Module, config: QuantConfig, *, dtype: torch.dtype,
+                    skip: Callable[[str], bool]) -> None:
+    """Swap every nn.Linear whose qualified name `skip` rejects for an empty QuantLinear (on the meta device too)."""
+    for name, child in list(module.named_modules()):
+        for attribute, sub in list(child.named_children()):
+            qualified = f"{name}.{attribute}" if name else attribute
+            if isinstance(sub, nn.Linear) and not skip(qualified):
+                replacement = QuantLinear(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                          config=config, dtype=dtype)
+                setattr(child, attribute, replacement.to(sub.weight.device))
