@@ -140,12 +140,16 @@ def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
 
 
 @app.command()
-def info(model: ModelArg = None, json_output: JsonOpt = False) -> None:
-    """What a model is: architecture, size, context, quantization, files."""
+def info(
+    model: ModelArg = None,
+    json_output: JsonOpt = False,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="A memory budget (e.g. 24GB): report the longest context it holds.")] = None,
+) -> None:
+    """What a model is: architecture, size, context, quantization, KV bytes per token, files."""
     from .console import print_json
     from .model_info import describe
 
-    facts = describe(_resolve(model))
+    facts = describe(_resolve(model), memory=memory)
     if json_output:
         print_json(facts)
     else:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .checkpoint import weight_files
 from .config import load_config
+from .errors import BadInput
 
 
 def parameter_count(config) -> int:
@@ -19,12 +20,31 @@ def parameter_count(config) -> int:
     return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
 
 
-def describe(model_dir: Path) -> dict[str, Any]:
-    """Architecture, size, context, quantization, files and KV bytes per token."""
+def kv_bytes_per_token(config, *, element_bytes: float) -> int:
+    """Cache bytes one position takes across all layers (int8: 1 byte per value plus a 2-byte scale per head)."""
+    per_head = config.head_dim * element_bytes + (2 if element_bytes == 1 else 0)
+    return int(2 * config.num_hidden_layers * config.num_key_value_heads * per_head)
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '16GiB', '512MB' -> bytes."""
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "g": 2**30, "m": 2**20}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            try:
+                return int(float(lowered[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise BadInput(f"cannot read memory size {text!r}: use a number with GB, GiB, MB or MiB")
+
+
+def describe(model_dir: Path, *, memory: str | None = None) -> dict[str, Any]:
+    """Architecture, size, context, quantization, files, KV bytes per token (and the context a memory budget holds)."""
     config = load_config(model_dir)
     files = weight_files(model_dir)
     quant = config.quantization_config
-    return {
+    facts = {
         "path": str(model_dir),
         "architecture": config.model_type,
         "parameters": parameter_count(config),
@@ -38,7 +58,12 @@ def describe(model_dir: Path) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": config.torch_dtype,
         "quantization": f"{quant.get('quant_method')}-int{quant.get('bits')}" if quant else "none",
-        "kv_bytes_per_token_fp32": 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4,
+        "kv_bytes_per_token": {kind: kv_bytes_per_token(config, element_bytes=size)
+                               for kind, size in (("float32", 4), ("bfloat16", 2), ("int8", 1))},
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": [f.name for f in files],
     }
+    if memory is not None:
+        budget = parse_memory(memory) - facts["size_bytes"]
+        facts["max_context"] = {kind: max(0, budget // per_token) for kind, per_token in facts["kv_bytes_per_token"].items()}
+    return facts

@@ -1,0 +1,49 @@
+"""The int8 KV cache: half the bytes, and on the real model the same greedy text and nearly the same perplexity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2cli.generate import generate, load_engine
+from qwen2cli.kv_cache import Int8KVCache, KVCache
+from qwen2cli.perplexity import perplexity
+from qwen2cli.sampling import SamplingParams
+from tests.test_quant_real import documentation_text
+
+
+def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
+    engine = load_engine(tiny_model, device="cpu", dtype="bfloat16")
+    full = KVCache(engine.config, 256, dtype=torch.bfloat16)
+    small = Int8KVCache(engine.config, 256, dtype=torch.bfloat16)
+    assert small.bytes_per_token() < 0.6 * full.bytes_per_token()
+
+
+@pytest.mark.real
+def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir):
+    engines = {kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind) for kind in ("float", "int8")}
+    prompts = ["def fibonacci(n):", "The three laws of thermodynamics are", "SELECT name FROM users WHERE",
+               "请解释什么是递归。", "Once upon a time, in a small village,", "import numpy as np\n\narr = np."]
+    params = SamplingParams(temperature=0, max_tokens=32, repeat_penalty=1.0)
+    same = 0
+    for prompt in prompts:
+        texts = []
+        for engine in engines.values():
+            ids = engine.tokenizer.encode(prompt)
+            texts.append("".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(64))))
+        same += texts[0] == texts[1]
+    assert same >= 5
+    text = documentation_text(12_000)
+    float_ppl = perplexity(engines["float"], text, ctx=512).ppl
+    int8_ppl = perplexity(engines["int8"], text, ctx=512).ppl
+    assert abs(int8_ppl - float_ppl) <= 0.005 * float_ppl, (float_ppl, int8_ppl)
+
+
+def test_info_reports_cache_bytes_and_context_for_a_budget(tiny_model):
+    from qwen2cli.model_info import describe
+
+    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    facts = describe(tiny_model, memory="1GiB")
+    assert facts["kv_bytes_per_token"]["bfloat16"] == KVCache(engine.config, 64, dtype=torch.bfloat16).bytes_per_token()
+    assert facts["kv_bytes_per_token"]["int8"] == Int8KVCache(engine.config, 64).bytes_per_token()
+    expected = (2**30 - facts["size_bytes"]) // facts["kv_bytes_per_token"]["int8"]
+    assert facts["max_context"]["int8"] == expected
