@@ -70,3 +70,18 @@ def test_greedy_64_tokens_identical(pair):
             got.append(token)
             logits = ours.model(torch.tensor([[token]]), cache, cache.pos)
     assert got == expected
+
+
+def test_auto_dtype_rule():
+    from dataclasses import replace
+
+    from qwen2cli.checkpoint import resolve_dtype
+    from qwen2cli.config import config_from_dict
+
+    base = config_from_dict({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+                             "num_attention_heads": 2})
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", replace(base, torch_dtype="float32"), cpu) == torch.float32
+    assert resolve_dtype("auto", replace(base, torch_dtype="bfloat16"), cpu) == torch.bfloat16
+    assert resolve_dtype("auto", replace(base, torch_dtype="float16"), cpu) == torch.bfloat16
+    assert resolve_dtype("float16", base, cpu) == torch.float16
