@@ -54,3 +54,12 @@ def build_corpus(*, min_languages: int = 20) -> list[str]:
     if len(languages) < min_languages:
         raise RuntimeError(f"only {len(languages)} languages of gettext catalogues found; need {min_languages}")
     return list(languages.values()) + stdlib_sources() + EDGE_CASES
+
+
+def documentation_text(limit: int = 40_000) -> str:
+    """English prose from this machine's documentation: the licence texts every Debian system has."""
+    parts = [p.read_text(errors="ignore") for p in sorted(Path("/usr/share/common-licenses").glob("*")) if p.is_file()]
+    text = "\n\n".join(parts)
+    if len(text) < 10_000:
+        raise RuntimeError("too little documentation text on this machine for the perplexity tests")
+    return text[:limit]

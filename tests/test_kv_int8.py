@@ -8,7 +8,7 @@ from qwen2cli.generate import generate, load_engine
 from qwen2cli.kv_cache import Int8KVCache, KVCache
 from qwen2cli.perplexity import perplexity
 from qwen2cli.sampling import SamplingParams
-from tests.test_quant_real import documentation_text
+from tests.corpus import documentation_text
 
 
 def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
