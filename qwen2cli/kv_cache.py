@@ -52,7 +52,12 @@ class KVCache:
 
 
 class Int8KVCache(KVCache):
-    """Keys and values stored as int8 with one float scale per head and position: about half a bfloat16 cache."""
+    """Keys and values stored as int8 with one float scale per head and position: about half a bfloat16 cache.
+
+    Qwen2's keys carry a few channels several times larger than the rest (the k_proj bias); dividing keys by a
+    per-channel scale taken from the first tokens written (the prompt) before the per-token int8 rounding keeps
+    those channels from eating the other channels' precision.
+    """
 
     def __init__(self, config: Qwen2Config, max_len: int, *, batch_size: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -60,12 +65,26 @@ class Int8KVCache(KVCache):
         scale_shape = self.shape[:3] + (1,)  # (B, n_kv_heads, S, 1)
         self.key_scales = [torch.ones(scale_shape, dtype=torch.float16, device=device) for _ in self.keys]
         self.value_scales = [torch.ones(scale_shape, dtype=torch.float16, device=device) for _ in self.values]
+        self.key_channel_scales: list[torch.Tensor | None] = [None] * len(self.keys)  # (B, n_kv_heads, 1, D)
+        self.value_channel_scales: list[torch.Tensor | None] = [None] * len(self.values)
 
     def _buffer(self, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=torch.int8, device=device)
 
     def _tensors(self) -> list[torch.Tensor]:
         return self.keys + self.values + self.key_scales + self.value_scales
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_channel_scales = [None] * len(self.keys)
+        self.value_channel_scales = [None] * len(self.values)
+
+    @staticmethod
+    def _channel_scale(known: list[torch.Tensor | None], layer_index: int, new: torch.Tensor) -> torch.Tensor:
+        if known[layer_index] is None:
+            magnitude = new.float().abs().amax(dim=2, keepdim=True)  # (B, H, 1, D)
+            known[layer_index] = (magnitude / magnitude.mean(dim=-1, keepdim=True)).clamp(min=1.0)
+        return known[layer_index]
 
     @staticmethod
     def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,10 +93,14 @@ class Int8KVCache(KVCache):
 
     def write(self, layer_index: int, start_pos: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start_pos + keys.shape[2]
-        for store, scales, new in ((self.keys, self.key_scales, keys), (self.values, self.value_scales, values)):
+        key_channel = self._channel_scale(self.key_channel_scales, layer_index, keys)
+        value_channel = self._channel_scale(self.value_channel_scales, layer_index, values)
+        for store, scales, new in ((self.keys, self.key_scales, keys.float() / key_channel),
+                                   (self.values, self.value_scales, values.float() / value_channel)):
             quantized, scale = self._quantize(new)
             store[layer_index][:, :, start_pos:end] = quantized
             scales[layer_index][:, :, start_pos:end] = scale
         def restore(store: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
             return (store[layer_index][:, :, :end].to(self.dtype) * scales[layer_index][:, :, :end].to(self.dtype))
-        return restore(self.keys, self.key_scales), restore(self.values, self.value_scales)
+        return (restore(self.keys, self.key_scales) * key_channel.to(self.dtype),
+                restore(self.values, self.value_scales) * value_channel.to(self.dtype))
