@@ -7,10 +7,11 @@ import json
 import os
 import re
 import unicodedata
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from array import array
 from typing import Any
 
 import tiktoken
@@ -20,7 +21,7 @@ from .errors import BadCheckpoint
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_PADDING = re.compile(r"\[PAD\d+\]")
+NORMAL_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -33,6 +34,22 @@ def _byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class ByteLevelAlphabet:
+    """Converts byte-level vocabulary strings ("Ġthe") to the bytes they stand for, as `tokenizers` decodes them."""
+
+    def __init__(self) -> None:
+        decoder = _byte_decoder()
+        self._chars = frozenset(decoder)
+        self._to_latin1 = str.maketrans({char: chr(byte) for char, byte in decoder.items()})
+
+    def covers(self, token: str) -> bool:
+        return self._chars.issuperset(token)
+
+    def to_bytes(self, token: str) -> bytes:
+        """Byte-level strings map char by char; any other string stands for its own UTF-8 (tokenizers' rule)."""
+        return token.translate(self._to_latin1).encode("latin-1") if self.covers(token) else token.encode("utf-8")
 
 
 class StreamDecoder:
@@ -57,12 +74,15 @@ def _read_json(path: Path) -> Any:
 
 
 def _pattern_from(pre_tokenizer: dict | None) -> str:
-    """The Split regex of tokenizer.json's pre-tokenizer (Qwen2's own when it names none)."""
+    """The regex of Qwen2's pre-tokenizer (Split, then ByteLevel without its own regex); others are refused."""
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
-            return step["pattern"]["Regex"]
-    return QWEN2_PATTERN
+    split, byte_level = steps if len(steps) == 2 else ({}, {})
+    if (split.get("type") == "Split" and "Regex" in split.get("pattern", {}) and not split.get("invert")
+            and split.get("behavior") == "Isolated" and byte_level.get("type") == "ByteLevel"
+            and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space")):
+        return split["pattern"]["Regex"]
+    kinds = [step.get("type") for step in steps]
+    raise BadCheckpoint(f"unsupported tokenizer pre-tokenizer {kinds}: qwen2cli handles Qwen2's Split + ByteLevel")
 
 
 def _normalizer_from(normalizer: dict | None) -> str | None:
@@ -70,10 +90,31 @@ def _normalizer_from(normalizer: dict | None) -> str | None:
     if not normalizer:
         return None
     kinds = [n.get("type") for n in normalizer.get("normalizers", [normalizer])]
-    forms = [k for k in kinds if k in ("NFC", "NFD", "NFKC", "NFKD")]
+    forms = [k for k in kinds if k in NORMAL_FORMS]
     if len(forms) != len(kinds) or len(forms) > 1:
         raise BadCheckpoint(f"unsupported tokenizer normalizer {kinds}: qwen2cli handles NFC-style normalizers only")
     return forms[0] if forms else None
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token `tokenizers` splits out of the text before BPE; `normalized` ones are matched after normalization."""
+
+    content: str
+    id: int
+    special: bool
+    normalized: bool
+
+
+def _added_tokens_from(entries: Sequence[dict]) -> list[AddedToken]:
+    added = []
+    for entry in entries:
+        if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
+            raise BadCheckpoint(f"added token {entry['content']!r} uses lstrip/rstrip/single_word: not supported")
+        if entry["content"]:
+            added.append(AddedToken(content=entry["content"], id=int(entry["id"]), special=bool(entry.get("special")),
+                                    normalized=bool(entry.get("normalized", not entry.get("special")))))
+    return added
 
 
 @dataclass(frozen=True)
@@ -82,46 +123,47 @@ class TokenizerTables:
 
     ranked: list[bytes]  # token bytes in rank (merge) order: tiktoken's mergeable ranks
     rank_to_id: list[int]
-    bytes_by_id: list[bytes]  # what each id decodes to (special tokens as their UTF-8 text)
-    special_tokens: dict[str, int]
+    bytes_by_id: list[bytes]  # what each id decodes to, as `tokenizers` decodes it
+    added_tokens: list[AddedToken]
     pattern: str
     normalizer: str | None
-    sampleable_size: int  # ids at or past this are filler rows ([PAD...]) a model must never emit
     chat_template: str | None
 
 
-def build_tables(*, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: Sequence[dict], pattern: str,
-                 normalizer: str | None, chat_template: str | None) -> TokenizerTables:
+def build_tables(*, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: Sequence[AddedToken],
+                 pattern: str, normalizer: str | None, chat_template: str | None) -> TokenizerTables:
     """Ranks in merge order (the order Hugging Face's BPE applies merges), single bytes first."""
-    to_latin1 = str.maketrans({char: chr(byte) for char, byte in _byte_decoder().items()})
-    try:
-        token_bytes = {token: token.translate(to_latin1).encode("latin-1") for token in vocab}
-    except UnicodeEncodeError as exc:
-        raise BadCheckpoint(f"tokenizer vocabulary is not byte-level BPE ({exc.object[exc.start]!r})") from exc
-    ranks: dict[bytes, int] = {b: 0 for b in token_bytes.values() if len(b) == 1}
+    alphabet = ByteLevelAlphabet()
+    ranks: dict[bytes, int] = {alphabet.to_bytes(t): 0 for t in vocab if len(t) == 1 and alphabet.covers(t)}
     if len(ranks) != 256:
         raise BadCheckpoint(f"tokenizer vocabulary covers {len(ranks)} of the 256 bytes")
-    try:
-        for left, right in merges:
-            ranks.setdefault(token_bytes[left] + token_bytes[right], 0)
-    except KeyError as exc:
-        raise BadCheckpoint(f"tokenizer merges name a token missing from the vocabulary: {exc}") from exc
-    id_of = {token_bytes[token]: token_id for token, token_id in vocab.items()}
+    for left, right in merges:
+        if left + right not in vocab:
+            raise BadCheckpoint(f"tokenizer merge {left!r} + {right!r} makes a token missing from the vocabulary")
+        if not alphabet.covers(left + right):  # never fires in `tokenizers` either: BPE starts from byte symbols
+            continue
+        merged = alphabet.to_bytes(left + right)
+        if merged in ranks:
+            raise BadCheckpoint(f"tokenizer merges build {left + right!r} twice: not representable by rank")
+        ranks[merged] = 0
+    id_of = {alphabet.to_bytes(token): token_id for token, token_id in vocab.items() if alphabet.covers(token)}
     ranked = list(ranks)
-    special = {entry["content"]: int(entry["id"]) for entry in added}
-    size = max([*vocab.values(), *special.values()]) + 1
+    size = max([*vocab.values(), *(token.id for token in added)]) + 1
     bytes_by_id = [b""] * size
     for token, token_id in vocab.items():
-        bytes_by_id[token_id] = token_bytes[token]
-    for content, token_id in special.items():
-        bytes_by_id[token_id] = content.encode("utf-8")
-    padding = {i for t, i in vocab.items() if _PADDING.fullmatch(t)}
-    sampleable = size
-    while sampleable > 0 and sampleable - 1 in padding:
-        sampleable -= 1
+        bytes_by_id[token_id] = alphabet.to_bytes(token)
+    for token in added:  # `tokenizers` decodes a normalized added token from its normalized text
+        shown = unicodedata.normalize(normalizer, token.content) if token.normalized and normalizer else token.content
+        bytes_by_id[token.id] = alphabet.to_bytes(shown)
     return TokenizerTables(ranked=ranked, rank_to_id=[id_of[piece] for piece in ranked], bytes_by_id=bytes_by_id,
-                           special_tokens=special, pattern=pattern, normalizer=normalizer, sampleable_size=sampleable,
+                           added_tokens=list(added), pattern=pattern, normalizer=normalizer,
                            chat_template=chat_template)
+
+
+def _splitter(contents: Sequence[str]) -> re.Pattern | None:
+    """A regex whose split() isolates the given strings, leftmost-longest as `tokenizers` matches them."""
+    longest_first = sorted(set(contents), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
 
 
 class Qwen2Tokenizer:
@@ -132,14 +174,17 @@ class Qwen2Tokenizer:
         self._identity = all(rank == token_id for rank, token_id in enumerate(tables.rank_to_id))
         ranks = dict(zip(tables.ranked, range(len(tables.ranked))))
         self._bpe = tiktoken.Encoding("qwen2", pat_str=tables.pattern, mergeable_ranks=ranks, special_tokens={})
-        self.special_tokens = tables.special_tokens
-        longest_first = sorted(self.special_tokens, key=len, reverse=True)
-        self._added_split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
-        self._bytes_by_id = tables.bytes_by_id
-        self.vocab_size = len(tables.bytes_by_id)
-        self.sampleable_size = tables.sampleable_size
         self._normal_form = tables.normalizer
+        added = tables.added_tokens
+        self.special_tokens = {token.content: token.id for token in added}
+        matched_after = {token.content: token for token in added if token.normalized and self._normal_form}
+        self._raw_split = _splitter([t.content for t in added if t.content not in matched_after])
+        self._normalized_ids = {self._normalize(t.content): t.id for t in matched_after.values()}
+        self._normalized_split = _splitter(list(self._normalized_ids))
+        self._bytes_by_id = tables.bytes_by_id
+        self.vocab_size = max([*tables.rank_to_id, *self.special_tokens.values()]) + 1
         self.chat_template = tables.chat_template
+        self._alphabet = ByteLevelAlphabet()
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "Qwen2Tokenizer":
@@ -154,41 +199,63 @@ class Qwen2Tokenizer:
             return cls(tables)
         return cls(tables_from_files(model_dir))
 
-    def _ids(self, ranks: list[int]) -> list[int]:
+    def _normalize(self, text: str) -> str:
+        return unicodedata.normalize(self._normal_form, text) if self._normal_form else text
+
+    def _bpe_ids(self, normalized_text: str) -> list[int]:
+        ranks = self._bpe.encode_ordinary(normalized_text)
         return ranks if self._identity else [self._rank_to_id[r] for r in ranks]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text` as plain text: special-token strings stay text."""
-        if self._normal_form:
-            text = unicodedata.normalize(self._normal_form, text)
-        return self._ids(self._bpe.encode_ordinary(text))
+        return self._bpe_ids(self._normalize(text))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids as `tokenizers` gives them: added/special-token strings become their ids."""
-        if self._added_split is None:
-            return self.encode_ordinary(text)
+        """Token ids as `tokenizers` gives them: added tokens split out of the raw text, then normalized ones."""
+        parts = self._raw_split.split(text) if self._raw_split is not None else [text]
+        if len(parts) == 1:  # the common case, kept short: no added token in the text
+            return self._encode_normalized(self._normalize(text) if self._normal_form else text)
         ids: list[int] = []
-        for index, part in enumerate(self._added_split.split(text)):
+        for index, part in enumerate(parts):
             if index % 2:
                 ids.append(self.special_tokens[part])
             elif part:
-                ids.extend(self.encode_ordinary(part))
+                ids.extend(self._encode_normalized(self._normalize(part)))
+        return ids
+
+    def _encode_normalized(self, text: str) -> list[int]:
+        if self._normalized_split is None:
+            return self._bpe.encode_ordinary(text) if self._identity else self._bpe_ids(text)
+        ids: list[int] = []
+        for index, part in enumerate(self._normalized_split.split(text)):
+            if index % 2:
+                ids.append(self._normalized_ids[part])
+            elif part:
+                ids.extend(self._bpe_ids(part))
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for (a special token's text as UTF-8)."""
+        """The bytes a token stands for (a special token's text as UTF-8); unknown ids stand for nothing."""
         return self._bytes_by_id[token_id] if 0 <= token_id < len(self._bytes_by_id) else b""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
 
     def token_to_id(self, token: str) -> int | None:
-        """Id of an added/special token, or of a plain-text token given by its text."""
+        """Id of an added token, or of a vocabulary entry in its byte-level spelling ("Ġthe"), like `tokenizers`."""
         if token in self.special_tokens:
             return self.special_tokens[token]
-        ids = self._ids(self._bpe.encode_ordinary(token)) if token else []
-        return ids[0] if len(ids) == 1 else None
+        if not token or not self._alphabet.covers(token):
+            return None
+        return self._id_by_bytes.get(self._alphabet.to_bytes(token))
+
+    @cached_property
+    def _id_by_bytes(self) -> dict[bytes, int]:
+        """Vocabulary entries by their bytes; added tokens are found by their text instead."""
+        added_ids = set(self.special_tokens.values())
+        return {piece: token_id for token_id, piece in reversed(list(enumerate(self._bytes_by_id)))
+                if piece and token_id not in added_ids}
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -210,18 +277,20 @@ def tables_from_files(model_dir: Path) -> TokenizerTables:
         if model.get("type") != "BPE":
             raise BadCheckpoint(f"tokenizer.json holds a {model.get('type')} model; Qwen2 uses byte-level BPE")
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return build_tables(vocab=model["vocab"], merges=merges, added=data.get("added_tokens") or config_added,
+        return build_tables(vocab=model["vocab"], merges=merges,
+                            added=_added_tokens_from(data.get("added_tokens") or config_added),
                             pattern=_pattern_from(data.get("pre_tokenizer")),
                             normalizer=_normalizer_from(data.get("normalizer")), chat_template=template)
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
         lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
-        return build_tables(vocab=_read_json(model_dir / "vocab.json"), merges=merges, added=config_added,
-                            pattern=QWEN2_PATTERN, normalizer="NFC", chat_template=template)
+        return build_tables(vocab=_read_json(model_dir / "vocab.json"), merges=merges,
+                            added=_added_tokens_from(config_added), pattern=QWEN2_PATTERN, normalizer="NFC",
+                            chat_template=template)
     raise BadCheckpoint(f"no tokenizer.json or vocab.json+merges.txt in {model_dir}")
 
 
-_CACHE_MAGIC = b"qwen2cli-tokenizer-tables-1\n"
+_CACHE_MAGIC = b"qwen2cli-tokenizer-tables-3\n"
 _SOURCES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -258,8 +327,8 @@ def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
 
 def _save_cached(tables: TokenizerTables, path: Path) -> None:
     """Write the tables (best effort: a read-only home just means no cache)."""
-    header = json.dumps({"special_tokens": tables.special_tokens, "pattern": tables.pattern,
-                         "normalizer": tables.normalizer, "sampleable_size": tables.sampleable_size,
+    header = json.dumps({"added_tokens": [vars(token) for token in tables.added_tokens], "pattern": tables.pattern,
+                         "normalizer": tables.normalizer,
                          "chat_template": tables.chat_template}).encode()
     blob = (_CACHE_MAGIC + len(header).to_bytes(4, "little") + header + _pack(tables.ranked)
             + array("I", tables.rank_to_id).tobytes() + _pack(tables.bytes_by_id))
@@ -289,8 +358,8 @@ def _load_cached(path: Path) -> TokenizerTables | None:
         rank_to_id.frombytes(data[position:position + 4 * len(ranked)])
         bytes_by_id, _ = _unpack(data, position + 4 * len(ranked))
         return TokenizerTables(ranked=ranked, rank_to_id=rank_to_id.tolist(), bytes_by_id=bytes_by_id,
-                               special_tokens=header["special_tokens"], pattern=header["pattern"],
-                               normalizer=header["normalizer"], sampleable_size=header["sampleable_size"],
+                               added_tokens=[AddedToken(**token) for token in header["added_tokens"]],
+                               pattern=header["pattern"], normalizer=header["normalizer"],
                                chat_template=header["chat_template"])
-    except (ValueError, KeyError, IndexError):
+    except (ValueError, KeyError, IndexError, TypeError):
         return None

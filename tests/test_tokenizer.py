@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import unicodedata
 
 import pytest
-from tokenizers import Tokenizer
+import tiktoken
+from hypothesis import given, settings, strategies as st
+from tokenizers import AddedToken, Tokenizer
+from tokenizers.models import BPE
 
 from qwen2cli.errors import BadCheckpoint
 from qwen2cli.tokenizer import Qwen2Tokenizer
@@ -24,6 +28,24 @@ def tiny_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tok")
     write_tiny_tokenizer(directory)
     return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tables are built from the files here, so a stale cache elsewhere can never hide a difference."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QWEN2_HOME", str(tmp_path_factory.mktemp("qwen2-home")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_dir):
+    return Qwen2Tokenizer.from_dir(tiny_dir), Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def real_pair(real_model_dir):
+    return Qwen2Tokenizer.from_dir(real_model_dir), Tokenizer.from_file(str(real_model_dir / "tokenizer.json"))
 
 
 def assert_same_ids(ours: Qwen2Tokenizer, reference: Tokenizer, documents: list[str]) -> None:
@@ -106,9 +128,9 @@ def test_cached_tables_are_reused_and_refreshed(tiny_dir, tmp_path, monkeypatch)
 
 
 @pytest.mark.real
-def test_real_tokenizer_matches_tokenizers_and_round_trips(real_model_dir, corpus):
-    ours = Qwen2Tokenizer.from_dir(real_model_dir)
-    assert_same_ids(ours, Tokenizer.from_file(str(real_model_dir / "tokenizer.json")), corpus)
+def test_real_tokenizer_matches_tokenizers_and_round_trips(real_pair, corpus):
+    ours, reference = real_pair
+    assert_same_ids(ours, reference, corpus)
     for document in corpus:  # no normalizer in this file: every text comes back byte for byte
         assert ours.decode(ours.encode(document)) == document
 
@@ -125,7 +147,134 @@ def test_real_tokenizer_with_nfc_normalizer(real_model_dir, tmp_path, corpus):
 
 
 @pytest.mark.real
-def test_real_padding_rows_are_not_sampleable(real_model_dir):
+def test_real_vocab_size_counts_producible_ids(real_model_dir):
+    """The GGUF-derived file pads its vocabulary to 151936 rows; only 151665 ids can come out of the tokenizer."""
     tokenizer = Qwen2Tokenizer.from_dir(real_model_dir)
-    assert tokenizer.vocab_size == 151936
-    assert tokenizer.sampleable_size == 151665
+    reference = Tokenizer.from_file(str(real_model_dir / "tokenizer.json"))
+    assert tokenizer.vocab_size == 151665
+    assert tokenizer.token_to_id("<|im_end|>") == 151645
+    padding = [151665, 151935, 151936, 10**9]
+    assert tokenizer.decode(padding) == reference.decode(padding, skip_special_tokens=False)
+
+
+@pytest.mark.real
+def test_real_bpe_core_matches_on_token_concatenations(real_model_dir):
+    assert_same_bpe(real_model_dir, samples=20_000)
+
+
+@pytest.mark.real
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_real_random_text_matches_tokenizers(real_pair, text):
+    ours, reference = real_pair
+    assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids
+
+
+def assert_same_bpe(directory, *, samples: int) -> None:
+    """The BPE core alone (no pre-tokenizer): merge priority in `tokenizers` = rank of the merged bytes in ours."""
+    data = json.loads((directory / "tokenizer.json").read_text())
+    merges = [tuple(m) for m in data["model"]["merges"]]
+    model = BPE(vocab=data["model"]["vocab"], merges=merges)
+    ours = Qwen2Tokenizer.from_dir(directory)
+    whole = tiktoken.Encoding("whole-text", pat_str=r"[\s\S]+", mergeable_ranks=ours._bpe._mergeable_ranks,
+                              special_tokens={})
+    pieces = sorted({left + right for left, right in merges})
+    generator = random.Random(0)
+    checked = 0
+    while checked < samples:
+        spelled = "".join(generator.choice(pieces) for _ in range(generator.randint(1, 4)))
+        try:
+            text = b"".join(ours.token_bytes(ours.token_to_id(char)) for char in spelled).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        checked += 1
+        assert [ours._rank_to_id[r] for r in whole.encode_ordinary(text)] == [t.id for t in model.tokenize(spelled)]
+
+
+def test_tiny_bpe_core_matches_on_token_concatenations(tiny_dir):
+    assert_same_bpe(tiny_dir, samples=20_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_tiny_random_text_matches_tokenizers(tiny_pair, text):
+    ours, reference = tiny_pair
+    assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids
+    assert ours.decode(ours.encode(text)) == reference.decode(ours.encode(text), skip_special_tokens=False)
+
+
+def test_decoding_any_ids_matches_tokenizers(tiny_dir):
+    """Ids that cut UTF-8 characters apart decode to U+FFFD exactly where `tokenizers` puts them."""
+    ours = Qwen2Tokenizer.from_dir(tiny_dir)
+    reference = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    generator = random.Random(0)
+    for _ in range(3000):
+        ids = [generator.randrange(ours.vocab_size + 3) for _ in range(generator.randint(1, 6))]
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+
+
+def test_added_tokens_of_every_kind_match_tokenizers(tiny_dir, tmp_path):
+    """Normalized added tokens match after NFC (and decode from their NFC text); raw ones match before it."""
+    reference = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    reference.add_tokens([AddedToken("e\u0301x", normalized=True), AddedToken("ab c", normalized=True),
+                          AddedToken("<tool_call>", normalized=False), AddedToken("\u00c5", normalized=False)])
+    reference.add_special_tokens([AddedToken("\u226f", normalized=False)])
+    reference.save(str(tmp_path / "tokenizer.json"))
+    ours = Qwen2Tokenizer.from_dir(tmp_path)
+    texts = ["e\u0301x", "\u00e9x", "A\u030a \u00c5", "<|im_end|>\u0338 >\u0338 \u226f", "xab cx<tool_call>hi",
+             "\u00e9\u0301x", "<|im_start|>e\u0301x<|im_end|>"]
+    for text in texts:
+        expected = reference.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == reference.decode(expected, skip_special_tokens=False), text
+    for token_id in range(reference.get_vocab_size(with_added_tokens=True)):
+        assert ours.decode([token_id]) == reference.decode([token_id], skip_special_tokens=False)
+        token = reference.id_to_token(token_id)
+        assert ours.token_to_id(token) == reference.token_to_id(token), token
+    assert ours.token_to_id("a b") is None and ours.token_to_id("") is None
+
+
+def test_merges_of_tokens_outside_the_byte_alphabet_never_fire(tiny_dir, tmp_path):
+    data = json.loads((tiny_dir / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["\u2581"], vocab["a\u2581"] = len(vocab) + 10, len(vocab) + 11
+    data["model"]["merges"].insert(0, ["a", "\u2581"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    ours = Qwen2Tokenizer.from_dir(tmp_path)
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert ours.encode("a\u2581 a\u2581") == reference.encode("a\u2581 a\u2581", add_special_tokens=False).ids
+
+
+def test_stream_decoder_flushes_a_cut_character_as_replacement(tiny_dir):
+    tokenizer = Qwen2Tokenizer.from_dir(tiny_dir)
+    first_byte_of_euro = tokenizer.token_to_id("\u00e2")  # byte 0xE2, the start of "€"
+    decoder = tokenizer.stream_decoder()
+    assert decoder.push(tokenizer.token_to_id("a")) == "a"
+    assert decoder.push(first_byte_of_euro) == ""
+    assert decoder.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["added_tokens"][0].update(lstrip=True), "lstrip"),
+    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
+    (lambda d: d["model"]["merges"].append(["q", "z"]), "missing from the vocabulary"),
+    (lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
+])
+def test_tokenizers_we_cannot_match_exactly_are_refused(tiny_dir, tmp_path, change, message):
+    data = json.loads((tiny_dir / "tokenizer.json").read_text())
+    change(data)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(BadCheckpoint, match=message):
+        Qwen2Tokenizer.from_dir(tmp_path)
+
+
+def test_a_token_built_by_two_merges_is_refused(tiny_dir, tmp_path):
+    data = json.loads((tiny_dir / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    triple = next(left + right for left, right in merges if len(left) == 2 and len(right) == 1)
+    vocab.setdefault(triple[1:], len(vocab) + 10)
+    merges += [[triple[1], triple[2]], [triple[0], triple[1:]]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(BadCheckpoint, match="twice"):
+        Qwen2Tokenizer.from_dir(tmp_path)
