@@ -54,7 +54,7 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
     loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
-    sampleable = min(loaded.config.vocab_size, tokenizer.sampleable_size)
+    sampleable = min(loaded.config.vocab_size, tokenizer.vocab_size)  # ids the tokenizer can produce
     return Engine(loaded=loaded, tokenizer=tokenizer, model_dir=Path(model_dir), stop_ids=frozenset(stops),
                   sampleable_vocab=sampleable, load_seconds=time.perf_counter() - started, kv_cache=kv_cache)
 

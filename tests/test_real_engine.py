@@ -57,3 +57,22 @@ def test_last_position_logits_within_1e_3(real_model_dir, reference):
         expected = model(ids).logits[0, -1]
         got = ours.model(ids, KVCache(ours.config, ids.shape[1] + 1), 0, last_only=True)[0, -1]
     assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_padding_rows_are_never_sampled(real_model_dir):
+    """The checkpoint has 151936 logit rows but the tokenizer only makes 151665 ids: rows past that must never win,
+    even when their logits are the largest."""
+    from qwen2cli.generate import generate, load_engine
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.sampling import SamplingParams
+
+    engine = load_engine(real_model_dir, device="cpu", dtype="float32")
+    assert engine.sampleable_vocab == 151665 < engine.config.vocab_size
+    head = engine.loaded.model.lm_head.weight
+    prompt = engine.tokenizer.encode("def add(a, b):")
+    with torch.no_grad():  # point every padding row along the prompt's last hidden state, scaled far past any real row
+        head[151665:] = head[prompt[-1]] * 1000
+    for params in (SamplingParams(temperature=0, max_tokens=6),
+                   SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_tokens=6, seed=3)):
+        *_, last = generate(engine, prompt, params=params, cache=KVCache(engine.config, 64))
+        assert last.stats.generated_ids and max(last.stats.generated_ids) < 151665
