@@ -17,6 +17,7 @@ class QuantConfig:
     static_groups: bool = False
     checkpoint_format: str = "gptq"  # gptq (v1: zeros stored minus one) | gptq_v2
     damp_percent: float = 0.01
+    mse: float = 0.0  # GPTQ: > 0 searches each group's clipping range by least |w - q(w)|^mse
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "awq", "rtn"):
@@ -57,7 +58,7 @@ class QuantConfig:
                    sym=bool(data.get("sym", True)), desc_act=bool(data.get("desc_act", False)),
                    static_groups=bool(data.get("static_groups", False)),
                    checkpoint_format=str(data.get("checkpoint_format", "gptq")),
-                   damp_percent=float(data.get("damp_percent", 0.01)))
+                   damp_percent=float(data.get("damp_percent", 0.01)), mse=float(data.get("mse", 0.0) or 0.0))
 
     def to_hf(self) -> dict[str, Any]:
         if self.method == "awq":
@@ -65,5 +66,5 @@ class QuantConfig:
                     "zero_point": not self.sym, "version": "gemm"}
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "desc_act": self.desc_act, "static_groups": self.static_groups, "damp_percent": self.damp_percent,
-                "true_sequential": True, "checkpoint_format": self.checkpoint_format,
+                "mse": self.mse, "true_sequential": True, "checkpoint_format": self.checkpoint_format,
                 "quantizer": "qwen2cli-rtn" if self.method == "rtn" else "qwen2cli-gptq"}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import dequantize, group_params, quantize
+from .rtn import dequantize, group_params, quantize, search_group_params
 
 
 @dataclass
@@ -37,8 +37,15 @@ class GPTQ:
         self.hessian += rows.t() @ rows
 
     def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
-                 static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128) -> GPTQResult:
+                 static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+                 mse: float = 0.0) -> GPTQResult:
+        """`mse` > 0: pick each group's range by least |w - q(w)|^mse over shrunken ranges instead of min/max."""
         out_features, in_features = weight.shape
+        if mse > 0:
+            def params(w: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                return search_group_params(w, bits=bits, sym=sym, norm=mse)
+        else:
+            params = group_params
         size = in_features if group_size == -1 else group_size
         W = weight.detach().clone().float()
         H = self.hessian.clone()
@@ -51,7 +58,7 @@ class GPTQ:
         W[:, dead] = 0
         static = None
         if static_groups and group_size != -1:
-            static = [group_params(W[:, g:g + size], bits=bits, sym=sym) for g in range(0, in_features, size)]
+            static = [params(W[:, g:g + size], bits=bits, sym=sym) for g in range(0, in_features, size)]
         order = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_features, device=W.device)
         W, H = W[:, order], H[order][:, order]
         damping = damp_percent
@@ -70,7 +77,7 @@ class GPTQ:
         group_zeros: list[torch.Tensor] = []
         scale = zero = None
         if group_size == -1:
-            scale, zero = group_params(W, bits=bits, sym=sym)
+            scale, zero = params(W, bits=bits, sym=sym)
             group_scales, group_zeros = [scale[:, 0]], [zero[:, 0]]
         for begin in range(0, in_features, block_size):
             end = min(begin + block_size, in_features)
@@ -82,7 +89,7 @@ class GPTQ:
                     if static is not None:
                         scale, zero = static[int(order[column]) // size]
                     elif column % size == 0:
-                        scale, zero = group_params(torch.cat([block[:, offset:], W[:, end:]], dim=1)[:, :size],
+                        scale, zero = params(torch.cat([block[:, offset:], W[:, end:]], dim=1)[:, :size],
                                                    bits=bits, sym=sym)
                         group_scales.append(scale[:, 0])
                         group_zeros.append(zero[:, 0])

@@ -20,6 +20,29 @@ def group_params(weight: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.T
     return scale, zero
 
 
+def search_group_params(weight: torch.Tensor, *, bits: int, sym: bool, norm: float = 2.4, grid: int = 100,
+                        max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like group_params, but each row's range is shrunk (1, 0.99, ... down to 1 - max_shrink) to whichever gives
+    the least sum |w - q(w)|^norm: clipping a few outliers buys a finer step for the rest (GPTQ's `mse` option)."""
+    weight = weight.float()
+    best_scale, best_zero = group_params(weight, bits=bits, sym=sym)
+    best_error = _rounding_error(weight, best_scale, best_zero, bits=bits, norm=norm)
+    for step in range(1, int(max_shrink * grid)):
+        shrink = 1 - step / grid
+        scale, zero = group_params(weight * shrink, bits=bits, sym=sym)
+        error = _rounding_error(weight, scale, zero, bits=bits, norm=norm)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _rounding_error(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int,
+                    norm: float) -> torch.Tensor:
+    return (dequantize(quantize(weight, scale, zero, bits=bits), scale, zero) - weight).abs_().pow_(norm).sum(1, True)
+
+
 def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int) -> torch.Tensor:
     """Integer codes in [0, 2^bits - 1]."""
     return torch.clamp(torch.round(weight / scale) + zero, 0, 2**bits - 1)

@@ -186,7 +186,7 @@ def bench(
 @app.command()
 def quantize(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option("--method", help="gptq or rtn.")] = "gptq",
+    method: Annotated[str, typer.Option("--method", help="gptq, awq or rtn.")] = "gptq",
     bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="32, 64, 128, 256 or -1 (per channel). Default: 128 at 4 bits, -1 at 8.")] = None,
     desc_act: Annotated[bool, typer.Option("--desc-act", help="GPTQ act-order.")] = False,
@@ -197,14 +197,14 @@ def quantize(
     out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Quantize a model to int4/int8 in the standard GPTQ format (loads in transformers and vLLM); prints the path."""
+    """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
     from .console import ProgressBars, write_answer
     from .generate import load_engine
     from .quantize import quantize_model, read_calibration
     from . import store
 
     if method not in ("gptq", "rtn", "awq"):
-        raise BadInput(f"unknown --method {method!r}: use gptq or rtn")
+        raise BadInput(f"unknown --method {method!r}: use gptq, awq or rtn")
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir = _resolve(model)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name

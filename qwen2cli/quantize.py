@@ -5,6 +5,7 @@ import inspect
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,22 +60,186 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, *, batch: i
     return torch.cat(outputs)
 
 
+STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """True-sequential order: attention inputs, attention output, MLP inputs (experts too), MLP output."""
+    stages = [{name: linear for name, linear in linears.items() if name.rsplit(".", 1)[-1] in suffixes}
+              for suffixes in STAGES]
+    rest = {name: linear for name, linear in linears.items() if not any(name in stage for stage in stages)}
+    return [stage for stage in [*stages, rest] if stage]
+
+
+def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, rope, config,
+                quant_config) -> dict[str, nn.Module]:
+    """Collect the Hessians of these Linears over the calibration inputs, then GPTQ each of them."""
+    from quant.gptq import GPTQ
+    from quant.linear import QuantLinear
+
+    # Linears under one parent in one stage read the same input (q/k/v; gate/up): one Hessian serves them all
+    collectors: dict[str, GPTQ] = {}
+    readers: dict[str, str] = {}
+    for name, linear in linears.items():
+        parent = name.rpartition(".")[0]
+        if parent not in readers:
+            readers[parent] = name
+            collectors[name] = GPTQ(linear.in_features)
+        collectors[name] = collectors[readers[parent]]
+    hooks = [linears[name].register_forward_hook(lambda m, args, out, n=name: collectors[n].add_batch(args[0]))
+             for name in readers.values()]
+    try:
+        _run_layer(layer, hidden, rope, config)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replacements = {}
+    for name, linear in linears.items():
+        result = collectors[name].quantize(linear.weight, bits=quant_config.bits, group_size=quant_config.group_size,
+                                           sym=quant_config.sym, desc_act=quant_config.desc_act,
+                                           static_groups=quant_config.static_groups,
+                                           damp_percent=quant_config.damp_percent, mse=quant_config.mse)
+        replacements[name] = QuantLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx,
+                                                        linear.bias, quant_config)
+    return replacements
+
+
+def _replace(layer: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    for name, replacement in replacements.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, attribute, replacement)
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """AWQ: Linears sharing one input-channel scaling, the op before them that absorbs 1/scale (an RMSNorm or a
+    Linear), and the module whose output judges the scaling (its input is what the Linears see)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+
+
+def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
+    """A Qwen2 / Qwen2-MoE decoder layer's AWQ scale groups. v_proj -> o_proj exists only without GQA (with fewer
+    KV heads, v_proj's outputs are not o_proj's inputs one to one), so it is skipped then."""
+    attention = layer.self_attn
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
+    if attention.v_proj.out_features == attention.o_proj.in_features:
+        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    mlps = [name for name, module in layer.named_modules() if name.startswith("mlp") and hasattr(module, "up_proj")]
+    readers = tuple(name for name, module in layer.named_modules() if isinstance(module, nn.Linear)
+                    and name.startswith("mlp") and not name.endswith("down_proj"))  # router and gates included
+    groups.append(ScaleGroup("post_attention_layernorm", readers, "mlp"))
+    groups += [ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj") for mlp in mlps]
+    return groups
+
+
+def _call(module: nn.Module, x: torch.Tensor, rope, config) -> torch.Tensor:
+    """Run one piece of a decoder layer on captured inputs, a few samples at a time."""
+    from .model import Attention
+
+    if not isinstance(module, Attention):
+        return module(x)
+    outputs = []
+    for begin in range(0, x.shape[0], 8):
+        piece = x[begin:begin + 8]
+        cache = KVCache(config, piece.shape[1], batch_size=piece.shape[0], dtype=piece.dtype, device=piece.device)
+        outputs.append(module(piece, rope, cache, 0))
+    return torch.cat(outputs)
+
+
+def _capture(layer: nn.Module, names: list[str], hidden: torch.Tensor, rope, config, *, keep_samples: int
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the layer over every sample; per named module, the mean |input| per channel over all tokens, and the
+    inputs of the first `keep_samples` samples (MoE experts: only the tokens routed to them, flattened)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    keeping = [True]
+
+    def hook(module, args, name):
+        x = args[0].float()
+        flat = x.reshape(-1, x.shape[-1])
+        sums[name] = sums.get(name, 0) + flat.abs().sum(0)
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+        if keeping[0]:
+            kept[name].append(x if x.dim() == 3 else flat)
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: hook(m, a, n))
+               for name in names]
+    try:
+        for begin in range(0, hidden.shape[0], 8):
+            keeping[0] = begin < keep_samples
+            _run_layer(layer, hidden[begin:begin + 8], rope, config)
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = {name: sums[name] / counts[name] for name in sums}
+    return means, {name: torch.cat(parts) for name, parts in kept.items() if parts}
+
+
+def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, search_samples: int
+               ) -> dict[str, nn.Module]:
+    """Scale each group, clip each Linear (but q/k, whose errors softmax amplifies), then round to nearest."""
+    from quant.awq import apply_clip, search_clip, search_scales
+    from quant.linear import QuantLinear
+    from quant.rtn import quantize_rtn
+
+    bits, group_size, sym = quant_config.bits, quant_config.group_size, quant_config.sym
+    quantizable = _quantizable(layer)
+    groups = scale_groups(layer)
+    means, inputs = _capture(layer, [g.inspect for g in groups], hidden, rope, config, keep_samples=search_samples)
+    for group in groups:
+        if group.inspect not in inputs:  # an expert no calibration token reached: leave it unscaled
+            continue
+        module = layer.get_submodule(group.inspect)
+        x = inputs[group.inspect]
+        reference = _call(module, x, rope, config)
+        searched = search_scales(means[group.inspect], [quantizable[n] for n in group.linears if n in quantizable],
+                                 lambda: _call(module, x, rope, config), reference, bits=bits,
+                                 group_size=group_size, sym=sym)
+        scales = searched.scales
+        prev = layer.get_submodule(group.prev)
+        if isinstance(prev, nn.Linear):
+            prev.weight.data.div_(scales[:, None].to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.data.div_(scales.to(prev.bias.dtype))
+        else:  # an RMSNorm
+            prev.weight.data.div_(scales.to(prev.weight.dtype))
+        for name in group.linears:
+            linear = layer.get_submodule(name)
+            linear.weight.data.mul_(scales[None, :].to(linear.weight.dtype))
+    _, linear_inputs = _capture(layer, list(quantizable), hidden, rope, config, keep_samples=search_samples)
+    replacements: dict[str, nn.Module] = {}
+    for name, linear in quantizable.items():
+        weight = linear.weight.detach().float()
+        if name in linear_inputs and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
+            bounds = search_clip(weight, linear_inputs[name], bits=bits, group_size=group_size, sym=sym)
+            weight = apply_clip(weight, bounds, group_size=group_size)
+        codes, scales, zeros = quantize_rtn(weight, bits=bits, group_size=group_size, sym=sym)
+        g_idx = torch.arange(linear.in_features) // group_size
+        replacements[name] = QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, quant_config)
+    return replacements
+
+
 def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
                    desc_act: bool, calibration: str | None, samples: int, seq_len: int,
+                   damp_percent: float = 0.01, mse: float = 0.0, search_samples: int = 8,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from quant.config import QuantConfig
-    from quant.gptq import GPTQ
-    from quant.linear import QuantLinear, quantize_linear
+    from quant.linear import quantize_linear
 
     if engine.config.quantization_config is not None:
         raise BadInput("this model is already quantized; quantize the original checkpoint instead")
     try:
-        quant_config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+        quant_config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                                   damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0)
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
-    if method == "awq":
-        raise BadInput("--method awq is not available in this version (use gptq or rtn); AWQ checkpoints load")
+    if method == "awq" and (desc_act or group_size == -1):
+        raise BadInput("AWQ has no act-order and needs a group size (32, 64, 128 or 256)")
     model = engine.loaded.model
     config = engine.config
     for layer in model.model.layers:
@@ -85,35 +250,22 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
                 raise BadInput(f"{name}: {exc}") from exc
     with torch.inference_mode():
         hidden = None
-        if method == "gptq":
+        if method in ("gptq", "awq"):
             batches = calibration_batches(engine, calibration or default_calibration_text(), samples=samples,
                                           seq_len=seq_len)
             hidden = model.model.embed_tokens(batches).float()
             rope = model._rope_tables(0, seq_len, hidden.device)
         for index, layer in enumerate(model.model.layers):
-            linears = _quantizable(layer)
-            replacements: dict[str, nn.Module] = {}
             if method == "gptq":
-                collectors = {name: GPTQ(linear.in_features) for name, linear in linears.items()}
-                hooks = [linear.register_forward_hook(lambda m, args, out, n=name: collectors[n].add_batch(args[0]))
-                         for name, linear in linears.items()]
-                try:
-                    _run_layer(layer, hidden, rope, config)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
-                for name, linear in linears.items():
-                    result = collectors[name].quantize(linear.weight, bits=bits, group_size=group_size, sym=sym,
-                                                       desc_act=desc_act)
-                    replacements[name] = QuantLinear.from_quantized(result.codes, result.scales, result.zeros,
-                                                                    result.g_idx, linear.bias, quant_config)
-            else:
-                replacements = {name: quantize_linear(linear, quant_config) for name, linear in linears.items()}
-            for name, replacement in replacements.items():
-                parent, _, attribute = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attribute, replacement)
-            if method == "gptq":
+                for stage in _stages(_quantizable(layer)):  # each stage sees the stages before it quantized
+                    _replace(layer, _gptq_stage(layer, stage, hidden, rope, config, quant_config))
                 hidden = _run_layer(layer, hidden, rope, config)  # the next layer sees quantized outputs
+            elif method == "awq":
+                _replace(layer, _awq_layer(layer, hidden, rope, config, quant_config, search_samples=search_samples))
+                hidden = _run_layer(layer, hidden, rope, config)
+            else:
+                _replace(layer, {name: quantize_linear(linear, quant_config)
+                                 for name, linear in _quantizable(layer).items()})
             if progress is not None:
                 progress(f"quantizing ({method} int{bits})", index + 1, len(model.model.layers))
     return save_quantized(engine, out_dir, quant_config)

@@ -143,6 +143,90 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     assert gptq_error < 0.5 * rtn_error
 
 
+def test_gptq_clip_search_never_rounds_worse_than_min_max():
+    from quant.rtn import dequantize, group_params, quantize, search_group_params
+
+    torch.manual_seed(2)
+    weight = torch.randn(64, 128)
+    weight[::7, 3] *= 8  # a few outliers, where clipping pays
+    plain = group_params(weight, bits=4, sym=False)
+    searched = search_group_params(weight, bits=4, sym=False)
+    error = [(dequantize(quantize(weight, s, z, bits=4), s, z) - weight).abs().pow(2.4).sum(1)
+             for s, z in (plain, searched)]
+    assert (error[1] <= error[0] + 1e-6).all() and error[1].sum() < 0.95 * error[0].sum()
+
+
+def _outlier_inputs(tokens: int = 2048, channels: int = 128) -> torch.Tensor:
+    """Activations whose few channels are far larger than the rest, as in trained LLMs."""
+    x = torch.randn(tokens, channels)
+    x[:, :4] *= 30
+    return x
+
+
+def test_awq_scales_beat_rtn_with_activation_outliers_and_never_lose():
+    from torch import nn
+
+    from quant.awq import fake_quantize, search_scales
+
+    torch.manual_seed(3)
+    x, held_out = _outlier_inputs(), _outlier_inputs()
+    linear = nn.Linear(128, 96, bias=False)
+    original = linear.weight.detach().clone()
+    searched = search_scales(x.abs().mean(0), [linear], lambda: linear(x), linear(x).detach(), bits=4,
+                             group_size=32, sym=False)
+    assert torch.equal(linear.weight, original)  # the search leaves the layer as it found it
+    assert searched.loss <= searched.unscaled_loss and searched.ratio is not None
+
+    def error(scales):  # the scaled layer, quantized, on inputs the search never saw
+        weight = fake_quantize(original * scales, bits=4, group_size=32, sym=False)
+        return ((held_out / scales) @ weight.t() - held_out @ original.t()).pow(2).mean().item()
+
+    assert error(searched.scales) < 0.8 * error(torch.ones(128))
+
+
+def test_awq_keeps_no_scaling_when_activations_are_flat():
+    from torch import nn
+
+    from quant.awq import search_scales
+
+    torch.manual_seed(4)
+    x = torch.randn(1024, 64)
+    linear = nn.Linear(64, 32, bias=False)
+    searched = search_scales(x.abs().mean(0), [linear], lambda: linear(x), linear(x).detach(), bits=4,
+                             group_size=32, sym=True)
+    assert searched.loss <= searched.unscaled_loss
+
+
+def test_awq_clip_search_lowers_output_error():
+    from quant.awq import apply_clip, fake_quantize, search_clip
+
+    torch.manual_seed(5)
+    x = torch.randn(4096, 128)
+    weight = torch.randn(48, 128)
+    weight[:, ::16] *= 6  # heavy tails: a tighter range helps the many small weights
+    bounds = search_clip(weight, x[:2048], bits=4, group_size=32, sym=False)
+    assert bounds.shape == (48, 4) and (bounds <= weight.abs().reshape(48, 4, 32).amax(-1) + 1e-6).all()
+    held_out = x[2048:]
+    clipped = fake_quantize(apply_clip(weight, bounds, group_size=32), bits=4, group_size=32, sym=False)
+    plain = fake_quantize(weight, bits=4, group_size=32, sym=False)
+    target = held_out @ weight.t()
+    assert (held_out @ clipped.t() - target).pow(2).mean() < (held_out @ plain.t() - target).pow(2).mean()
+
+
+def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
+    """v_proj -> o_proj is a scale group only when v_proj's outputs are o_proj's inputs (no GQA)."""
+    from tests.conftest import write_tiny_checkpoint
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.quantize import scale_groups
+
+    for kv_heads, expected in ((2, False), (4, True)):
+        directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
+        layer = load_model(directory, device="cpu", dtype="float32").model.model.layers[0]
+        groups = scale_groups(layer)
+        assert any(g.prev == "self_attn.v_proj" for g in groups) is expected
+        assert [g.prev for g in groups][-1] == "mlp.up_proj"
+
+
 def test_layer_without_calibration_falls_back_and_says_so():
     result = GPTQ(64).quantize(torch.randn(8, 64), bits=4, group_size=32, sym=True)
     assert result.fallback and "no calibration" in result.fallback
@@ -166,7 +250,7 @@ def _qwen2(*args: str, home) -> subprocess.CompletedProcess:
                           env={"QWEN2_HOME": str(home), "PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("method,bits,group", [("gptq", 4, "32"), ("rtn", 8, "-1")])
+@pytest.mark.parametrize("method,bits,group", [("gptq", 4, "32"), ("awq", 4, "32"), ("rtn", 8, "-1")])
 def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, group):
     from qwen2cli.generate import load_engine
     from qwen2cli.kv_cache import KVCache
@@ -178,6 +262,7 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     assert path.endswith(f":{method}-int{bits}")
     config = json.loads(open(f"{path}/config.json").read())
     assert config["quantization_config"]["bits"] == bits
+    assert config["quantization_config"]["quant_method"] == ("awq" if method == "awq" else "gptq")
     answer = _qwen2("run", path, "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
     assert answer.returncode == 0, answer.stderr
     original = load_engine(tiny_model, device="cpu", dtype="float32")

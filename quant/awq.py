@@ -1,0 +1,115 @@
+"""AWQ (Lin et al., 2023): scale the input channels that carry large activations up before rounding (and the
+operation feeding them down by the same factor, so the float function is unchanged), choosing the scales' strength
+by grid search on a module's output; then choose each group's clipping range by the layer's output error.
+
+Model-agnostic: the caller says which Linears share a scaling (a scale group), how to run the module whose output
+judges it, and what op before them absorbs 1/scale. Only torch is imported.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .rtn import dequantize, group_params, quantize
+
+
+def fake_quantize(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Round-to-nearest per group and back to float: what the quantized weight will compute."""
+    out_features, in_features = weight.shape
+    grouped = weight.float().reshape(-1, group_size)
+    scale, zero = group_params(grouped, bits=bits, sym=sym)
+    return dequantize(quantize(grouped, scale, zero, bits=bits), scale, zero).reshape(out_features, in_features)
+
+
+def candidate_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], ratio: float, *,
+                     group_size: int) -> torch.Tensor:
+    """AWQ's per-input-channel scales at one grid point: x_mean^r / w_mean^(1-r), normalised around 1.
+
+    w_mean is each input channel's mean magnitude relative to its group's largest, over all output rows.
+    """
+    stacked = torch.cat([w.float() for w in weights])  # (sum out, in)
+    grouped = stacked.abs().reshape(-1, group_size)
+    relative = (grouped / (grouped.amax(dim=1, keepdim=True) + 1e-6)).reshape(stacked.shape)
+    w_mean = relative.mean(0)
+    scales = (x_abs_mean.float().pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    scales[~torch.isfinite(scales)] = 1.0
+    return scales
+
+
+@dataclass
+class ScaleSearch:
+    scales: torch.Tensor  # (in,) the chosen scales (all ones when no scaling was best)
+    ratio: float | None  # the grid point chosen; None: no scaling
+    loss: float  # output MSE at the chosen scales
+    unscaled_loss: float  # output MSE with plain round-to-nearest, no scaling
+
+
+def search_scales(x_abs_mean: torch.Tensor, linears: Sequence[nn.Linear], run: Callable[[], torch.Tensor],
+                  reference: torch.Tensor, *, bits: int, group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
+    """Try no scaling and `grid` strengths; each time set every Linear's weight to Q(W * s) / s, call `run()` (the
+    inspected module on the search inputs) and compare with `reference`. Weights are restored before returning."""
+    originals = [linear.weight.detach().clone() for linear in linears]
+    reference = reference.float()
+    norm = reference.pow(2).mean().item() or 1.0
+    best: ScaleSearch | None = None
+    try:
+        for step in [None, *range(grid)]:
+            ratio = None if step is None else step / grid
+            if ratio is None:
+                scales = torch.ones_like(x_abs_mean, dtype=torch.float32)
+            else:
+                scales = candidate_scales(x_abs_mean, originals, ratio, group_size=group_size)
+            for linear, weight in zip(linears, originals):
+                scaled = fake_quantize(weight.float() * scales, bits=bits, group_size=group_size, sym=sym)
+                linear.weight.data.copy_((scaled / scales).to(weight.dtype))
+            loss = (run().float() - reference).pow(2).mean().item() / norm
+            if best is None:
+                best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
+            elif loss < best.loss:
+                best = ScaleSearch(scales=scales, ratio=ratio, loss=loss, unscaled_loss=best.unscaled_loss)
+    finally:
+        for linear, weight in zip(linears, originals):
+            linear.weight.data.copy_(weight)
+    assert best is not None
+    return best
+
+
+def search_clip(weight: torch.Tensor, inputs: torch.Tensor, *, bits: int, group_size: int, sym: bool,
+                grid: int = 20, max_shrink: float = 0.5, tokens: int = 512, rows_per_chunk: int = 128
+                ) -> torch.Tensor:
+    """Per (row, group) clipping bound |w| <= bound that minimises the group's contribution to the output error
+    on (a sample of) the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink."""
+    out_features, in_features = weight.shape
+    groups = in_features // group_size
+    x = inputs.reshape(-1, in_features).float()
+    if x.shape[0] > tokens:
+        x = x[torch.linspace(0, x.shape[0] - 1, tokens).long()]
+    x = x.reshape(-1, groups, group_size)  # (N, G, g)
+    bounds = []
+    for begin in range(0, out_features, rows_per_chunk):
+        w = weight[begin:begin + rows_per_chunk].float().reshape(-1, groups, group_size)  # (R, G, g)
+        reference = torch.einsum("ngk,rgk->nrg", x, w)  # each group's partial output
+        largest = w.abs().amax(dim=-1, keepdim=True)  # (R, G, 1)
+        best_bound = largest.clone()
+        best_error = torch.full_like(largest, float("inf"))
+        for step in range(int(max_shrink * grid)):
+            bound = largest * (1 - step / grid)
+            clipped = torch.maximum(torch.minimum(w, bound), -bound)
+            q = fake_quantize(clipped.reshape(-1, in_features), bits=bits, group_size=group_size, sym=sym)
+            error = (torch.einsum("ngk,rgk->nrg", x, q.reshape(w.shape)) - reference).pow(2).mean(0)[..., None]
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_bound = torch.where(better, bound, best_bound)
+        bounds.append(best_bound[..., 0])
+    return torch.cat(bounds)  # (out, groups)
+
+
+def apply_clip(weight: torch.Tensor, bounds: torch.Tensor, *, group_size: int) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    grouped = weight.float().reshape(out_features, -1, group_size)
+    limit = bounds[..., None]
+    return torch.maximum(torch.minimum(grouped, limit), -limit).reshape(out_features, in_features).to(weight.dtype)
