@@ -111,10 +111,15 @@ def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "defa
 
 
 def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-               attention: str = "default") -> LoadedModel:
-    """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context."""
+               attention: str = "default", load_in: str | None = None) -> LoadedModel:
+    """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context;
+    `load_in` ('8bit' or '4bit') quantizes an unquantized checkpoint's Linears as it loads."""
     model_dir = Path(model_dir)
+    if load_in not in (None, "8bit", "4bit"):
+        raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
     config = with_context(load_config(model_dir), ctx, attention=attention)
+    if load_in is not None and config.quantization_config is not None:
+        raise BadInput(f"{model_dir} is already quantized; --load-in is for unquantized checkpoints")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     files = weight_files(model_dir)
@@ -150,6 +155,10 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         from .quantized_load import finish_quantized_modules
 
         finish_quantized_modules(model)
+    if load_in is not None:
+        from .quantized_load import quantize_at_load
+
+        quantize_at_load(model, load_in, device=torch_device)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype)
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import BadInput, ModelNotFound, OutputClosed, report
-from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
+from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, LoadInOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
@@ -65,6 +65,7 @@ def run(
     ctx: CtxOpt = 4096,
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
+    load_in: LoadInOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -77,7 +78,7 @@ def run(
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
     result = answer_once(_resolve(model), text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
-                         attention=attention,
+                         attention=attention, load_in=load_in,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                                            max_tokens=max_tokens),
@@ -103,6 +104,7 @@ def chat(
     ctx: CtxOpt = 4096,
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
+    load_in: LoadInOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -115,7 +117,7 @@ def chat(
     if model is None and transcript is not None:
         model = transcript.get("model")
     engine = load_engine(_resolve(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
-                         attention=attention)
+                         attention=attention, load_in=load_in)
     params = _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     session = ChatSession(engine, params=params, ctx=ctx, system=system)
@@ -164,6 +166,7 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option("-p", "--prompt-tokens", help="Prompt length.")] = 512,
     new_tokens: Annotated[int, typer.Option("-n", "--new-tokens", help="Tokens to decode.")] = 128,
     json_output: JsonOpt = False,
+    load_in: LoadInOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -174,7 +177,7 @@ def bench(
     if prompt_tokens < 1 or new_tokens < 1:
         raise BadInput("-p and -n must be at least 1")
     result = as_dict(run_bench(_resolve(model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                               device=device, dtype=dtype))
+                               device=device, dtype=dtype, load_in=load_in))
     if json_output:
         print_json(result)
     else:
@@ -237,6 +240,7 @@ def perplexity_command(
     kv_cache: KvCacheOpt = "float",
     json_output: JsonOpt = False,
     device: DeviceOpt = "auto",
+    load_in: LoadInOpt = None,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Perplexity of a text file over non-overlapping windows of --ctx tokens."""
@@ -252,7 +256,7 @@ def perplexity_command(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
-    engine = load_engine(_resolve(model), device=device, dtype=dtype, kv_cache=kv_cache)
+    engine = load_engine(_resolve(model), device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})

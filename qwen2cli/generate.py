@@ -42,7 +42,7 @@ class Engine:
 
 
 def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-                kv_cache: str = "float", attention: str = "default") -> Engine:
+                kv_cache: str = "float", attention: str = "default", load_in: str | None = None) -> Engine:
     """Load model and tokenizer from a checkpoint directory and work out the stop ids."""
     if kv_cache not in ("float", "int8"):
         raise BadInput(f"unknown --kv-cache {kv_cache!r}: use float or int8")
@@ -51,7 +51,7 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
     started = time.perf_counter()
     load_config(Path(model_dir))  # a missing or foreign config.json is the first thing to report
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention)
+    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention, load_in=load_in)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.vocab_size)  # ids the tokenizer can produce

@@ -20,3 +20,4 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System promp
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV cache size).")]
 KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
 AttentionOpt = Annotated[str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")]
+LoadInOpt = Annotated[Optional[str], typer.Option("--load-in", help="8bit or 4bit: quantize an unquantized model as it loads.")]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .config import Qwen2Config
-from .errors import BadCheckpoint
+from .errors import BadCheckpoint, BadInput, MissingDependency
 
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
 
@@ -30,3 +30,58 @@ def finish_quantized_modules(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.post_load()
+
+
+LOAD_IN = ("8bit", "4bit")
+
+
+def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) -> str:
+    """`--load-in 8bit|4bit`: quantize an unquantized model's Linears as it loads (not the head, embeddings or
+    routers). CUDA: bitsandbytes (LLM.int8 / NF4). CPU: our round-to-nearest, int8 per channel or int4 in groups of
+    128 (asymmetric), on torch's packed CPU kernels. Returns what was used, for `info`."""
+    if load_in not in LOAD_IN:
+        raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
+    keep = lambda name: name.endswith(KEEP_FLOAT) or name.endswith(".mlp.gate")  # noqa: E731
+    if device.type == "cuda":
+        return _bitsandbytes(model, load_in, keep)
+    from quant.config import QuantConfig
+    from quant.linear import quantize_linear
+
+    for name, child in list(model.named_modules()):
+        for attribute, sub in list(child.named_children()):
+            qualified = f"{name}.{attribute}" if name else attribute
+            if not isinstance(sub, nn.Linear) or keep(qualified):
+                continue
+            if load_in == "8bit":
+                config = QuantConfig(method="rtn", bits=8, group_size=-1, sym=True)
+            else:
+                size = next((g for g in (128, 64, 32) if sub.in_features % g == 0), -1)
+                config = QuantConfig(method="rtn", bits=4, group_size=size, sym=False)
+            replacement = quantize_linear(sub, config).to(sub.weight.device)
+            replacement.post_load()
+            setattr(child, attribute, replacement)
+    return f"rtn-int{load_in[0]} (cpu kernels)"
+
+
+def _bitsandbytes(model: nn.Module, load_in: str, keep) -> str:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise MissingDependency("--load-in on CUDA needs bitsandbytes: pip install 'qwen2cli[cuda]'") from exc
+    for name, child in list(model.named_modules()):
+        for attribute, sub in list(child.named_children()):
+            qualified = f"{name}.{attribute}" if name else attribute
+            if not isinstance(sub, nn.Linear) or keep(qualified):
+                continue
+            if load_in == "8bit":
+                layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+                layer.weight = bnb.nn.Int8Params(sub.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                          compute_dtype=sub.weight.dtype, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(sub.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            if sub.bias is not None:
+                layer.bias = nn.Parameter(sub.bias.data, requires_grad=False)
+            setattr(child, attribute, layer.to(sub.weight.device))  # bitsandbytes quantizes on the move to CUDA
+    return f"bitsandbytes {'int8' if load_in == '8bit' else 'nf4'}"

@@ -291,3 +291,32 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     assert first.returncode == 0, first.stderr
     again = _qwen2("quantize", str(tmp_path / "q1"), "--out", str(tmp_path / "q2"), home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
+
+
+@pytest.mark.parametrize("load_in,bound,kernel", [("8bit", 0.02, "int8pack-cpu"), ("4bit", 0.25, "int4pack-cpu")])
+def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
+    """`--load-in` on CPU: every decoder Linear becomes a QuantLinear on a packed kernel; logits stay within the
+    same bounds as a quantized checkpoint of the same kind; the head and embeddings stay float."""
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.kv_cache import KVCache
+
+    original = load_model(tiny_model, device="cpu", dtype="float32")
+    quantized = load_model(tiny_model, device="cpu", dtype="float32", load_in=load_in)
+    layers = [m for m in quantized.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7 * quantized.config.num_hidden_layers and {m.kernel for m in layers} == {kernel}
+    assert isinstance(quantized.model.lm_head, torch.nn.Linear)
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = original.model(ids, KVCache(original.config, 32), 0)
+        got = quantized.model(ids, KVCache(quantized.config, 32), 0)
+    assert ((got - expected).norm() / expected.norm()).item() < bound
+
+
+def test_load_in_bad_input(tiny_model, tmp_path):
+    bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
+    assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr
+    quantized = _qwen2("quantize", str(tiny_model), "--method", "rtn", "--group-size", "32", "--out",
+                       str(tmp_path / "q"), home=tmp_path)
+    assert quantized.returncode == 0, quantized.stderr
+    again = _qwen2("run", str(tmp_path / "q"), "hi", "--load-in", "8bit", home=tmp_path)
+    assert again.returncode == 1 and "already quantized" in again.stderr
