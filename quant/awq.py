@@ -2,16 +2,15 @@
 operation feeding them down by the same factor, so the float function is unchanged), choosing the scales' strength
 by grid search on a module's output; then choose each group's clipping range by the layer's output error.
 
-Model-agnostic: the caller says which Linears share a scaling (a scale group), how to run the module whose output
-judges it, and what op before them absorbs 1/scale. Only torch is imported.
+Model-agnostic: the caller says which Linears share a scaling (a scale group) and what op before them absorbs
+1/scale, and gives their input statistics. Only torch is imported.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .rtn import dequantize, group_params, quantize
 
@@ -44,36 +43,36 @@ def candidate_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], 
 class ScaleSearch:
     scales: torch.Tensor  # (in,) the chosen scales (all ones when no scaling was best)
     ratio: float | None  # the grid point chosen; None: no scaling
-    loss: float  # output MSE at the chosen scales
-    unscaled_loss: float  # output MSE with plain round-to-nearest, no scaling
+    loss: float  # relative output error at the chosen scales
+    unscaled_loss: float  # relative output error with plain round-to-nearest, no scaling
 
 
-def search_scales(x_abs_mean: torch.Tensor, linears: Sequence[nn.Linear], run: Callable[[], torch.Tensor],
-                  reference: torch.Tensor, *, bits: int, group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
-    """Try no scaling and `grid` strengths; each time set every Linear's weight to Q(W * s) / s, call `run()` (the
-    inspected module on the search inputs) and compare with `reference`. Weights are restored before returning."""
-    originals = [linear.weight.detach().clone() for linear in linears]
-    reference = reference.float()
-    norm = reference.pow(2).mean().item() or 1.0
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
+    """sum over inputs x of |(W' - W) x|^2, from the inputs' Gram matrix G = sum x x^T: tr(dW G dW^T)."""
+    delta = approximation.float() - weight.float()
+    return float(((delta @ gram) * delta).sum())
+
+
+def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], gram: torch.Tensor, *, bits: int,
+                  group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
+    """AWQ's objective |Q(W diag(s)) diag(s)^-1 X - W X|^2 summed over the Linears of a scale group (which share
+    their input X), for no scaling and `grid` strengths; exact through the Gram matrix of X, so every calibration
+    token counts at the cost of one (out x in x in) product per candidate."""
+    gram = gram.float()
+    total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), gram) for w in weights) or 1.0
     best: ScaleSearch | None = None
-    try:
-        for step in [None, *range(grid)]:
-            ratio = None if step is None else step / grid
-            if ratio is None:
-                scales = torch.ones_like(x_abs_mean, dtype=torch.float32)
-            else:
-                scales = candidate_scales(x_abs_mean, originals, ratio, group_size=group_size)
-            for linear, weight in zip(linears, originals):
-                scaled = fake_quantize(weight.float() * scales, bits=bits, group_size=group_size, sym=sym)
-                linear.weight.data.copy_((scaled / scales).to(weight.dtype))
-            loss = (run().float() - reference).pow(2).mean().item() / norm
-            if best is None:
-                best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
-            elif loss < best.loss:
-                best = ScaleSearch(scales=scales, ratio=ratio, loss=loss, unscaled_loss=best.unscaled_loss)
-    finally:
-        for linear, weight in zip(linears, originals):
-            linear.weight.data.copy_(weight)
+    for step in [None, *range(grid)]:
+        ratio = None if step is None else step / grid
+        if ratio is None:
+            scales = torch.ones_like(x_abs_mean, dtype=torch.float32)
+        else:
+            scales = candidate_scales(x_abs_mean, weights, ratio, group_size=group_size)
+        loss = sum(output_error(w, fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym)
+                                / scales, gram) for w in weights) / total
+        if best is None:
+            best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
+        elif loss < best.loss:
+            best = ScaleSearch(scales=scales, ratio=ratio, loss=loss, unscaled_loss=best.unscaled_loss)
     assert best is not None
     return best
 

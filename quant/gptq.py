@@ -24,17 +24,18 @@ class GPTQ:
     """Accumulates H = 2/n sum x x^T over calibration inputs of one Linear, then quantizes its weight."""
 
     def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # sum of x x^T
         self.samples = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Add inputs (..., in_features) seen by the layer."""
         rows = inputs.reshape(-1, inputs.shape[-1]).float()
-        count = rows.shape[0]
-        self.hessian *= self.samples / (self.samples + count)
-        self.samples += count
-        rows = rows * (2 / self.samples) ** 0.5
-        self.hessian += rows.t() @ rows
+        self.samples += rows.shape[0]
+        self._sum.addmm_(rows.t(), rows)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._sum * (2 / max(self.samples, 1))
 
     def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
                  static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,

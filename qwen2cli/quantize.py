@@ -21,28 +21,40 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges
 
 
 def default_calibration_text() -> str:
-    """Real text every Python install carries: standard-library docstrings (prose) and source (code), plus the
-    same prose as ChatML turns. Python Software Foundation License; see README for provenance."""
+    """Real text every CPython install carries, under the Python Software Foundation License (see README):
+    the language reference's topics from pydoc_data (English prose with code examples), standard-library
+    docstrings (prose) and source (code), and some of that prose as ChatML question/answer turns."""
     import argparse, collections, csv, datetime, email, http.client, json as json_module, logging  # noqa: E401
     import pathlib, subprocess, textwrap, threading, unittest, urllib.request  # noqa: E401
 
     modules = (argparse, collections, csv, datetime, email, http.client, json_module, logging, pathlib, subprocess,
                textwrap, threading, unittest, urllib.request)
+    try:
+        from pydoc_data.topics import topics
+        reference = [text for _, text in sorted(topics.items())]
+    except ImportError:  # some distributions package pydoc_data separately
+        reference = []
     prose = [inspect.getdoc(m) or "" for m in modules]
     code = [inspect.getsource(m) for m in modules]
-    chat = [f"<|im_start|>user\nExplain this module.<|im_end|>\n<|im_start|>assistant\n{p}<|im_end|>\n" for p in prose]
-    return "\n\n".join(prose + code + chat)
+    chat = [f"<|im_start|>user\nWhat does the Python documentation say about {name.replace('-', ' ')}?<|im_end|>\n"
+            f"<|im_start|>assistant\n{text[:3000]}<|im_end|>\n"
+            for name, text in (sorted(topics.items())[::3] if reference else [])]
+    chat += [f"<|im_start|>user\nExplain this module.<|im_end|>\n<|im_start|>assistant\n{p}<|im_end|>\n"
+             for p in prose]
+    return "\n\n".join(reference + prose + code + chat)
 
 
 def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
-    """(samples, seq_len) token ids cut from the text; too little text is a clear error."""
+    """(samples, seq_len) token ids: windows spread evenly over the whole text (so a mixed text gives a mixed
+    set); too little text is a clear error."""
     ids = engine.tokenizer.encode(text)
     available = len(ids) // seq_len
     if available < min(samples, 8):
         raise BadInput(f"the calibration text is {len(ids)} tokens; at least {min(samples, 8) * seq_len} are needed "
                        f"({min(samples, 8)} samples of --seq-len {seq_len})")
+    windows = torch.tensor(ids[: available * seq_len]).reshape(available, seq_len)
     count = min(samples, available)
-    return torch.tensor(ids[: count * seq_len]).reshape(count, seq_len)
+    return windows[torch.linspace(0, available - 1, count).round().long()]
 
 
 def _quantizable(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -71,9 +83,15 @@ def _stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     return [stage for stage in [*stages, rest] if stage]
 
 
+class _Captured(Exception):
+    """Raised by a hook once the last input a stage needs has been seen: the rest of the layer need not run."""
+
+
 def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, rope, config,
-                quant_config) -> dict[str, nn.Module]:
-    """Collect the Hessians of these Linears over the calibration inputs, then GPTQ each of them."""
+                quant_config) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Collect the Hessians of these Linears over the calibration inputs, then GPTQ each of them. Returns the
+    packed QuantLinears, and float Linears holding the same dequantized weights for the later stages to run on
+    (the same function, without unpacking on every call)."""
     from quant.gptq import GPTQ
     from quant.linear import QuantLinear
 
@@ -86,22 +104,34 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
             readers[parent] = name
             collectors[name] = GPTQ(linear.in_features)
         collectors[name] = collectors[readers[parent]]
-    hooks = [linears[name].register_forward_hook(lambda m, args, out, n=name: collectors[n].add_batch(args[0]))
+    last = list(readers.values())[-1] if len(readers) == 1 else None  # one reader: stop the layer right there
+
+    def collect(name: str, inputs: torch.Tensor) -> None:
+        collectors[name].add_batch(inputs)
+        if name == last:
+            raise _Captured
+
+    hooks = [linears[name].register_forward_pre_hook(lambda m, args, n=name: collect(n, args[0]))
              for name in readers.values()]
     try:
-        _run_layer(layer, hidden, rope, config)
+        for begin in range(0, hidden.shape[0], 8):
+            try:
+                _run_layer(layer, hidden[begin:begin + 8], rope, config)
+            except _Captured:
+                pass
     finally:
         for hook in hooks:
             hook.remove()
-    replacements = {}
+    packed, simulated = {}, {}
     for name, linear in linears.items():
         result = collectors[name].quantize(linear.weight, bits=quant_config.bits, group_size=quant_config.group_size,
                                            sym=quant_config.sym, desc_act=quant_config.desc_act,
                                            static_groups=quant_config.static_groups,
                                            damp_percent=quant_config.damp_percent, mse=quant_config.mse)
-        replacements[name] = QuantLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx,
-                                                        linear.bias, quant_config)
-    return replacements
+        packed[name] = QuantLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx,
+                                                  linear.bias, quant_config)
+        simulated[name] = _stand_in(linear, packed[name])
+    return packed, simulated
 
 
 def _replace(layer: nn.Module, replacements: dict[str, nn.Module]) -> None:
@@ -112,12 +142,12 @@ def _replace(layer: nn.Module, replacements: dict[str, nn.Module]) -> None:
 
 @dataclass(frozen=True)
 class ScaleGroup:
-    """AWQ: Linears sharing one input-channel scaling, the op before them that absorbs 1/scale (an RMSNorm or a
-    Linear), and the module whose output judges the scaling (its input is what the Linears see)."""
+    """AWQ: Linears sharing one input-channel scaling and the op before them that absorbs 1/scale (an RMSNorm or
+    a Linear). `reads` names the module whose input is theirs."""
 
     prev: str
     linears: tuple[str, ...]
-    inspect: str
+    reads: str
 
 
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
@@ -135,53 +165,61 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     return groups
 
 
-def _call(module: nn.Module, x: torch.Tensor, rope, config) -> torch.Tensor:
-    """Run one piece of a decoder layer on captured inputs, a few samples at a time."""
-    from .model import Attention
+class _InputStats:
+    """Per module: sum of x x^T and of |x| over every calibration token, and a sample of inputs for clipping."""
 
-    if not isinstance(module, Attention):
-        return module(x)
-    outputs = []
-    for begin in range(0, x.shape[0], 8):
-        piece = x[begin:begin + 8]
-        cache = KVCache(config, piece.shape[1], batch_size=piece.shape[0], dtype=piece.dtype, device=piece.device)
-        outputs.append(module(piece, rope, cache, 0))
-    return torch.cat(outputs)
+    def __init__(self) -> None:
+        self.gram: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.sample: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, x: torch.Tensor, *, keep: bool) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in self.gram:
+            self.gram[name] = torch.zeros(flat.shape[1], flat.shape[1])
+            self.abs_sum[name] = torch.zeros(flat.shape[1])
+            self.count[name], self.sample[name] = 0, []
+        self.gram[name].addmm_(flat.t(), flat)
+        self.abs_sum[name] += flat.abs().sum(0)
+        self.count[name] += flat.shape[0]
+        if keep:
+            self.sample[name].append(flat)
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        return self.abs_sum[name] / self.count[name]
 
 
-def _capture(layer: nn.Module, names: list[str], hidden: torch.Tensor, rope, config, *, keep_samples: int
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Run the layer over every sample; per named module, the mean |input| per channel over all tokens, and the
-    inputs of the first `keep_samples` samples (MoE experts: only the tokens routed to them, flattened)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+def _capture(layer: nn.Module, names: list[str], hidden: torch.Tensor, rope, config, *, keep_samples: int,
+             gram: bool = True) -> _InputStats:
+    """Run the layer over every sample, gathering the inputs of the named modules (MoE experts: only the tokens
+    routed to them); the first `keep_samples` samples' inputs are kept."""
+    stats = _InputStats()
     keeping = [True]
 
-    def hook(module, args, name):
-        x = args[0].float()
-        flat = x.reshape(-1, x.shape[-1])
-        sums[name] = sums.get(name, 0) + flat.abs().sum(0)
-        counts[name] = counts.get(name, 0) + flat.shape[0]
-        if keeping[0]:
-            kept[name].append(x if x.dim() == 3 else flat)
+    def hook(name: str, x: torch.Tensor) -> None:
+        if gram:
+            stats.add(name, x, keep=keeping[0])
+        elif keeping[0]:
+            stats.sample.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float())
 
-    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: hook(m, a, n))
+    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: hook(n, a[0]))
                for name in names]
     try:
         for begin in range(0, hidden.shape[0], 8):
             keeping[0] = begin < keep_samples
-            _run_layer(layer, hidden[begin:begin + 8], rope, config)
+            if gram or keeping[0]:
+                _run_layer(layer, hidden[begin:begin + 8], rope, config)
     finally:
         for handle in handles:
             handle.remove()
-    means = {name: sums[name] / counts[name] for name in sums}
-    return means, {name: torch.cat(parts) for name, parts in kept.items() if parts}
+    return stats
 
 
-def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, search_samples: int
-               ) -> dict[str, nn.Module]:
-    """Scale each group, clip each Linear (but q/k, whose errors softmax amplifies), then round to nearest."""
+def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, clip_tokens: int = 512
+               ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Scale each group, clip each Linear (but q/k, whose errors softmax amplifies), then round to nearest.
+    Returns the packed QuantLinears and float stand-ins with the same dequantized weights."""
     from quant.awq import apply_clip, search_clip, search_scales
     from quant.linear import QuantLinear
     from quant.rtn import quantize_rtn
@@ -189,17 +227,13 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
     bits, group_size, sym = quant_config.bits, quant_config.group_size, quant_config.sym
     quantizable = _quantizable(layer)
     groups = scale_groups(layer)
-    means, inputs = _capture(layer, [g.inspect for g in groups], hidden, rope, config, keep_samples=search_samples)
+    stats = _capture(layer, [g.reads for g in groups], hidden, rope, config, keep_samples=0)
     for group in groups:
-        if group.inspect not in inputs:  # an expert no calibration token reached: leave it unscaled
+        if group.reads not in stats.gram:  # an expert no calibration token reached: leave it unscaled
             continue
-        module = layer.get_submodule(group.inspect)
-        x = inputs[group.inspect]
-        reference = _call(module, x, rope, config)
-        searched = search_scales(means[group.inspect], [quantizable[n] for n in group.linears if n in quantizable],
-                                 lambda: _call(module, x, rope, config), reference, bits=bits,
-                                 group_size=group_size, sym=sym)
-        scales = searched.scales
+        weights = [quantizable[n].weight for n in group.linears if n in quantizable]
+        scales = search_scales(stats.mean_abs(group.reads), weights, stats.gram[group.reads], bits=bits,
+                               group_size=group_size, sym=sym).scales
         prev = layer.get_submodule(group.prev)
         if isinstance(prev, nn.Linear):
             prev.weight.data.div_(scales[:, None].to(prev.weight.dtype))
@@ -210,22 +244,34 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
         for name in group.linears:
             linear = layer.get_submodule(name)
             linear.weight.data.mul_(scales[None, :].to(linear.weight.dtype))
-    _, linear_inputs = _capture(layer, list(quantizable), hidden, rope, config, keep_samples=search_samples)
-    replacements: dict[str, nn.Module] = {}
+    samples = max(1, -(-clip_tokens // hidden.shape[1]))
+    inputs = _capture(layer, list(quantizable), hidden, rope, config, keep_samples=samples, gram=False).sample
+    packed, simulated = {}, {}
     for name, linear in quantizable.items():
         weight = linear.weight.detach().float()
-        if name in linear_inputs and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
-            bounds = search_clip(weight, linear_inputs[name], bits=bits, group_size=group_size, sym=sym)
+        if name in inputs and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
+            bounds = search_clip(weight, torch.cat(inputs[name]), bits=bits, group_size=group_size, sym=sym,
+                                 tokens=clip_tokens)
             weight = apply_clip(weight, bounds, group_size=group_size)
         codes, scales, zeros = quantize_rtn(weight, bits=bits, group_size=group_size, sym=sym)
         g_idx = torch.arange(linear.in_features) // group_size
-        replacements[name] = QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, quant_config)
-    return replacements
+        packed[name] = QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, quant_config)
+        simulated[name] = _stand_in(linear, packed[name])
+    return packed, simulated
+
+
+def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
+    """A float Linear computing what `packed` computes, for running calibration data through the layer."""
+    stand_in = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    stand_in.weight.data = packed.dequantized_weight()
+    if linear.bias is not None:
+        stand_in.bias.data = packed.bias.float()
+    return stand_in
 
 
 def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
                    desc_act: bool, calibration: str | None, samples: int, seq_len: int,
-                   damp_percent: float = 0.01, mse: float = 0.0, search_samples: int = 8,
+                   damp_percent: float = 0.01, mse: float = 0.0,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from quant.config import QuantConfig
@@ -257,12 +303,18 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
             rope = model._rope_tables(0, seq_len, hidden.device)
         for index, layer in enumerate(model.model.layers):
             if method == "gptq":
+                packed: dict[str, nn.Module] = {}
                 for stage in _stages(_quantizable(layer)):  # each stage sees the stages before it quantized
-                    _replace(layer, _gptq_stage(layer, stage, hidden, rope, config, quant_config))
+                    stage_packed, simulated = _gptq_stage(layer, stage, hidden, rope, config, quant_config)
+                    _replace(layer, simulated)
+                    packed.update(stage_packed)
                 hidden = _run_layer(layer, hidden, rope, config)  # the next layer sees quantized outputs
+                _replace(layer, packed)
             elif method == "awq":
-                _replace(layer, _awq_layer(layer, hidden, rope, config, quant_config, search_samples=search_samples))
+                packed, simulated = _awq_layer(layer, hidden, rope, config, quant_config)
+                _replace(layer, simulated)
                 hidden = _run_layer(layer, hidden, rope, config)
+                _replace(layer, packed)
             else:
                 _replace(layer, {name: quantize_linear(linear, quant_config)
                                  for name, linear in _quantizable(layer).items()})

@@ -1,0 +1,168 @@
+"""Quantized speed against llama.cpp on the same weights, threads and prompt, in one run.
+
+  python benchmarks/vs_llamacpp.py [-p 512] [-n 128] [--repeats 3] [--threads 2]
+
+The first run builds llama-cpp-python from PyPI into its own virtual environment (~10 minutes; it compiles) under
+~/.cache/qwen2cli-dev/llamacpp-venv. llama.cpp keeps its CPU weight repacking; its AMX buffers crash with a
+-march=native build on these CPUs, so the build names the AVX-512 features and leaves AMX off.
+
+llama.cpp runs the real model's GGUF (Q4_K_M) and requantizations of it (Q4_0, Q8_0, with --allow-requantize).
+qwen2cli runs round-to-nearest int4 (group 128) and int8 (per channel) checkpoints of the same model, made from the
+float copy of that GGUF with `qwen2 quantize --method rtn` (speed does not depend on how the codes were chosen).
+Each system runs in its own subprocess, so peak RSS is its own. Prints tok/s, peak RSS and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path.home() / ".cache" / "qwen2cli-dev" / "llamacpp-venv"
+LLAMA_CPP_VERSION = "0.3.36"
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+              "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+              "-DGGML_AMX_BF16=OFF -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON")
+sys.path.insert(0, str(ROOT))
+
+
+def ensure_llamacpp() -> Path:
+    python = VENV / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        return python
+    print(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {VENV} (about 10 minutes)...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    subprocess.run([python, "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env,
+                   check=True)
+    return python
+
+
+def measure_llamacpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int) -> dict:
+    """Runs inside the llama.cpp venv: same filler prompt as `qwen2 bench`, greedy, timings from wall clock."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    load_s = time.perf_counter() - started
+    filler = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
+    ids = llm.tokenize((filler * (prompt_tokens // 16 + 2)).encode(), add_bos=False)[:prompt_tokens]
+
+    def run(count: int) -> float:
+        llm.reset()  # n_tokens = 0: the next eval overwrites the KV cache from position 0
+        began = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - began
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        decode_began = time.perf_counter()
+        for _ in range(count - 1):
+            llm.eval([token])
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+        return prefill, time.perf_counter() - decode_began
+
+    run(4)
+    runs = [run(new_tokens) for _ in range(repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"prefill_tok_s": prompt_tokens / prefill, "decode_tok_s": (new_tokens - 1) / decode, "load_s": load_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def requantize(python: Path, source: Path, target: Path, ftype: str) -> Path:
+    if target.exists():
+        return target
+    code = ("import llama_cpp, sys\n"
+            "params = llama_cpp.llama_model_quantize_default_params()\n"
+            f"params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{ftype}\n"
+            "params.allow_requantize = True\n"
+            "params.nthread = 2\n"
+            "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params) == 0\n")
+    partial = target.with_name(target.name + ".partial")
+    subprocess.run([python, "-c", code, str(source), str(partial)], check=True, capture_output=True)
+    partial.replace(target)
+    return target
+
+
+def measure_ours(model_dir: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    from qwen2cli.bench import as_dict, run_bench
+
+    runs = [as_dict(run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device="cpu"))
+            for _ in range(repeats)]
+    return {key: statistics.median(run[key] for run in runs) for key in
+            ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb")}
+
+
+def our_checkpoint(hf_dir: Path, work: Path, bits: int) -> Path:
+    out = work / f"qwen2cli-rtn-int{bits}"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "qwen2cli", "quantize", str(hf_dir), "--method", "rtn", "--bits",
+                        str(bits), "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", type=int, default=512)
+    parser.add_argument("-n", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "llamacpp":
+        print(json.dumps(measure_llamacpp(args.target, args.p, args.n, args.repeats, args.threads)))
+        return
+    if args.side == "ours":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure_ours(args.target, args.p, args.n, args.repeats)))
+        return
+    from tests.real_model import real_gguf, real_hf_dir
+
+    python = ensure_llamacpp()
+    gguf = real_gguf()
+    work = VENV.parent / "vs-llamacpp"
+    work.mkdir(parents=True, exist_ok=True)
+    systems = {
+        "llama.cpp Q4_K_M": ("llamacpp", gguf),
+        "llama.cpp Q4_0": ("llamacpp", requantize(python, gguf, work / "q4_0.gguf", "Q4_0")),
+        "llama.cpp Q8_0": ("llamacpp", requantize(python, gguf, work / "q8_0.gguf", "Q8_0")),
+        "qwen2cli int4 g128": ("ours", our_checkpoint(real_hf_dir(), work, 4)),
+        "qwen2cli int8": ("ours", our_checkpoint(real_hf_dir(), work, 8)),
+    }
+    results = {}
+    for name, (side, target) in systems.items():
+        runner = str(python) if side == "llamacpp" else sys.executable
+        done = subprocess.run([runner, __file__, "--side", side, "--target", str(target), "-p", str(args.p),
+                               "-n", str(args.n), "--repeats", str(args.repeats), "--threads", str(args.threads)],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"prompt {args.p}, new {args.n}, {args.threads} threads, median of {args.repeats}")
+    print(f"{'':22}{'prefill tok/s':>14}{'decode tok/s':>14}{'load s':>8}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        print(f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}")
+    fastest4 = max(("llama.cpp Q4_K_M", "llama.cpp Q4_0"), key=lambda k: results[k]["decode_tok_s"])
+    ours4, ours8 = results["qwen2cli int4 g128"], results["qwen2cli int8"]
+    ratios = {
+        f"int4 decode / {fastest4}": ours4["decode_tok_s"] / results[fastest4]["decode_tok_s"],
+        "int8 decode / Q8_0": ours8["decode_tok_s"] / results["llama.cpp Q8_0"]["decode_tok_s"],
+        "int4 prefill / Q4_K_M": ours4["prefill_tok_s"] / results["llama.cpp Q4_K_M"]["prefill_tok_s"],
+        "int4 peak RSS / Q4_K_M": ours4["peak_rss_mb"] / results["llama.cpp Q4_K_M"]["peak_rss_mb"],
+    }
+    for name, value in ratios.items():
+        print(f"{name:34}{value:6.2f}x")
+    print(json.dumps({"results": results, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
