@@ -1,0 +1,74 @@
+"""The real model quantized: int8 GPTQ, int4 GPTQ and int4 AWQ (group 128) checkpoints quantize, load and answer;
+perplexity on this machine's documentation against the float model.
+
+Calibration here is small (8 x 128 tokens of the default text) to keep CI's time; the bounds are what that gives,
+measured: int8 1.012x the float perplexity, int4 RTN 1.16x, GPTQ 1.33x, AWQ 1.24x. The issue's bar (int8 within
+1.01x; GPTQ/AWQ int4 recovering half of what RTN loses) is NOT met yet, with 32 x 512 calibration either (GPTQ
+9.24, AWQ 9.82, RTN 9.18, float 7.94), although every layer's own output error is below RTN's: see the closing note
+of session 2. These tests hold the line against breakage, not that bar."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen2cli.generate import load_engine
+from qwen2cli.perplexity import perplexity
+from tests.corpus import documentation_text
+
+pytestmark = pytest.mark.real
+CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration text, few tokens for CI's time
+INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
+
+
+def quantize(model_dir: Path, out: Path, *args: str) -> Path:
+    done = subprocess.run([sys.executable, "-m", "qwen2cli", "quantize", str(model_dir), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def quantized(real_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    return {
+        "fp": real_model_dir,
+        "rtn4": quantize(real_model_dir, root / "rtn4", "--method", "rtn", *INT4),
+        "gptq4": quantize(real_model_dir, root / "gptq4", "--method", "gptq", "--desc-act", *INT4, *CALIBRATION),
+        "awq4": quantize(real_model_dir, root / "awq4", "--method", "awq", *INT4, *CALIBRATION),
+        "gptq8": quantize(real_model_dir, root / "gptq8", "--method", "gptq", "--bits", "8", *CALIBRATION),
+    }
+
+
+@pytest.fixture(scope="module")
+def ppl(quantized):
+    text = documentation_text()
+    return {name: perplexity(load_engine(path, device="cpu", dtype="float32"), text, ctx=512).ppl
+            for name, path in quantized.items()}
+
+
+def test_formats_on_disk(quantized):
+    for name, method in (("gptq4", "gptq"), ("awq4", "awq"), ("gptq8", "gptq")):
+        config = json.loads((quantized[name] / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == method and config["bits"] == int(name[-1])
+
+
+def test_int8_within_two_percent(ppl):
+    assert ppl["fp"] < ppl["gptq8"] <= 1.02 * ppl["fp"], ppl
+
+
+@pytest.mark.parametrize("method", ["rtn4", "gptq4", "awq4"])
+def test_int4_perplexity_bounded(ppl, method):
+    assert ppl["fp"] < ppl[method] <= 1.45 * ppl["fp"], ppl
+
+
+def test_quantized_checkpoints_answer(quantized):
+    for name in ("gptq4", "awq4", "gptq8"):
+        done = subprocess.run([sys.executable, "-m", "qwen2cli", "run", str(quantized[name]), "--temperature", "0",
+                               "--max-tokens", "12", "What is the capital of France? One word."],
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert "Paris" in done.stdout, (name, done.stdout)
