@@ -215,15 +215,16 @@ def quantize(
     engine = load_engine(model_dir, device=device, dtype="float32")
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:
-        if out:
-            path = quantize_model(engine, Path(out), method=method, bits=bits, group_size=group, sym=sym,
+        def run_quantize(target: Path) -> Path:
+            return quantize_model(engine, target, method=method, bits=bits, group_size=group, sym=sym,
                                   desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
                                   progress=bars.update)
+
+        if out:
+            path = run_quantize(Path(out))
         else:
             with store.install_lock(name), store.staging(name) as staged:
-                quantize_model(engine, staged / "model", method=method, bits=bits, group_size=group, sym=sym,
-                               desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
-                               progress=bars.update)
+                run_quantize(staged / "model")
                 for item in (staged / "model").iterdir():
                     item.replace(staged / item.name)
                 (staged / "model").rmdir()

@@ -47,19 +47,15 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
     from quant.config import QuantConfig
     from quant.linear import quantize_linear
 
-    for name, child in list(model.named_modules()):
-        for attribute, sub in list(child.named_children()):
-            qualified = f"{name}.{attribute}" if name else attribute
-            if not isinstance(sub, nn.Linear) or keep(qualified):
-                continue
-            if load_in == "8bit":
-                config = QuantConfig(method="rtn", bits=8, group_size=-1, sym=True)
-            else:
-                size = next((g for g in (128, 64, 32) if sub.in_features % g == 0), -1)
-                config = QuantConfig(method="rtn", bits=4, group_size=size, sym=False)
-            replacement = quantize_linear(sub, config).to(sub.weight.device)
-            replacement.post_load()
-            setattr(child, attribute, replacement)
+    for child, attribute, sub in _float_linears(model, keep):
+        if load_in == "8bit":
+            config = QuantConfig(method="rtn", bits=8, group_size=-1, sym=True)
+        else:
+            size = next((g for g in (128, 64, 32) if sub.in_features % g == 0), -1)
+            config = QuantConfig(method="rtn", bits=4, group_size=size, sym=False)
+        replacement = quantize_linear(sub, config).to(sub.weight.device)
+        replacement.post_load()
+        setattr(child, attribute, replacement)
     return f"rtn-int{load_in[0]} (cpu kernels)"
 
 
@@ -68,20 +64,27 @@ def _bitsandbytes(model: nn.Module, load_in: str, keep) -> str:
         import bitsandbytes as bnb
     except ImportError as exc:
         raise MissingDependency("--load-in on CUDA needs bitsandbytes: pip install 'qwen2cli[cuda]'") from exc
-    for name, child in list(model.named_modules()):
-        for attribute, sub in list(child.named_children()):
-            qualified = f"{name}.{attribute}" if name else attribute
-            if not isinstance(sub, nn.Linear) or keep(qualified):
-                continue
-            if load_in == "8bit":
-                layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(sub.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                          compute_dtype=sub.weight.dtype, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(sub.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-            if sub.bias is not None:
-                layer.bias = nn.Parameter(sub.bias.data, requires_grad=False)
-            setattr(child, attribute, layer.to(sub.weight.device))  # bitsandbytes quantizes on the move to CUDA
+    for child, attribute, sub in _float_linears(model, keep):
+        if load_in == "8bit":
+            layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(sub.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                      compute_dtype=sub.weight.dtype, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(sub.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if sub.bias is not None:
+            layer.bias = nn.Parameter(sub.bias.data, requires_grad=False)
+        setattr(child, attribute, layer.to(sub.weight.device))  # bitsandbytes quantizes on the move to CUDA
     return f"bitsandbytes {'int8' if load_in == '8bit' else 'nf4'}"
+
+
+def _float_linears(model: nn.Module, keep) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, Linear) for every nn.Linear whose qualified name `keep` does not claim."""
+    found = []
+    for name, child in model.named_modules():
+        for attribute, sub in child.named_children():
+            qualified = f"{name}.{attribute}" if name else attribute
+            if isinstance(sub, nn.Linear) and not keep(qualified):
+                found.append((child, attribute, sub))
+    return found
