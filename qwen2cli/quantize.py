@@ -14,7 +14,7 @@ from torch import nn
 from .errors import BadCheckpoint, BadInput
 from .generate import Engine
 from .kv_cache import KVCache
-from .quantized_load import KEEP_FLOAT
+from .quantized_load import keeps_float
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
                 "generation_config.json", "LICENSE")
@@ -59,7 +59,7 @@ def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int
 
 def _quantizable(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT) and not name.endswith("mlp.gate")}
+            if isinstance(module, nn.Linear) and not keeps_float(name)}
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, *, batch: int = 8) -> torch.Tensor:

@@ -10,6 +10,11 @@ from .errors import BadCheckpoint, BadInput, MissingDependency
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
 
 
+def keeps_float(name: str) -> bool:
+    """Whether the Linear at this qualified name stays unquantized: the head, embeddings and MoE routers/gates."""
+    return name.endswith(KEEP_FLOAT)
+
+
 def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torch.dtype) -> None:
     """Replace every quantized Linear (all but the head, embeddings and routers) with the checkpoint's QuantLinear."""
     from quant.config import QuantConfig
@@ -20,7 +25,7 @@ def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torc
     except ValueError as exc:
         raise BadCheckpoint(f"unsupported quantization_config: {exc}") from exc
     replace_linears(model, quant_config, dtype=dtype,
-                    skip=lambda name: name.endswith(KEEP_FLOAT) or name.endswith(".mlp.gate"))
+                    skip=keeps_float)
 
 
 def finish_quantized_modules(model: nn.Module) -> None:
@@ -41,13 +46,12 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
     128 (asymmetric), on torch's packed CPU kernels. Returns what was used, for `info`."""
     if load_in not in LOAD_IN:
         raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
-    keep = lambda name: name.endswith(KEEP_FLOAT) or name.endswith(".mlp.gate")  # noqa: E731
     if device.type == "cuda":
-        return _bitsandbytes(model, load_in, keep)
+        return _bitsandbytes(model, load_in, keeps_float)
     from quant.config import QuantConfig
     from quant.linear import quantize_linear
 
-    for child, attribute, sub in _float_linears(model, keep):
+    for child, attribute, sub in _float_linears(model, keeps_float):
         if load_in == "8bit":
             config = QuantConfig(method="rtn", bits=8, group_size=-1, sym=True)
         else:
