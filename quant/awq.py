@@ -47,19 +47,25 @@ class ScaleSearch:
     unscaled_loss: float  # relative output error with plain round-to-nearest, no scaling
 
 
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
-    """sum over inputs x of |(W' - W) x|^2, from the inputs' Gram matrix G = sum x x^T: tr(dW G dW^T)."""
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, *, gram: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> float:
+    """sum over inputs x of |(W' - W) x|^2: from the inputs themselves (`rows`, N x in), or from their Gram matrix
+    G = sum x x^T as tr(dW G dW^T), whichever is cheaper (rows when N < in)."""
     delta = approximation.float() - weight.float()
-    return float(((delta @ gram) * delta).sum())
+    if rows is not None:
+        return float((rows.float() @ delta.t()).pow(2).sum())
+    assert gram is not None, "output_error needs the inputs or their Gram matrix"
+    return float(((delta @ gram.float()) * delta).sum())
 
 
-def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], gram: torch.Tensor, *, bits: int,
-                  group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
+def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, gram: torch.Tensor | None = None,
+                  rows: torch.Tensor | None = None, bits: int, group_size: int, sym: bool, grid: int = 20
+                  ) -> ScaleSearch:
     """AWQ's objective |Q(W diag(s)) diag(s)^-1 X - W X|^2 summed over the Linears of a scale group (which share
-    their input X), for no scaling and `grid` strengths; exact through the Gram matrix of X, so every calibration
-    token counts at the cost of one (out x in x in) product per candidate."""
-    gram = gram.float()
-    total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), gram) for w in weights) or 1.0
+    their input X), for no scaling and `grid` strengths; exact over every calibration token, through X itself
+    (`rows`) or its Gram matrix (`gram`), at one (out x in x min(N, in)) product per candidate."""
+    inputs = {"gram": gram.float()} if rows is None else {"rows": rows.float()}
+    total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), **inputs) for w in weights) or 1.0
     best: ScaleSearch | None = None
     for step in [None, *range(grid)]:
         ratio = None if step is None else step / grid
@@ -68,7 +74,7 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], gra
         else:
             scales = candidate_scales(x_abs_mean, weights, ratio, group_size=group_size)
         loss = sum(output_error(w, fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym)
-                                / scales, gram) for w in weights) / total
+                                / scales, **inputs) for w in weights) / total
         if best is None:
             best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
         elif loss < best.loss:

@@ -166,25 +166,40 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
 
 
 class _InputStats:
-    """Per module: sum of x x^T and of |x| over every calibration token, and a sample of inputs for clipping."""
+    """Per module: the inputs themselves while there are fewer tokens than input channels, then the sum of x x^T
+    (cheaper from there on); the sum of |x| over every calibration token; a sample of inputs for clipping."""
 
     def __init__(self) -> None:
         self.gram: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.sample: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, x: torch.Tensor, *, keep: bool) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        if name not in self.gram:
-            self.gram[name] = torch.zeros(flat.shape[1], flat.shape[1])
+        if name not in self.abs_sum:
+            self.rows[name], self.sample[name] = [], []
             self.abs_sum[name] = torch.zeros(flat.shape[1])
-            self.count[name], self.sample[name] = 0, []
-        self.gram[name].addmm_(flat.t(), flat)
+            self.count[name] = 0
         self.abs_sum[name] += flat.abs().sum(0)
         self.count[name] += flat.shape[0]
+        if name in self.gram:
+            self.gram[name].addmm_(flat.t(), flat)
+        else:
+            self.rows[name].append(flat)
+            if self.count[name] > flat.shape[1]:
+                rows = torch.cat(self.rows.pop(name))
+                self.gram[name] = rows.t() @ rows
         if keep:
             self.sample[name].append(flat)
+
+    def seen(self, name: str) -> bool:
+        return name in self.abs_sum
+
+    def inputs(self, name: str) -> dict[str, torch.Tensor]:
+        """What `quant.awq.search_scales` measures output error with: `rows=` or `gram=`."""
+        return {"gram": self.gram[name]} if name in self.gram else {"rows": torch.cat(self.rows[name])}
 
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]
@@ -229,10 +244,10 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
     groups = scale_groups(layer)
     stats = _capture(layer, [g.reads for g in groups], hidden, rope, config, keep_samples=0)
     for group in groups:
-        if group.reads not in stats.gram:  # an expert no calibration token reached: leave it unscaled
+        if not stats.seen(group.reads):  # an expert no calibration token reached: leave it unscaled
             continue
         weights = [quantizable[n].weight for n in group.linears if n in quantizable]
-        scales = search_scales(stats.mean_abs(group.reads), weights, stats.gram[group.reads], bits=bits,
+        scales = search_scales(stats.mean_abs(group.reads), weights, **stats.inputs(group.reads), bits=bits,
                                group_size=group_size, sym=sym).scales
         prev = layer.get_submodule(group.prev)
         if isinstance(prev, nn.Linear):

@@ -169,7 +169,7 @@ def test_awq_scales_beat_rtn_with_activation_outliers_and_never_lose():
     torch.manual_seed(3)
     x, held_out = _outlier_inputs(), _outlier_inputs()
     weight = torch.randn(96, 128) * 0.1
-    searched = search_scales(x.abs().mean(0), [weight], x.t() @ x, bits=4, group_size=32, sym=False)
+    searched = search_scales(x.abs().mean(0), [weight], gram=x.t() @ x, bits=4, group_size=32, sym=False)
     assert searched.loss <= searched.unscaled_loss and searched.ratio is not None
 
     def error(scales):  # the scaled layer, quantized, measured directly on inputs the search never saw
@@ -181,6 +181,9 @@ def test_awq_scales_beat_rtn_with_activation_outliers_and_never_lose():
     quantized = fake_quantize(weight * searched.scales, bits=4, group_size=32, sym=False) / searched.scales
     direct = (x @ quantized.t() - x @ weight.t()).pow(2).sum() / (x @ weight.t()).pow(2).sum()
     assert abs(direct.item() - searched.loss) < 1e-3 * searched.loss
+    # measured from the inputs themselves (what few calibration tokens use), the search picks the same scales
+    from_rows = search_scales(x.abs().mean(0), [weight], rows=x, bits=4, group_size=32, sym=False)
+    assert from_rows.ratio == searched.ratio and abs(from_rows.loss - searched.loss) < 1e-3 * searched.loss
 
 
 def test_awq_keeps_no_scaling_when_activations_are_flat():
@@ -189,7 +192,7 @@ def test_awq_keeps_no_scaling_when_activations_are_flat():
     torch.manual_seed(4)
     x = torch.randn(1024, 64)
     weights = [torch.randn(32, 64), torch.randn(16, 64)]
-    searched = search_scales(x.abs().mean(0), weights, x.t() @ x, bits=4, group_size=32, sym=True)
+    searched = search_scales(x.abs().mean(0), weights, rows=x, bits=4, group_size=32, sym=True)
     assert searched.loss <= searched.unscaled_loss
 
 
