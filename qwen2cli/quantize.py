@@ -123,14 +123,24 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
         for hook in hooks:
             hook.remove()
     packed, simulated = {}, {}
-    for name, linear in linears.items():
-        result = collectors[name].quantize(linear.weight, bits=quant_config.bits, group_size=quant_config.group_size,
-                                           sym=quant_config.sym, desc_act=quant_config.desc_act,
-                                           static_groups=quant_config.static_groups,
-                                           damp_percent=quant_config.damp_percent, mse=quant_config.mse)
-        packed[name] = QuantLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx,
-                                                  linear.bias, quant_config)
-        simulated[name] = _stand_in(linear, packed[name])
+    for reader in readers.values():
+        # GPTQ treats output rows independently given H: the Linears sharing a Hessian are quantized as one
+        # stacked weight, one inverse and one pass over the columns instead of one each
+        names = [name for name in linears if collectors[name] is collectors[reader]]
+        stacked = torch.cat([linears[name].weight.detach() for name in names])
+        result = collectors[reader].quantize(stacked, bits=quant_config.bits, group_size=quant_config.group_size,
+                                             sym=quant_config.sym, desc_act=quant_config.desc_act,
+                                             static_groups=quant_config.static_groups,
+                                             damp_percent=quant_config.damp_percent, mse=quant_config.mse)
+        begin = 0
+        for name in names:
+            linear = linears[name]
+            end = begin + linear.out_features
+            packed[name] = QuantLinear.from_quantized(result.codes[begin:end], result.scales[:, begin:end],
+                                                      result.zeros[:, begin:end], result.g_idx.clone(), linear.bias,
+                                                      quant_config)
+            simulated[name] = _stand_in(linear, packed[name])
+            begin = end
     return packed, simulated
 
 
