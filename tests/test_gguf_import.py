@@ -83,14 +83,14 @@ def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
 
     gguf_path = real_gguf()
     target = import_gguf(gguf_path, tmp_path / "real")
-    # the reference: transformers' own reading of the same GGUF (gguf_file=...), which real_hf_dir() saved once
-    # (reading it again from the GGUF here took three minutes of CI's time)
-    reference_dir = real_hf_dir()
-    reference_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    reference_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     ours = Qwen2Tokenizer.from_dir(target)
     for document in build_corpus():
         assert ours.encode(document) == reference_tokenizer(document, add_special_tokens=False).input_ids
-    reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    # the reference model: transformers' own reading of the same GGUF (gguf_file=...), which real_hf_dir() saved
+    # once (dequantizing the GGUF again here took minutes of CI's time). Its tokenizer is built from the GGUF
+    # above, not read back from that copy: the saved tokenizer.json does not encode every text the same way.
+    reference = AutoModelForCausalLM.from_pretrained(real_hf_dir(), dtype=torch.float32).eval()
     engine = load_engine(target, device="cpu", dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
     for prompt in ["def quicksort(items):", "The capital of Australia is", "用Python写一个快速排序："]:
