@@ -26,21 +26,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path.home() / ".cache" / "qwen2cli-dev" / "llamacpp-venv"
 LLAMA_CPP_VERSION = "0.3.36"
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
-              "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-              "-DGGML_AMX_BF16=OFF -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON")
+
+
+def cmake_args() -> str:
+    """The build's instruction sets from this CPU's flags (an AVX-512 build dies with SIGILL on an AVX2-only
+    machine, such as some of the AMD EPYC hosts this runs on); AMX stays off, weight repacking on."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    if "avx512f" in flags:
+        args.append("-DGGML_AVX512=ON")
+        args += [f"-DGGML_AVX512_{name}=ON" for name, flag in (("VNNI", "avx512_vnni"), ("BF16", "avx512_bf16"))
+                 if flag in flags]
+    args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_CPU_REPACK=ON",
+             "-DGGML_OPENMP=ON"]
+    return " ".join(args)
+
+
 sys.path.insert(0, str(ROOT))
 
 
 def ensure_llamacpp() -> Path:
     python = VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+    marker = VENV / "cmake-args.txt"  # a venv built for another CPU's instruction sets is rebuilt
+    if (python.exists() and marker.exists() and marker.read_text() == cmake_args()
+            and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0):
         return python
     print(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {VENV} (about 10 minutes)...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    subprocess.run([python, "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env,
+    env = {**os.environ, "CMAKE_ARGS": cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    subprocess.run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-cache-dir",
+                    f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env,
                    check=True)
+    marker.write_text(cmake_args())
     return python
 
 
