@@ -70,8 +70,11 @@ def measure_llamacpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: in
     import llama_cpp
 
     started = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_tokens + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    # n_batch covers the whole context: llama-cpp-python keeps last-token logits in an (n_batch, vocab) array
+    # indexed by position, so a smaller n_batch overflows once decoding passes it
+    n_ctx = prompt_tokens + new_tokens + 8
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx,
+                          verbose=False)
     load_s = time.perf_counter() - started
     filler = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
     ids = llm.tokenize((filler * (prompt_tokens // 16 + 2)).encode(), add_bos=False)[:prompt_tokens]
