@@ -203,7 +203,8 @@ def quantize(
     """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
     from .console import ProgressBars, write_answer
     from .generate import load_engine
-    from .quantize import quantize_model, read_calibration
+    from .calibration import read_calibration
+    from .quantize import quantize_model
     from . import store
 
     if method not in ("gptq", "rtn", "awq"):
