@@ -1,4 +1,4 @@
-"""Quantize a checkpoint layer by layer (GPTQ or RTN) and write it in the standard GPTQ checkpoint format."""
+"""Quantize a checkpoint layer by layer (GPTQ, AWQ or RTN) into the standard GPTQ or AWQ checkpoint format."""
 from __future__ import annotations
 
 import json
