@@ -52,16 +52,17 @@ sys.path.insert(0, str(ROOT))
 def ensure_llamacpp() -> Path:
     python = VENV / "bin" / "python"
     marker = VENV / "cmake-args.txt"  # a venv built for another CPU's instruction sets is rebuilt
-    if (python.exists() and marker.exists() and marker.read_text() == cmake_args()
+    build_args = cmake_args()
+    if (python.exists() and marker.exists() and marker.read_text() == build_args
             and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0):
         return python
     print(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {VENV} (about 10 minutes)...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    env = {**os.environ, "CMAKE_ARGS": cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    env = {**os.environ, "CMAKE_ARGS": build_args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     subprocess.run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-cache-dir",
                     f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env,
                    check=True)
-    marker.write_text(cmake_args())
+    marker.write_text(build_args)
     return python
 
 

@@ -47,11 +47,10 @@ def ppl(real_model_dir, quantized):
     """Perplexity on ~2,500 tokens (5 windows of 512) of documentation: the float model, round-to-nearest int4
     g128 (what `--load-in 4bit` does: the same codes `quantize --method rtn` writes) and each checkpoint."""
     text = documentation_text(12_000)
-    engines = {"fp": lambda: load_engine(real_model_dir, device="cpu", dtype="float32"),
-               "rtn4": lambda: load_engine(real_model_dir, device="cpu", dtype="float32", load_in="4bit"),
-               **{name: (lambda path=path: load_engine(path, device="cpu", dtype="float32"))
-                  for name, path in quantized.items()}}
-    return {name: perplexity(make(), text, ctx=512).ppl for name, make in engines.items()}
+    sources = {"fp": (real_model_dir, None), "rtn4": (real_model_dir, "4bit"),
+               **{name: (path, None) for name, path in quantized.items()}}
+    return {name: perplexity(load_engine(path, device="cpu", dtype="float32", load_in=load_in), text, ctx=512).ppl
+            for name, (path, load_in) in sources.items()}
 
 
 def test_formats_on_disk(quantized):
