@@ -8,10 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, pack_rows, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# From this many rows (prompt tokens) on, the CPU kernels' per-row cost exceeds unpacking the weight to float32
+# once and using an ordinary GEMM (measured on a 2-core AVX2 host, 4864x896 at 512 rows: int4 kernel 69 ms,
+# unpack 8 ms + float32 GEMM 28 ms; the int4 kernel wins below ~110 rows, and at one row by 20x)
+DEQUANT_MIN_ROWS = 128
+_NIBBLE_SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
 
 class QuantLinear(nn.Module):
@@ -80,14 +85,21 @@ class QuantLinear(nn.Module):
         if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
+            sorted_codes = codes[:, order].to(torch.int32)
+            uses_qweight = self.config.layout == "gptq" and not permuted and self._version == 1
             self._fast = {
-                "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[:, order].to(torch.int32), 2),
+                "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(sorted_codes, 2),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
+                # for long inputs: codes packed 8 per int32 along the input (GPTQ's own qweight when it is in
+                # order already, so no copy), and w = code * scale + (-scale * zero) per group in float32
+                "rows": self.qweight if uses_qweight else pack_rows(sorted_codes.t().contiguous(), 4),
+                "scales": scales[:, None, :].contiguous(),
+                "shifts": (-scales * zeros.float())[:, None, :].contiguous(),
             }
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
             self._fast = {"weight": (codes[:, order] - zeros[0][:, None]).to(torch.int8).contiguous(),
-                          "scales": scales[0].to(torch.bfloat16)}
+                          "scales": scales[0].to(torch.bfloat16), "scales32": scales[0]}
             self.kernel = "int8pack-cpu"
         elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok:  # untested here: no GPU in CI
             offsets = scales * (8 - zeros.float())
@@ -104,20 +116,35 @@ class QuantLinear(nn.Module):
         if self.kernel == "reference":
             return self.forward_reference(x)
         shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # these kernels want bfloat16 activations
+        flat = x.reshape(-1, self.in_features)
         if "order" in self._fast:
             flat = flat[:, self._fast["order"]]
-        if self.kernel == "int8pack-cpu":
-            out = torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
-        elif self.kernel == "int4pack-cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._fast["packed"], self.group_size,
-                                                             self._fast["scales_and_zeros"])
+        if self.kernel in ("int4pack-cpu", "int8pack-cpu") and flat.shape[0] >= DEQUANT_MIN_ROWS:
+            out = self._unpacked_matmul(flat.float())
         else:
-            out = torch.ops.aten._weight_int4pack_mm(flat, self._fast["packed"], self.group_size,
-                                                     self._fast["scales_and_zeros"])
+            out = self._kernel_matmul(flat.to(torch.bfloat16))  # these kernels want bfloat16 activations
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _unpacked_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """float32 x @ W^T through the weight unpacked to float32 for this call only (held for one matmul)."""
+        if self.kernel == "int8pack-cpu":
+            return (flat @ self._fast["weight"].t().float()) * self._fast["scales32"]
+        rows = self._fast["rows"]  # (in/8, out)
+        groups = self.in_features // self.group_size
+        codes = ((rows.unsqueeze(1) >> _NIBBLE_SHIFTS.view(1, 8, 1)) & 15).view(groups, self.group_size, -1)
+        weight_t = torch.addcmul(self._fast["shifts"], codes.float(), self._fast["scales"])
+        return flat @ weight_t.view(self.in_features, self.out_features)
+
+    def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8pack-cpu":
+            return torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
+        if self.kernel == "int4pack-cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._fast["packed"], self.group_size,
+                                                              self._fast["scales_and_zeros"])
+        return torch.ops.aten._weight_int4pack_mm(flat, self._fast["packed"], self.group_size,
+                                                  self._fast["scales_and_zeros"])
 
     # -- building -----------------------------------------------------------------------------------------------
     @classmethod

@@ -13,7 +13,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
-def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """(rows, cols) small ints -> (rows*bits/32, cols) int32, consecutive rows in rising bit positions."""
     per = 32 // bits
     rows, cols = values.shape
@@ -33,11 +33,11 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, *, bits: int, version: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (out, in) and zeros (groups, out) -> qweight [in*bits/32, out], qzeros [groups, out*bits/32]."""
-    qweight = _pack_rows(codes.t().contiguous(), bits)
+    qweight = pack_rows(codes.t().contiguous(), bits)
     if version == 1 and bool((zeros < 1).any()):
         raise ValueError("GPTQ v1 cannot store a zero point of 0 (it stores zero - 1); quantize with zeros >= 1")
     stored = zeros.to(torch.int64) - (1 if version == 1 else 0)
-    qzeros = _pack_rows(stored.t().contiguous(), bits).t().contiguous()
+    qzeros = pack_rows(stored.t().contiguous(), bits).t().contiguous()
     return qweight, qzeros
 
 
@@ -68,7 +68,7 @@ def pack_awq(codes: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
     """codes (out, in), zeros (groups, out) -> qweight [in, out/8], qzeros [groups, out/8] (4-bit)."""
     def pack(values: torch.Tensor) -> torch.Tensor:  # (rows, out) -> (rows, out/8)
         ordered = _awq_columns(values, AWQ_ORDER)
-        return _pack_rows(ordered.t().contiguous(), 4).t().contiguous()
+        return pack_rows(ordered.t().contiguous(), 4).t().contiguous()
 
     return pack(codes.t().contiguous()), pack(zeros)
 

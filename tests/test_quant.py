@@ -11,7 +11,7 @@ import torch
 
 from quant.config import QuantConfig
 from quant.gptq import GPTQ
-from quant.linear import QuantLinear, quantize_linear
+from quant.linear import DEQUANT_MIN_ROWS, QuantLinear, quantize_linear
 from quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from quant.rtn import quantize_rtn
 
@@ -117,12 +117,17 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order):
         layer = quantize_linear(linear, config)
     x = torch.randn(7, in_features)
     reference = layer.forward_reference(x)
+    long_x = torch.randn(DEQUANT_MIN_ROWS + 3, in_features)  # long inputs take the unpack-then-GEMM path
+    long_reference = layer.forward_reference(long_x)
     layer.post_load()
     fast = "int8pack-cpu" if bits == 8 else "int4pack-cpu"
     slow = (bits == 8 and group != -1) or (bits == 4 and out_features % 16)  # no fast kernel for these shapes
     expected_kernel = "reference" if slow else fast
     assert layer.kernel == expected_kernel
     torch.testing.assert_close(layer(x), reference, atol=0.05 * reference.abs().max().item(), rtol=0.02)
+    # float32 throughout, no bfloat16 activations: as close as the order of summation allows
+    torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
+                               rtol=1e-4)
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
