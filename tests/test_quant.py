@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quant.config import QuantConfig
-from quant.gptq import GPTQ
+from quant.gptq import GPTQ, upper_cholesky_of_inverse
 from quant.linear import DEQUANT_MIN_ROWS, QuantLinear, quantize_linear
 from quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from quant.rtn import quantize_rtn
@@ -128,6 +128,18 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order):
     # float32 throughout, no bfloat16 activations: as close as the order of summation allows
     torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [300, 2100])  # LAPACK's three calls below 2048, the recursion from there
+def test_upper_cholesky_of_inverse(size):
+    torch.manual_seed(0)
+    x = torch.randn(2 * size, size, dtype=torch.float64)
+    hessian = x.t() @ x / size
+    upper = upper_cholesky_of_inverse(hessian)
+    assert torch.equal(upper, torch.triu(upper)) and bool((torch.diagonal(upper) > 0).all())
+    torch.testing.assert_close(upper.t() @ upper @ hessian, torch.eye(size, dtype=torch.float64), atol=1e-8, rtol=0)
+    with pytest.raises(RuntimeError):
+        upper_cholesky_of_inverse(-hessian)
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
