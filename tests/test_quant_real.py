@@ -1,8 +1,9 @@
 """The real model quantized: int8 GPTQ, int4 GPTQ and int4 AWQ (group 128) checkpoints quantize, load and answer;
 perplexity on ~2,500 tokens of this machine's documentation against the float model and round-to-nearest int4.
 
-Calibration here is small (8 x 128 tokens of the default text) to keep CI's time; the bounds are what that gives,
-measured: int8 1.020x the float perplexity, GPTQ int4 1.56x, AWQ int4 1.38x (RTN int4 is under 1.45x). The issue's
+Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time; the bounds are
+what that gives, measured: int8 1.020x the float perplexity, GPTQ int4 1.56x, AWQ int4 1.38x with 8 x 128 (RTN int4
+is under 1.45x). The issue's
 bar (int8 within 1.01x; GPTQ/AWQ int4 recovering half of what RTN loses) is NOT met: with 128 x 512 calibration
 tokens GPTQ recovers ~8% of RTN's loss on the longer text of benchmarks/quality.py, 64% when calibrated on the
 evaluation text itself (see README, "Quantization quality, measured"). These tests hold the line against breakage,
@@ -22,6 +23,8 @@ from tests.corpus import documentation_text
 
 pytestmark = pytest.mark.real
 CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration text, few tokens for CI's time
+# AWQ's scale search costs one (tokens x in x out) product per grid point once tokens < in_features (896 here)
+AWQ_CALIBRATION = ["--samples", "4", "--seq-len", "128"]
 INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
 
 
@@ -37,7 +40,7 @@ def quantized(real_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     return {
         "gptq4": quantize(real_model_dir, root / "gptq4", "--method", "gptq", "--desc-act", *INT4, *CALIBRATION),
-        "awq4": quantize(real_model_dir, root / "awq4", "--method", "awq", *INT4, *CALIBRATION),
+        "awq4": quantize(real_model_dir, root / "awq4", "--method", "awq", *INT4, *AWQ_CALIBRATION),
         "gptq8": quantize(real_model_dir, root / "gptq8", "--method", "gptq", "--bits", "8", *CALIBRATION),
     }
 
