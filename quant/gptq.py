@@ -105,10 +105,9 @@ class GPTQ:
         if group_size == -1:
             scale, zero = params(W, bits=bits, sym=sym)
             group_scales, group_zeros = [scale[:, 0]], [zero[:, 0]]
+        WT = W.t().contiguous()  # (in, out): a column of W is a contiguous row here, and so is every update
         for begin in range(0, in_features, block_size):
             end = min(begin + block_size, in_features)
-            block = W[:, begin:end].clone()
-            # per column of the block, stored row-wise so that each column's vector is contiguous
             errors = torch.empty(end - begin, out_features, device=W.device)
             quantized = torch.empty(end - begin, out_features, device=W.device)
             block_inverse = inverse[begin:end, begin:end]
@@ -118,18 +117,18 @@ class GPTQ:
                     if static is not None:
                         scale, zero = static[int(order[column]) // size]
                     elif column % size == 0:
-                        scale, zero = params(torch.cat([block[:, offset:], W[:, end:]], dim=1)[:, :size],
-                                                   bits=bits, sym=sym)
+                        # the group's columns as they stand: this block's updated so far, later ones not yet
+                        scale, zero = params(WT[column:column + size].t(), bits=bits, sym=sym)
                         group_scales.append(scale[:, 0])
                         group_zeros.append(zero[:, 0])
-                w = block[:, offset]
+                w = WT[column]
                 q = quantized[offset]
                 q.copy_(quantize(w[:, None], scale, zero, bits=bits)[:, 0])
                 error = errors[offset]
                 torch.sub(w, dequantize(q, scale[:, 0], zero[:, 0]), out=error).div_(block_inverse[offset, offset])
-                block[:, offset + 1:].addr_(error, block_inverse[offset, offset + 1:], alpha=-1)
+                WT[column + 1:end].addr_(block_inverse[offset, offset + 1:], error, alpha=-1)
             codes[:, begin:end] = quantized.t().to(torch.int32)
-            W[:, end:].addmm_(errors.t(), inverse[begin:end, end:], alpha=-1)
+            WT[end:].addmm_(inverse[begin:end, end:].t(), errors, alpha=-1)
         restore = torch.argsort(order)
         codes = codes[:, restore]
         if static is not None:
