@@ -84,20 +84,23 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, 
 
 
 def search_clip(weight: torch.Tensor, inputs: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                grid: int = 20, max_shrink: float = 0.5, tokens: int = 512, rows_per_chunk: int = 128
+                grid: int = 20, max_shrink: float = 0.5, tokens: int = 512, rows_per_chunk: int = 256
                 ) -> torch.Tensor:
     """Per (row, group) clipping bound |w| <= bound that minimises the group's contribution to the output error
-    on (a sample of) the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink."""
+    on (a sample of) the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink.
+
+    A group's error over the tokens, mean_n (x_n . (q - w))^2, is d^T G d with d = q - w and G the group's
+    (group_size x group_size) mean of x x^T: one small product per weight instead of one per weight and token."""
     out_features, in_features = weight.shape
     groups = in_features // group_size
     x = inputs.reshape(-1, in_features).float()
     if x.shape[0] > tokens:
         x = x[torch.linspace(0, x.shape[0] - 1, tokens).long()]
-    x = x.reshape(-1, groups, group_size)  # (N, G, g)
+    x = x.reshape(-1, groups, group_size).transpose(0, 1)  # (G, N, g)
+    gram = x.transpose(1, 2) @ x / x.shape[1]  # (G, g, g)
     bounds = []
     for begin in range(0, out_features, rows_per_chunk):
         w = weight[begin:begin + rows_per_chunk].float().reshape(-1, groups, group_size)  # (R, G, g)
-        reference = torch.einsum("ngk,rgk->nrg", x, w)  # each group's partial output
         largest = w.abs().amax(dim=-1, keepdim=True)  # (R, G, 1)
         best_bound = largest.clone()
         best_error = torch.full_like(largest, float("inf"))
@@ -105,7 +108,8 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, *, bits: int, group_
             bound = largest * (1 - step / grid)
             clipped = torch.maximum(torch.minimum(w, bound), -bound)
             q = fake_quantize(clipped.reshape(-1, in_features), bits=bits, group_size=group_size, sym=sym)
-            error = (torch.einsum("ngk,rgk->nrg", x, q.reshape(w.shape)) - reference).pow(2).mean(0)[..., None]
+            delta = (q.reshape(w.shape) - w).transpose(0, 1)  # (G, R, g)
+            error = ((delta @ gram) * delta).sum(-1).t()[..., None]  # (R, G, 1)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_bound = torch.where(better, bound, best_bound)

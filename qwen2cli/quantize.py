@@ -250,10 +250,11 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
 
 def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
     """A float Linear computing what `packed` computes, for running calibration data through the layer."""
-    stand_in = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    stand_in.weight.data = packed.dequantized_weight()
+    stand_in = torch.nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features,
+                                        bias=linear.bias is not None)  # no random init of a weight replaced next
+    stand_in.weight = nn.Parameter(packed.dequantized_weight(), requires_grad=False)
     if linear.bias is not None:
-        stand_in.bias.data = packed.bias.float()
+        stand_in.bias = nn.Parameter(packed.bias.float(), requires_grad=False)
     return stand_in
 
 
