@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import paths
-from .errors import DownloadError, MissingDependency
+from .errors import DownloadError
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 WANTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
