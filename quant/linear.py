@@ -86,15 +86,15 @@ class QuantLinear(nn.Module):
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
             sorted_codes = codes[:, order].to(torch.int32)
-            uses_qweight = self.config.layout == "gptq" and not permuted and self._version == 1
+            uses_qweight = self.config.layout == "gptq" and not permuted  # v1 and v2 differ in qzeros only
             self._fast = {
                 "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(sorted_codes, 2),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
                 # for long inputs: codes packed 8 per int32 along the input (GPTQ's own qweight when it is in
                 # order already, so no copy), and w = code * scale + (-scale * zero) per group in float32
                 "rows": self.qweight if uses_qweight else pack_rows(sorted_codes.t().contiguous(), 4),
-                "scales": scales[:, None, :].contiguous(),
-                "shifts": (-scales * zeros.float())[:, None, :].contiguous(),
+                "scales32": scales[:, None, :].contiguous(),
+                "offsets32": (-scales * zeros.float())[:, None, :].contiguous(),
             }
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
@@ -134,7 +134,7 @@ class QuantLinear(nn.Module):
         rows = self._fast["rows"]  # (in/8, out)
         groups = self.in_features // self.group_size
         codes = ((rows.unsqueeze(1) >> _NIBBLE_SHIFTS.view(1, 8, 1)) & 15).view(groups, self.group_size, -1)
-        weight_t = torch.addcmul(self._fast["shifts"], codes.float(), self._fast["scales"])
+        weight_t = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
         return flat @ weight_t.view(self.in_features, self.out_features)
 
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
