@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, pack_rows, unpack_awq, unpack_gptq
+from .packing import (dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, pack_rows, unpack_awq, unpack_gptq,
+                      unpack_rows)
 from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -16,7 +17,6 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # once and using an ordinary GEMM (measured on a 2-core AVX2 host, 4864x896 at 512 rows: int4 kernel 69 ms,
 # unpack 8 ms + float32 GEMM 28 ms; the int4 kernel wins below ~110 rows, and at one row by 20x)
 DEQUANT_MIN_ROWS = 128
-_NIBBLE_SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
 
 class QuantLinear(nn.Module):
@@ -133,7 +133,7 @@ class QuantLinear(nn.Module):
             return (flat @ self._fast["weight"].t().float()) * self._fast["scales32"]
         rows = self._fast["rows"]  # (in/8, out)
         groups = self.in_features // self.group_size
-        codes = ((rows.unsqueeze(1) >> _NIBBLE_SHIFTS.view(1, 8, 1)) & 15).view(groups, self.group_size, -1)
+        codes = unpack_rows(rows, 4).view(groups, self.group_size, -1)
         weight_t = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
         return flat @ weight_t.view(self.in_features, self.out_features)
 

@@ -23,7 +23,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, per, 1)
     values = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)  # (rows/per, per, cols)
@@ -44,8 +44,8 @@ def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, *, bits: int, version: i
 def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, *, bits: int, version: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """qweight, qzeros -> codes (out, in) int32 and zeros (groups, out) int32."""
-    codes = _unpack_rows(qweight, bits).t().contiguous()
-    zeros = _unpack_rows(qzeros.t().contiguous(), bits).t().contiguous()
+    codes = unpack_rows(qweight, bits).t().contiguous()
+    zeros = unpack_rows(qzeros.t().contiguous(), bits).t().contiguous()
     if version == 1:
         zeros = zeros + 1  # exactly what GPTQ kernels compute: a stored all-ones field reads as 2^bits
     return codes, zeros
@@ -75,7 +75,7 @@ def pack_awq(codes: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
 
 def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     def unpack(packed: torch.Tensor) -> torch.Tensor:
-        values = _unpack_rows(packed.t().contiguous(), 4).t().contiguous()
+        values = unpack_rows(packed.t().contiguous(), 4).t().contiguous()
         return _awq_columns(values, AWQ_REVERSE_ORDER)
 
     return unpack(qweight).t().contiguous(), unpack(qzeros)
