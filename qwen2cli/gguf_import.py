@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import save_weights
 from .errors import BadCheckpoint, BadInput
+from .gguf_dequant import dequantize
 from .tokenizer import QWEN2_PATTERN
 
 GPT2_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}
@@ -120,13 +121,18 @@ def dequantized_tensors(reader, progress: Callable[[int, int], None] | None = No
 
     tensors: dict[str, torch.Tensor] = {}
     for index, tensor in enumerate(reader.tensors):
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first
         try:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize(tensor.data, tensor.tensor_type.name)  # the common block types, vectorised
+            if values is None:
+                values = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                                   dtype=np.float32))
         except NotImplementedError as exc:
             raise BadCheckpoint(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package "
                                 "cannot dequantize") from exc
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first
-        tensors[hf_tensor_name(tensor.name)] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
+        except ValueError as exc:
+            raise BadCheckpoint(f"tensor {tensor.name}: {exc}") from exc
+        tensors[hf_tensor_name(tensor.name)] = values.reshape(shape)
         if progress is not None:
             progress(index + 1, len(reader.tensors))
     return tensors

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwen2cli.generate import generate, load_engine
+from qwen2cli.gguf_dequant import DECODERS, dequantize
 from qwen2cli.gguf_import import import_gguf
 from qwen2cli.kv_cache import KVCache
 from qwen2cli.sampling import SamplingParams
@@ -24,6 +25,25 @@ def tiny_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(tiny_gguf, tmp_path_factory):
     return import_gguf(tiny_gguf, tmp_path_factory.mktemp("imported") / "model")
+
+
+@pytest.mark.parametrize("type_name", sorted(DECODERS))
+def test_block_decoders_match_the_gguf_package(type_name):
+    """Random blocks (every bit pattern of the codes; finite fp16 fields) decoded by our torch code and by the
+    gguf package's numpy reference."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    values, size, _ = DECODERS[type_name]
+    generator = np.random.default_rng(7)
+    blocks = generator.integers(0, 256, size=(300, size), dtype=np.uint8)
+    halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}.get(type_name, (0,))
+    for at in halves:
+        blocks[:, at:at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
+    expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1)
+    got = dequantize(blocks, type_name)
+    assert got.shape == (300 * values,)
+    torch.testing.assert_close(got, torch.from_numpy(expected.astype(np.float32)), rtol=1e-6, atol=0)
 
 
 def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
