@@ -72,6 +72,8 @@ def main() -> None:
     question = engine.tokenizer.encode_ordinary("\n\n" + QUESTION)
     for length in lengths:
         budget = length - len(base) - len(needle) - len(question) - 16
+        if budget < 1:
+            raise SystemExit(f"--lengths {length} leaves no room for a haystack")
         hay = (filler * (budget // len(filler) + 1))[:budget]
         # the haystack alone once: its prefill speed is the row's, and every depth reuses its cached prefix
         cache = engine.new_cache(length)
@@ -91,6 +93,8 @@ def main() -> None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"{len(ids):>8} {100 * cut / len(hay):>7.0f} {str(found):>6} {rate:>14.1f} {rss:>13.0f}  "
                   f"{text.strip()[:40]!r}", flush=True)
+        del cache  # the next length's cache is not allocated beside this one
+
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,16 @@
 """GGML block formats -> float32 in torch, vectorised over blocks (the `gguf` package's numpy code took ~7 s of a
 ~25 s import of the 0.5B Q4_K_M file). Layouts as llama.cpp's ggml-quants.c defines them; the tests compare every
-one with `gguf.quants.dequantize`. Little-endian hosts only (fp16 fields are read with a dtype view)."""
+one with `gguf.quants.dequantize`. Little-endian hosts only (fp16 fields are read with a dtype view);
+others fall back to gguf."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-BLOCKS_PER_CHUNK = 1 << 18  # bounds the integer temporaries to a few hundred MB for the largest embeddings
+VALUES_PER_CHUNK = 1 << 22  # bounds the temporaries (~100 MB) whatever the tensor's size
 
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -85,14 +87,17 @@ DECODERS: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
 
 def dequantize(data: np.ndarray, type_name: str) -> torch.Tensor | None:
     """The raw bytes of one tensor decoded to a flat float32 tensor; None for a type not handled here."""
-    if type_name not in DECODERS:
+    if type_name not in DECODERS or sys.byteorder != "little":
         return None
     values, size, decode = DECODERS[type_name]
     raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     if raw.size % size:
         raise ValueError(f"{raw.size} bytes are not a whole number of {type_name} blocks")
-    blocks = torch.from_numpy(raw.copy()).reshape(-1, size)
-    out = torch.empty(blocks.shape[0], values, dtype=torch.float32)
-    for begin in range(0, blocks.shape[0], BLOCKS_PER_CHUNK):
-        out[begin:begin + BLOCKS_PER_CHUNK] = decode(blocks[begin:begin + BLOCKS_PER_CHUNK])
+    count = raw.size // size
+    out = torch.empty(count, values, dtype=torch.float32)
+    step = max(1, VALUES_PER_CHUNK // values)
+    for begin in range(0, count, step):
+        end = min(count, begin + step)
+        blocks = torch.from_numpy(raw[begin * size:end * size].copy()).reshape(-1, size)  # a writable copy
+        out[begin:end] = decode(blocks)
     return out.reshape(-1)

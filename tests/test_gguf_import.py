@@ -28,11 +28,13 @@ def imported(tiny_gguf, tmp_path_factory):
 
 
 @pytest.mark.parametrize("type_name", sorted(DECODERS))
-def test_block_decoders_match_the_gguf_package(type_name):
+def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
     """Random blocks (every bit pattern of the codes; finite fp16 fields) decoded by our torch code and by the
-    gguf package's numpy reference."""
+    gguf package's numpy reference, across several chunks; empty and ragged inputs."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
+
+    from qwen2cli import gguf_dequant
 
     values, size, _ = DECODERS[type_name]
     generator = np.random.default_rng(7)
@@ -41,9 +43,13 @@ def test_block_decoders_match_the_gguf_package(type_name):
     for at in halves:
         blocks[:, at:at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
     expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1)
+    monkeypatch.setattr(gguf_dequant, "VALUES_PER_CHUNK", 7 * values)  # 300 blocks in chunks of 7
     got = dequantize(blocks, type_name)
     assert got.shape == (300 * values,)
-    torch.testing.assert_close(got, torch.from_numpy(expected.astype(np.float32)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=0)
+    assert dequantize(blocks[:0], type_name).shape == (0,)
+    with pytest.raises(ValueError, match="whole number"):
+        dequantize(blocks.reshape(-1)[:-1], type_name)
 
 
 def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
