@@ -197,6 +197,7 @@ def quantize(
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text or JSONL file.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
+    damp: Annotated[float, typer.Option("--damp", help="GPTQ damping, a fraction of the Hessian's mean diagonal; raise it (0.1) for small calibration sets.")] = 0.01,
     out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -209,6 +210,8 @@ def quantize(
 
     if method not in ("gptq", "rtn", "awq"):
         raise BadInput(f"unknown --method {method!r}: use gptq, awq or rtn")
+    if not 0 < damp <= 1:
+        raise BadInput(f"--damp must be in (0, 1], got {damp}")
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir = _resolve(model)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
@@ -219,7 +222,7 @@ def quantize(
         def run_quantize(target: Path) -> Path:
             return quantize_model(engine, target, method=method, bits=bits, group_size=group, sym=sym,
                                   desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
-                                  progress=bars.update)
+                                  damp_percent=damp, progress=bars.update)
 
         if out:
             path = run_quantize(Path(out))

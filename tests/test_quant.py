@@ -271,13 +271,16 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     from qwen2cli.generate import load_engine
     from qwen2cli.kv_cache import KVCache
 
+    damp = ["--damp", "0.05"] if method == "gptq" else []
     done = _qwen2("quantize", str(tiny_model), "--method", method, "--bits", str(bits), "--group-size", group,
-                  "--samples", "8", "--seq-len", "64", home=tmp_path)
+                  "--samples", "8", "--seq-len", "64", *damp, home=tmp_path)
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
     assert path.endswith(f":{method}-int{bits}")
     config = json.loads(open(f"{path}/config.json").read())
     assert config["quantization_config"]["bits"] == bits
+    if damp:
+        assert config["quantization_config"]["damp_percent"] == 0.05
     assert config["quantization_config"]["quant_method"] == ("awq" if method == "awq" else "gptq")
     answer = _qwen2("run", path, "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
     assert answer.returncode == 0, answer.stderr
@@ -298,7 +301,7 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     small.write_text("Only a few words of calibration text.\n")
     cases = [(["--method", "hqq"], "unknown --method"), (["--method", "awq", "--bits", "8"], "4-bit only"),
              (["--group-size", "256"], "does not divide"),
-             (["--calib", str(small), "--group-size", "32"], "calibration text is")]
+             (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be")]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
