@@ -64,3 +64,16 @@ def real_model_dir() -> Path:
         return real_hf_dir()
     except Exception as exc:  # noqa: BLE001 - any failure to fetch must fail the real group loudly
         pytest.fail(f"the real model could not be had: {exc}")
+
+
+
+@pytest.fixture(scope="session")
+def real_float_perplexity(real_model_dir) -> float:
+    """The float32 real model's perplexity on the documentation text the quantization and int8-cache tests score
+    (computed once: both compare against it)."""
+    from qwen2cli.generate import load_engine
+    from qwen2cli.perplexity import perplexity
+    from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
+
+    engine = load_engine(real_model_dir, device="cpu", dtype="float32")
+    return perplexity(engine, documentation_text(PERPLEXITY_TEXT_CHARS), ctx=PERPLEXITY_CTX).ppl

@@ -56,6 +56,9 @@ def build_corpus(*, min_languages: int = 20) -> list[str]:
     return list(languages.values()) + stdlib_sources() + EDGE_CASES
 
 
+PERPLEXITY_TEXT_CHARS, PERPLEXITY_CTX = 12_000, 512  # what the real perplexity tests score: 5 windows of 512
+
+
 def documentation_text(limit: int = 40_000) -> str:
     """English prose from this machine's documentation: the licence texts every Debian system has."""
     parts = [p.read_text(errors="ignore") for p in sorted(Path("/usr/share/common-licenses").glob("*")) if p.is_file()]

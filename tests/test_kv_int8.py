@@ -8,7 +8,7 @@ from qwen2cli.generate import generate, load_engine
 from qwen2cli.kv_cache import Int8KVCache, KVCache
 from qwen2cli.perplexity import perplexity
 from qwen2cli.sampling import SamplingParams
-from tests.corpus import documentation_text
+from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 
 
 def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
@@ -19,7 +19,7 @@ def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
 
 
 @pytest.mark.real
-def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir):
+def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_float_perplexity):
     # greedy text in bfloat16, what `--dtype auto` runs for bfloat16 checkpoints (and 2x faster decoding on CPU);
     # perplexity in float32 (a 2,500-token bfloat16 prefill is 6x slower on CPUs without native bfloat16)
     greedy = {kind: load_engine(real_model_dir, device="cpu", dtype="bfloat16", kv_cache=kind)
@@ -35,11 +35,9 @@ def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir):
             texts.append("".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(64))))
         same += texts[0] == texts[1]
     assert same >= 5
-    engines = {kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind)
-               for kind in ("float", "int8")}
-    text = documentation_text(12_000)
-    float_ppl = perplexity(engines["float"], text, ctx=512).ppl
-    int8_ppl = perplexity(engines["int8"], text, ctx=512).ppl
+    int8 = load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache="int8")
+    float_ppl = real_float_perplexity  # the same text, windows and dtype with the float cache (conftest)
+    int8_ppl = perplexity(int8, documentation_text(PERPLEXITY_TEXT_CHARS), ctx=PERPLEXITY_CTX).ppl
     assert abs(int8_ppl - float_ppl) <= 0.005 * float_ppl, (float_ppl, int8_ppl)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from qwen2cli.generate import load_engine
 from qwen2cli.perplexity import perplexity
-from tests.corpus import documentation_text
+from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 
 pytestmark = pytest.mark.real
 CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration text, few tokens for CI's time
@@ -45,14 +45,14 @@ def quantized(real_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ppl(real_model_dir, quantized):
-    """Perplexity on ~2,500 tokens (5 windows of 512) of documentation: the float model, round-to-nearest int4
-    g128 (what `--load-in 4bit` does: the same codes `quantize --method rtn` writes) and each checkpoint."""
-    text = documentation_text(12_000)
-    sources = {"fp": (real_model_dir, None), "rtn4": (real_model_dir, "4bit"),
-               **{name: (path, None) for name, path in quantized.items()}}
-    return {name: perplexity(load_engine(path, device="cpu", dtype="float32", load_in=load_in), text, ctx=512).ppl
-            for name, (path, load_in) in sources.items()}
+def ppl(real_model_dir, quantized, real_float_perplexity):
+    """Perplexity on ~2,500 tokens (5 windows of 512) of documentation: the float model (conftest), round-to-nearest
+    int4 g128 (what `--load-in 4bit` does: the same codes `quantize --method rtn` writes) and each checkpoint."""
+    text = documentation_text(PERPLEXITY_TEXT_CHARS)
+    sources = {"rtn4": (real_model_dir, "4bit"), **{name: (path, None) for name, path in quantized.items()}}
+    return {"fp": real_float_perplexity,
+            **{name: perplexity(load_engine(path, device="cpu", dtype="float32", load_in=load_in), text,
+                                ctx=PERPLEXITY_CTX).ppl for name, (path, load_in) in sources.items()}}
 
 
 def test_formats_on_disk(quantized):
