@@ -2,11 +2,12 @@
 perplexity on ~2,500 tokens of this machine's documentation against the float model and round-to-nearest int4.
 
 Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time; the bounds are
-what that gives, measured: int8 1.020x the float perplexity, GPTQ int4 1.56x, AWQ int4 1.38x with 8 x 128 (RTN int4
+what that gives, measured: int8 1.019-1.020x the float perplexity, GPTQ int4 1.56-1.61x, AWQ int4 1.39x (RTN int4
 is under 1.45x). The issue's bar (int8 within 1.01x; GPTQ/AWQ int4 recovering half of what RTN loses) is NOT met:
 with 128 x 512 calibration tokens GPTQ recovers ~8% of RTN's loss on the longer text of benchmarks/quality.py, 64%
-when calibrated on the evaluation text itself (see README, "Quantization quality, measured"). These tests hold the
-line against breakage, not that bar."""
+when calibrated on the evaluation text itself (see README, "Quantization quality, measured"). With this few
+tokens both overfit: RTN int4 alone is 1.26x here, and GPTQ with `--damp 0.1` 1.37x. These tests hold the line
+against breakage, not that bar."""
 from __future__ import annotations
 
 import json
