@@ -84,7 +84,7 @@ def main() -> None:
         cuts = [int(len(hay) * index / max(1, args.depths - 1)) for index in range(args.depths)]
         for cut in sorted(cuts, reverse=True):  # deepest first: each run keeps the haystack before its needle
             ids = head + hay[:cut] + needle + hay[cut:] + question + foot
-            cache.trim(min(cache.pos, len(head) + cut))
+            cache.trim(len(head) + cut)  # the deeper run before extended the cache past it
             text = ""
             with torch.inference_mode():
                 for chunk in generate(engine, ids, params=params, cache=cache):

@@ -66,7 +66,6 @@ def real_model_dir() -> Path:
         pytest.fail(f"the real model could not be had: {exc}")
 
 
-
 @pytest.fixture(scope="session")
 def real_float_perplexity(real_model_dir) -> float:
     """The float32 real model's perplexity on the documentation text the quantization and int8-cache tests score

@@ -34,8 +34,6 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    from qwen2cli import gguf_dequant
-
     values, size, _ = DECODERS[type_name]
     generator = np.random.default_rng(7)
     blocks = generator.integers(0, 256, size=(300, size), dtype=np.uint8)
@@ -43,7 +41,7 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
     for at in halves:
         blocks[:, at:at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
     expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1)
-    monkeypatch.setattr(gguf_dequant, "VALUES_PER_CHUNK", 7 * values)  # 300 blocks in chunks of 7
+    monkeypatch.setattr("qwen2cli.gguf_dequant.VALUES_PER_CHUNK", 7 * values)  # 300 blocks in chunks of 7
     got = dequantize(blocks, type_name)
     assert got.shape == (300 * values,)
     torch.testing.assert_close(got, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=0)
