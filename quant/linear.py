@@ -50,12 +50,13 @@ class QuantLinear(nn.Module):
     def _version(self) -> int:
         return 2 if self.config.checkpoint_format == "gptq_v2" else 1
 
-    def codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (out, in), zeros (groups, out) and each input channel's group (in,)."""
+    def codes_and_zeros(self, *, input_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes (out, in) (`input_major`: (in, out)), zeros (groups, out) and each input channel's group."""
         if self.config.layout == "awq":
-            codes, zeros = unpack_awq(self.qweight, self.qzeros)
+            codes, zeros = unpack_awq(self.qweight, self.qzeros, input_major=input_major)
             return codes, zeros, torch.arange(self.in_features, device=codes.device) // self.group_size
-        codes, zeros = unpack_gptq(self.qweight, self.qzeros, bits=self.config.bits, version=self._version)
+        codes, zeros = unpack_gptq(self.qweight, self.qzeros, bits=self.config.bits, version=self._version,
+                                   input_major=input_major)
         return codes, zeros, self.g_idx.long()
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -74,36 +75,39 @@ class QuantLinear(nn.Module):
     def post_load(self) -> None:
         """Repack once for the device: act-order is resolved here, never per token."""
         device = self.qweight.device
-        codes, zeros, groups = self.codes_and_zeros()
+        # codes input-major, as GPTQ stores them: act-order's permutation is then a gather of whole rows, and the
+        # one transpose is the int4 kernel's (a column gather and two transposes made loading 2x slower)
+        rows, zeros, groups = self.codes_and_zeros(input_major=True)  # (in, out)
         order = torch.argsort(groups, stable=True)
         contiguous = bool((groups[order] == torch.arange(self.in_features, device=device) // self.group_size).all())
         if not contiguous:  # a group not made of whole consecutive blocks: the reference path handles it
             return
         permuted = not torch.equal(order, torch.arange(self.in_features, device=device))
+        sorted_rows = rows[order] if permuted else rows  # (in, out), groups in order
         scales = self.scales.float()  # (groups, out)
         int4_shape_ok = self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0
         if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
-            sorted_codes = codes[:, order].to(torch.int32)
             uses_qweight = self.config.layout == "gptq" and not permuted  # v1 and v2 differ in qzeros only
             self._fast = {
-                "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(sorted_codes, 2),
+                "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(sorted_rows.t().contiguous(), 2),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
                 # for long inputs: codes packed 8 per int32 along the input (GPTQ's own qweight when it is in
                 # order already, so no copy), and w = code * scale + (-scale * zero) per group in float32
-                "rows": self.qweight if uses_qweight else pack_rows(sorted_codes.t().contiguous(), 4),
+                "rows": self.qweight if uses_qweight else pack_rows(sorted_rows, 4),
                 "scales32": scales[:, None, :].contiguous(),
                 "offsets32": (-scales * zeros.float())[:, None, :].contiguous(),
             }
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
-            self._fast = {"weight": (codes[:, order] - zeros[0][:, None]).to(torch.int8).contiguous(),
+            self._fast = {"weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
                           "scales": scales[0].to(torch.bfloat16), "scales32": scales[0]}
             self.kernel = "int8pack-cpu"
         elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok:  # untested here: no GPU in CI
             offsets = scales * (8 - zeros.float())
-            packed = ((codes[:, order][:, ::2] << 4) | codes[:, order][:, 1::2]).to(torch.uint8)
+            codes = sorted_rows.t()
+            packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
             self._fast = {"packed": torch.ops.aten._convert_weight_to_int4pack(packed, 8),
                           "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous()}
             self.kernel = "int4pack-cuda"
