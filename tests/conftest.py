@@ -2,14 +2,34 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the two cores: one thread each, and for the commands they start (set before torch loads).
+    # Two one-thread jobs at once do 1.4x the work of one two-thread job here; two two-thread jobs thrash.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case torch was loaded before this file
+
+# The slowest files first (seconds of a 2-thread serial run), so that the longest one starts at once on one worker
+# while the other works through the rest; files not named keep their order after these.
+SLOWEST_FILES = ("test_quant_real.py",  # ~490
+                 "test_real_engine.py", "test_gguf_import.py", "test_kv_int8.py",  # ~125, ~95, ~90
+                 "test_quant.py", "test_cli_errors.py", "test_repl.py", "test_tokenizer.py")  # 25-60 each
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: needs the real Qwen2.5-Coder-0.5B-Instruct model (fetched on first use)")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 
 def write_tiny_checkpoint(directory: Path, *, vocab_size: int = 512, num_kv_heads: int = 2, tie: bool = False,

@@ -6,6 +6,7 @@ the same way: transformers dequantizes the GGUF and saves it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,10 +16,17 @@ from pathlib import Path
 
 FETCH = Path(__file__).resolve().parents[2] / "shared" / "real-model" / "fetch"
 HF_NAME = "qwen2.5-coder-0.5b-instruct-hf"
+LOCK = Path(tempfile.gettempdir()) / "qwen2cli-real-model.lock"  # test workers fetch and convert one at a time
 
 
 def real_gguf() -> Path:
     """Path of the real GGUF file; raises RuntimeError saying why when it cannot be had."""
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_gguf()
+
+
+def _fetch_gguf() -> Path:
     if not FETCH.exists():
         raise RuntimeError(f"real model unavailable: {FETCH} does not exist")
     done = subprocess.run([sys.executable, str(FETCH)], capture_output=True, text=True)
@@ -29,7 +37,12 @@ def real_gguf() -> Path:
 
 def real_hf_dir() -> Path:
     """Directory of the float32 Hugging Face copy of the real model, written on first use."""
-    gguf_path = real_gguf()
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _write_hf_dir(_fetch_gguf())
+
+
+def _write_hf_dir(gguf_path: Path) -> Path:
     target = gguf_path.parent / HF_NAME
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target

@@ -11,14 +11,14 @@ against breakage, not that bar."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from qwen2cli.generate import load_engine
-from qwen2cli.perplexity import perplexity
 from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 
 pytestmark = pytest.mark.real
@@ -26,34 +26,53 @@ CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration 
 # AWQ's scale search costs one (tokens x in x out) product per grid point once tokens < in_features (896 here)
 AWQ_CALIBRATION = ["--samples", "4", "--seq-len", "128"]
 INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
+QUANTIZATIONS = {"gptq4": ["--method", "gptq", "--desc-act", *INT4, *CALIBRATION],
+                 "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
+                 "gptq8": ["--method", "gptq", "--bits", "8", *CALIBRATION]}
+# The jobs below run at once, one thread each: on 2 cores, two one-thread jobs do 1.4x the work of one two-thread
+# job, and this file is the suite's longest, so its jobs taking more than half the cores shortens the whole run.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def quantize(model_dir: Path, out: Path, *args: str) -> Path:
-    done = subprocess.run([sys.executable, "-m", "qwen2cli", "quantize", str(model_dir), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr
-    return Path(done.stdout.strip())
+def qwen2(*args: str, timeout: int = 1800) -> str:
+    """`qwen2 ARGS` on one thread; its stdout, after asserting it succeeded."""
+    done = subprocess.run([sys.executable, "-m", "qwen2cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=ONE_THREAD)
+    assert done.returncode == 0, (args, done.stderr[-2000:])
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
-def quantized(real_model_dir, tmp_path_factory):
+def jobs(real_model_dir, tmp_path_factory):
+    """Each checkpoint quantized by `qwen2 quantize`, then scored by `qwen2 perplexity` on ~2,500 tokens (5 windows
+    of 512) of documentation; round-to-nearest int4 g128 scored as `--load-in 4bit` (the same codes `quantize
+    --method rtn` writes). All four at once."""
     root = tmp_path_factory.mktemp("quantized")
-    return {
-        "gptq4": quantize(real_model_dir, root / "gptq4", "--method", "gptq", "--desc-act", *INT4, *CALIBRATION),
-        "awq4": quantize(real_model_dir, root / "awq4", "--method", "awq", *INT4, *AWQ_CALIBRATION),
-        "gptq8": quantize(real_model_dir, root / "gptq8", "--method", "gptq", "--bits", "8", *CALIBRATION),
-    }
+    text = root / "documentation.txt"
+    text.write_text(documentation_text(PERPLEXITY_TEXT_CHARS), encoding="utf-8")
+    score = ["--file", str(text), "--ctx", str(PERPLEXITY_CTX), "--json", "--device", "cpu", "--dtype", "float32"]
+
+    def quantize_and_score(name: str) -> tuple[Path, float]:
+        path = Path(qwen2("quantize", str(real_model_dir), *QUANTIZATIONS[name], "--out", str(root / name)).strip())
+        return path, json.loads(qwen2("perplexity", str(path), *score))["ppl"]
+
+    with ThreadPoolExecutor(len(QUANTIZATIONS) + 1) as pool:
+        rtn4 = pool.submit(lambda: json.loads(qwen2("perplexity", str(real_model_dir), "--load-in", "4bit",
+                                                    *score))["ppl"])
+        futures = {name: pool.submit(quantize_and_score, name) for name in QUANTIZATIONS}
+        results = {name: future.result() for name, future in futures.items()}
+    return {"paths": {name: path for name, (path, _) in results.items()},
+            "ppl": {"rtn4": rtn4.result(), **{name: ppl for name, (_, ppl) in results.items()}}}
 
 
 @pytest.fixture(scope="module")
-def ppl(real_model_dir, quantized, real_float_perplexity):
-    """Perplexity on ~2,500 tokens (5 windows of 512) of documentation: the float model (conftest), round-to-nearest
-    int4 g128 (what `--load-in 4bit` does: the same codes `quantize --method rtn` writes) and each checkpoint."""
-    text = documentation_text(PERPLEXITY_TEXT_CHARS)
-    sources = {"rtn4": (real_model_dir, "4bit"), **{name: (path, None) for name, path in quantized.items()}}
-    return {"fp": real_float_perplexity,
-            **{name: perplexity(load_engine(path, device="cpu", dtype="float32", load_in=load_in), text,
-                                ctx=PERPLEXITY_CTX).ppl for name, (path, load_in) in sources.items()}}
+def quantized(jobs):
+    return jobs["paths"]
+
+
+@pytest.fixture(scope="module")
+def ppl(jobs, real_float_perplexity):
+    return {"fp": real_float_perplexity, **jobs["ppl"]}
 
 
 def test_formats_on_disk(quantized):
@@ -72,9 +91,10 @@ def test_int4_perplexity_bounded(ppl, method):
 
 
 def test_quantized_checkpoints_answer(quantized):
-    for name in ("gptq4", "awq4", "gptq8"):
-        done = subprocess.run([sys.executable, "-m", "qwen2cli", "run", str(quantized[name]), "--temperature", "0",
-                               "--max-tokens", "12", "What is the capital of France? One word."],
-                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, done.stderr
-        assert "Paris" in done.stdout, (name, done.stdout)
+    def answer(name: str) -> str:
+        return qwen2("run", str(quantized[name]), "--temperature", "0", "--max-tokens", "12",
+                     "What is the capital of France? One word.", timeout=300)
+
+    with ThreadPoolExecutor(len(quantized)) as pool:
+        answers = dict(zip(quantized, pool.map(answer, quantized)))
+    assert all("Paris" in text for text in answers.values()), answers
