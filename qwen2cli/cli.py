@@ -202,11 +202,9 @@ def quantize(
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
-    from .console import ProgressBars, write_answer
-    from .generate import load_engine
-    from .calibration import read_calibration
-    from .quantize import quantize_model
     from . import store
+    from .config import load_config, quantization_for
+    from .console import ProgressBars, write_answer
 
     if method not in ("gptq", "rtn", "awq"):
         raise BadInput(f"unknown --method {method!r}: use gptq, awq or rtn")
@@ -214,8 +212,15 @@ def quantize(
         raise BadInput(f"--damp must be in (0, 1], got {damp}")
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir = _resolve(model)
+    # options that do not fit the model are refused from its config.json, before torch and the weights load
+    quantization_for(load_config(model_dir), method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
+                     damp_percent=damp)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
+    from .calibration import read_calibration  # torch loads from here on
+    from .generate import load_engine
+    from .quantize import quantize_model
+
     engine = load_engine(model_dir, device=device, dtype="float32")
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:

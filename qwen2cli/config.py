@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BadCheckpoint, ModelNotFound
+from .errors import BadCheckpoint, BadInput, ModelNotFound
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 
@@ -63,6 +63,16 @@ class Qwen2Config:
         if self.use_sliding_window and self.sliding_window and layer_index >= self.max_window_layers:
             return self.sliding_window
         return None
+
+    def linear_input_sizes(self) -> set[int]:
+        """The input sizes of the decoder's quantizable Linears (what a quantization group size must divide)."""
+        sizes = {self.hidden_size, self.num_attention_heads * self.head_dim}  # q/k/v, gate/up (experts too); o_proj
+        for index in range(self.num_hidden_layers):  # down projections
+            if self.is_moe_layer(index):
+                sizes.update(s for s in (self.moe_intermediate_size, self.shared_expert_intermediate_size) if s)
+            else:
+                sizes.add(self.intermediate_size)
+        return sizes
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether layer `layer_index` uses the sparse MoE block instead of the dense MLP."""
@@ -187,3 +197,21 @@ def load_config(model_dir: Path) -> Qwen2Config:
     generation_path = model_dir / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.is_file() else None
     return config_from_dict(_read_json(config_path), generation)
+
+
+def quantization_for(config: Qwen2Config, **options: Any):
+    """The quant.config.QuantConfig that `qwen2 quantize` would write for this model, checked against it before
+    anything heavy loads: BadInput when the model is quantized already or the options do not fit it."""
+    from quant.config import QuantConfig
+
+    if config.quantization_config is not None:
+        raise BadInput("this model is already quantized; quantize the original checkpoint instead")
+    try:
+        quant = QuantConfig(**options)
+        if quant.method == "awq" and (quant.desc_act or quant.group_size == -1):
+            raise ValueError("AWQ has no act-order and needs a group size (32, 64, 128 or 256)")
+        for size in sorted(config.linear_input_sizes()):
+            quant.group_size_for(size)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    return quant

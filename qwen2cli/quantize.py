@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .calibration import calibration_batches, default_calibration_text
-from .errors import BadCheckpoint, BadInput
+from .config import quantization_for
+from .errors import BadCheckpoint
 from .generate import Engine
 from .kv_cache import KVCache
 from .quantized_load import keeps_float
@@ -263,26 +264,12 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
                    damp_percent: float = 0.01, mse: float = 0.0,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
-    from quant.config import QuantConfig
     from quant.linear import quantize_linear
 
-    if engine.config.quantization_config is not None:
-        raise BadInput("this model is already quantized; quantize the original checkpoint instead")
-    try:
-        quant_config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                                   damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from exc
-    if method == "awq" and (desc_act or group_size == -1):
-        raise BadInput("AWQ has no act-order and needs a group size (32, 64, 128 or 256)")
+    quant_config = quantization_for(engine.config, method=method, bits=bits, group_size=group_size, sym=sym,
+                                    desc_act=desc_act, damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0)
     model = engine.loaded.model
     config = engine.config
-    for layer in model.model.layers:
-        for name, linear in _quantizable(layer).items():
-            try:
-                quant_config.group_size_for(linear.in_features)
-            except ValueError as exc:
-                raise BadInput(f"{name}: {exc}") from exc
     with torch.inference_mode():
         hidden = None
         if method in ("gptq", "awq"):

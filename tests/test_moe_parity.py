@@ -48,6 +48,18 @@ def test_layers_are_sparse_where_configured(pair):
         assert isinstance(our_layer.mlp, SparseMoeBlock) == (type(ref_layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock")
 
 
+def test_quantizable_input_sizes_from_the_config(pair):
+    """What `qwen2 quantize` checks group sizes against before loading: the input sizes of the Linears the
+    quantizer will meet in the built model (transformers fuses its experts into 3-D tensors, so not its modules)."""
+    from qwen2cli.quantized_load import keeps_float
+
+    _, ours = pair
+    sizes = {module.in_features for name, module in ours.model.model.layers.named_modules()
+             if isinstance(module, torch.nn.Linear) and not keeps_float(name)}
+    assert 32 in sizes  # the experts' down projections
+    assert ours.config.linear_input_sizes() == sizes
+
+
 def test_full_forward_and_cached_decoding_match(pair):
     reference, ours = pair
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
