@@ -1,13 +1,13 @@
 """The real model quantized: int8 GPTQ, int4 GPTQ and int4 AWQ (group 128) checkpoints quantize, load and answer;
 perplexity on ~2,500 tokens of this machine's documentation against the float model and round-to-nearest int4.
 
-Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time; the bounds are
-what that gives, measured: int8 1.019-1.020x the float perplexity, GPTQ int4 1.56-1.61x, AWQ int4 1.39x (RTN int4
-is under 1.45x). The issue's bar (int8 within 1.01x; GPTQ/AWQ int4 recovering half of what RTN loses) is NOT met:
-with 128 x 512 calibration tokens GPTQ recovers ~8% of RTN's loss on the longer text of benchmarks/quality.py, 64%
-when calibrated on the evaluation text itself (see README, "Quantization quality, measured"). With this few
-tokens both overfit: RTN int4 alone is 1.26x here, and GPTQ with `--damp 0.1` 1.37x. These tests hold the line
-against breakage, not that bar."""
+Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time, and GPTQ runs
+with `--damp 0.1`: with so few tokens per input channel it overfits at the default 0.01 (int8 1.019x, int4 1.61x).
+Measured ratios to the float perplexity: GPTQ int8 1.0056-1.0066x (the issue's bar, within 1.01x, is asserted),
+GPTQ int4 1.37x, AWQ int4 1.39x, RTN int4 1.26x. The int4 bar (GPTQ/AWQ recovering half of what RTN loses) is NOT
+met, so the int4 bounds hold the line against breakage only: with 128 x 512 calibration tokens GPTQ recovers ~8% of
+RTN's loss on the longer text of benchmarks/quality.py, 64% when calibrated on the evaluation text itself (README,
+"Quantization quality, measured")."""
 from __future__ import annotations
 
 import json
@@ -26,9 +26,9 @@ CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration 
 # AWQ's scale search costs one (tokens x in x out) product per grid point once tokens < in_features (896 here)
 AWQ_CALIBRATION = ["--samples", "4", "--seq-len", "128"]
 INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
-QUANTIZATIONS = {"gptq4": ["--method", "gptq", "--desc-act", *INT4, *CALIBRATION],
-                 "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
-                 "gptq8": ["--method", "gptq", "--bits", "8", *CALIBRATION]}
+GPTQ = ["--method", "gptq", "--damp", "0.1", *CALIBRATION]
+QUANTIZATIONS = {"gptq4": [*GPTQ, "--desc-act", *INT4], "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
+                 "gptq8": [*GPTQ, "--bits", "8"]}
 # The jobs below run at once, one thread each: on 2 cores, two one-thread jobs do 1.4x the work of one two-thread
 # job, and this file is the suite's longest, so its jobs taking more than half the cores shortens the whole run.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -81,13 +81,13 @@ def test_formats_on_disk(quantized):
         assert config["quant_method"] == method and config["bits"] == int(name[-1])
 
 
-def test_int8_within_three_percent(ppl):
-    assert ppl["fp"] < ppl["gptq8"] <= 1.03 * ppl["fp"], ppl
+def test_int8_within_one_percent(ppl):
+    assert ppl["fp"] < ppl["gptq8"] <= 1.01 * ppl["fp"], ppl
 
 
 @pytest.mark.parametrize("method", ["rtn4", "gptq4", "awq4"])
 def test_int4_perplexity_bounded(ppl, method):
-    assert ppl["fp"] < ppl[method] <= (1.45 if method == "rtn4" else 1.7) * ppl["fp"], ppl
+    assert ppl["fp"] < ppl[method] <= (1.35 if method == "rtn4" else 1.5) * ppl["fp"], ppl
 
 
 def test_quantized_checkpoints_answer(quantized):
