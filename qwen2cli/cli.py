@@ -41,6 +41,15 @@ def _resolve(model: str | None):
         return resolve_model(model, progress=bars.update, notice=bars.notice)
 
 
+def _resolve_config(model: str | None):
+    """MODEL -> (directory, its Qwen2Config): a missing model or a missing or foreign config.json is reported
+    before torch loads (a second or two here), not after."""
+    from .config import load_config
+
+    model_dir = _resolve(model)
+    return model_dir, load_config(model_dir)
+
+
 def _read_stdin() -> str:
     """Piped standard input, or '' when stdin is a terminal or closed."""
     if sys.stdin is None or sys.stdin.isatty():
@@ -71,13 +80,15 @@ def run(
 ) -> None:
     """Answer one prompt and print only the answer on stdout."""
     from .console import print_json, write_answer
-    from .runner import answer_once
 
     piped = _read_stdin().rstrip("\n")
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
-    result = answer_once(_resolve(model), text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
+    model_dir, _ = _resolve_config(model)
+    from .runner import answer_once  # torch loads here
+
+    result = answer_once(model_dir, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
                          attention=attention, load_in=load_in,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
@@ -171,12 +182,14 @@ def bench(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Prefill and decode tokens/s, time to first token, load time, peak RSS."""
-    from .bench import as_dict, run_bench
     from .console import print_json
 
     if prompt_tokens < 1 or new_tokens < 1:
         raise BadInput("-p and -n must be at least 1")
-    result = as_dict(run_bench(_resolve(model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+    model_dir, _ = _resolve_config(model)
+    from .bench import as_dict, run_bench  # torch loads here
+
+    result = as_dict(run_bench(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                device=device, dtype=dtype, load_in=load_in))
     if json_output:
         print_json(result)
@@ -203,7 +216,7 @@ def quantize(
 ) -> None:
     """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
     from . import store
-    from .config import load_config, quantization_for
+    from .config import quantization_for
     from .console import ProgressBars, write_answer
 
     if method not in ("gptq", "rtn", "awq"):
@@ -211,9 +224,9 @@ def quantize(
     if not 0 < damp <= 1:
         raise BadInput(f"--damp must be in (0, 1], got {damp}")
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
-    model_dir = _resolve(model)
+    model_dir, config = _resolve_config(model)
     # options that do not fit the model are refused from its config.json, before torch and the weights load
-    quantization_for(load_config(model_dir), method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
+    quantization_for(config, method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
                      damp_percent=damp)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
@@ -257,8 +270,6 @@ def perplexity_command(
     from pathlib import Path
 
     from .console import print_json
-    from .generate import load_engine
-    from .perplexity import perplexity
 
     if file is None:
         raise BadInput("--file is required")
@@ -266,7 +277,11 @@ def perplexity_command(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
-    engine = load_engine(_resolve(model), device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in)
+    model_dir, _ = _resolve_config(model)
+    from .generate import load_engine  # torch loads here
+    from .perplexity import perplexity
+
+    engine = load_engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})
