@@ -50,13 +50,13 @@ class QuantLinear(nn.Module):
     def _version(self) -> int:
         return 2 if self.config.checkpoint_format == "gptq_v2" else 1
 
-    def codes_and_zeros(self, *, input_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (out, in) (`input_major`: (in, out)), zeros (groups, out) and each input channel's group."""
+    def codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes input-major (in, out), as GPTQ stores them; zeros (groups, out); each input channel's group."""
         if self.config.layout == "awq":
-            codes, zeros = unpack_awq(self.qweight, self.qzeros, input_major=input_major)
+            codes, zeros = unpack_awq(self.qweight, self.qzeros, input_major=True)
             return codes, zeros, torch.arange(self.in_features, device=codes.device) // self.group_size
         codes, zeros = unpack_gptq(self.qweight, self.qzeros, bits=self.config.bits, version=self._version,
-                                   input_major=input_major)
+                                   input_major=True)
         return codes, zeros, self.g_idx.long()
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -75,9 +75,9 @@ class QuantLinear(nn.Module):
     def post_load(self) -> None:
         """Repack once for the device: act-order is resolved here, never per token."""
         device = self.qweight.device
-        # codes input-major, as GPTQ stores them: act-order's permutation is then a gather of whole rows, and the
-        # one transpose is the int4 kernel's (a column gather and two transposes made loading 2x slower)
-        rows, zeros, groups = self.codes_and_zeros(input_major=True)  # (in, out)
+        # codes input-major: act-order's permutation is then a gather of whole rows, and the one transpose is the
+        # int4 kernel's (a column gather and two transposes made loading 2x slower)
+        rows, zeros, groups = self.codes_and_zeros()  # (in, out)
         order = torch.argsort(groups, stable=True)
         contiguous = bool((groups[order] == torch.arange(self.in_features, device=device) // self.group_size).all())
         if not contiguous:  # a group not made of whole consecutive blocks: the reference path handles it

@@ -5,7 +5,8 @@ import json
 import os
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     # Two workers share the two cores: one thread each, and for the commands they start (set before torch loads).
     # Two one-thread jobs at once do 1.4x the work of one two-thread job here; two two-thread jobs thrash.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -13,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:
     torch.set_num_threads(1)  # in case torch was loaded before this file
 
 # The slowest files first (seconds of a 2-thread serial run), so that the longest one starts at once on one worker

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 FETCH = Path(__file__).resolve().parents[2] / "shared" / "real-model" / "fetch"
@@ -19,10 +21,16 @@ HF_NAME = "qwen2.5-coder-0.5b-instruct-hf"
 LOCK = Path(tempfile.gettempdir()) / "qwen2cli-real-model.lock"  # test workers fetch and convert one at a time
 
 
-def real_gguf() -> Path:
-    """Path of the real GGUF file; raises RuntimeError saying why when it cannot be had."""
+@contextmanager
+def _locked() -> Iterator[None]:
     with LOCK.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def real_gguf() -> Path:
+    """Path of the real GGUF file; raises RuntimeError saying why when it cannot be had."""
+    with _locked():
         return _fetch_gguf()
 
 
@@ -37,8 +45,7 @@ def _fetch_gguf() -> Path:
 
 def real_hf_dir() -> Path:
     """Directory of the float32 Hugging Face copy of the real model, written on first use."""
-    with LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked():
         return _write_hf_dir(_fetch_gguf())
 
 
