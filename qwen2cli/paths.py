@@ -23,3 +23,14 @@ def models_dir() -> Path:
 def history_file() -> Path:
     """The REPL's persistent input history."""
     return home() / "history"
+
+
+def prompt_cache_dir() -> Path:
+    """Keys and values of chat-template openings (see prompt_cache.py): QWEN2_HOME/cache, else the platform's
+    cache directory."""
+    configured = os.environ.get("QWEN2_HOME")
+    if configured:
+        return Path(configured).expanduser() / "cache" / "prompts"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("qwen2cli", appauthor=False)) / "prompts"

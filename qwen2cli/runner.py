@@ -26,10 +26,16 @@ def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ct
                          attention=attention, load_in=load_in)
     params = sampling(engine)
     ids = prompt_ids(engine, text, raw=raw, system=system)
+    cache = engine.new_cache(min(ctx, len(ids) + params.max_tokens + 1))
+    if not raw and attention == "default":  # the template's opening comes from disk when this model saw it before
+        from .prompt_cache import fill_opening, shared_prefix_length
+
+        others = [prompt_ids(engine, other, raw=False, system=system) for other in ("a", "b")]
+        fill_opening(engine, cache, ids[:shared_prefix_length(ids, *others)])
     pieces: list[str] = []
     stats = None
     finish = None
-    for chunk in generate(engine, ids, params=params, cache=engine.new_cache(min(ctx, len(ids) + params.max_tokens + 1))):
+    for chunk in generate(engine, ids, params=params, cache=cache):
         if chunk.text:
             pieces.append(chunk.text)
             if on_text is not None:
