@@ -18,6 +18,7 @@ class QuantConfig:
     checkpoint_format: str = "gptq"  # gptq (v1: zeros stored minus one) | gptq_v2
     damp_percent: float = 0.01
     mse: float = 0.0  # GPTQ: > 0 searches each group's clipping range by least |w - q(w)|^mse
+    hessian_shrink: float | None = None  # GPTQ: pull H toward its diagonal by this much; None: in / (in + tokens)
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "awq", "rtn"):
@@ -28,6 +29,8 @@ class QuantConfig:
             raise ValueError("AWQ checkpoints are 4-bit only (the AWQ GEMM layout packs eight 4-bit values)")
         if self.group_size != -1 and self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"group size {self.group_size} is not supported: use 32, 64, 128, 256 or -1")
+        if self.hessian_shrink is not None and not 0 <= self.hessian_shrink <= 1:
+            raise ValueError(f"Hessian shrinkage must be in [0, 1] or auto, got {self.hessian_shrink}")
         if self.checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"unknown checkpoint_format {self.checkpoint_format!r}")
 
@@ -58,7 +61,8 @@ class QuantConfig:
                    sym=bool(data.get("sym", True)), desc_act=bool(data.get("desc_act", False)),
                    static_groups=bool(data.get("static_groups", False)),
                    checkpoint_format=str(data.get("checkpoint_format", "gptq")),
-                   damp_percent=float(data.get("damp_percent", 0.01)), mse=float(data.get("mse", 0.0) or 0.0))
+                   damp_percent=float(data.get("damp_percent", 0.01)), mse=float(data.get("mse", 0.0) or 0.0),
+                   hessian_shrink=_shrink_from_hf(data.get("hessian_shrink", 0.0)))
 
     def to_hf(self) -> dict[str, Any]:
         if self.method == "awq":
@@ -66,5 +70,11 @@ class QuantConfig:
                     "zero_point": not self.sym, "version": "gemm"}
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "desc_act": self.desc_act, "static_groups": self.static_groups, "damp_percent": self.damp_percent,
-                "mse": self.mse, "true_sequential": True, "checkpoint_format": self.checkpoint_format,
+                "mse": self.mse, "hessian_shrink": "auto" if self.hessian_shrink is None else self.hessian_shrink,
+                "true_sequential": True, "checkpoint_format": self.checkpoint_format,
                 "quantizer": "qwen2cli-rtn" if self.method == "rtn" else "qwen2cli-gptq"}
+
+
+def _shrink_from_hf(value: Any) -> float | None:
+    """quantize_config's "hessian_shrink" (ours; other tools write none, which is no shrinkage): "auto" or 0-1."""
+    return None if value == "auto" else float(value or 0.0)

@@ -62,10 +62,24 @@ class GPTQ:
     def hessian(self) -> torch.Tensor:
         return self._sum * (2 / max(self.samples, 1))
 
+    def shrunk_hessian(self, shrink: float | None = None) -> torch.Tensor:
+        """(1 - a) H + a diag(H): the measured Hessian pulled toward its diagonal. With few calibration tokens per
+        input channel H is a poor estimate of the inputs' correlations (rank <= tokens) and GPTQ, pushing each
+        column's error into directions the calibration never exercised, does worse than round-to-nearest on other
+        text; the diagonal keeps each channel's weight and drops only the unreliable cross terms (a = 1 is
+        round-to-nearest in GPTQ's order). None: a = in / (in + tokens), shrinking in proportion to how
+        underdetermined H is (covariance shrinkage in the Ledoit-Wolf manner)."""
+        H = self.hessian
+        a = H.shape[0] / (H.shape[0] + self.samples) if shrink is None else shrink
+        if not 0 <= a <= 1:
+            raise ValueError(f"Hessian shrinkage must be in [0, 1], got {a}")
+        return H.clone() if a == 0 else torch.lerp(H, torch.diag(torch.diag(H)), a)
+
     def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
                  static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                 mse: float = 0.0) -> GPTQResult:
-        """`mse` > 0: pick each group's range by least |w - q(w)|^mse over shrunken ranges instead of min/max."""
+                 mse: float = 0.0, shrink: float | None = 0.0) -> GPTQResult:
+        """`mse` > 0: pick each group's range by least |w - q(w)|^mse over shrunken ranges instead of min/max.
+        `shrink`: see `shrunk_hessian` (None: by the number of samples)."""
         out_features, in_features = weight.shape
         if mse > 0:
             def params(w: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +88,7 @@ class GPTQ:
             params = group_params
         size = in_features if group_size == -1 else group_size
         W = weight.detach().clone().float()
-        H = self.hessian.clone()
+        H = self.shrunk_hessian(shrink)
         fallback = None
         if self.samples == 0:  # an expert no calibration token reached: plain RTN is what an identity H gives
             H = torch.eye(in_features, device=W.device)

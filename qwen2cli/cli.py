@@ -199,6 +199,16 @@ def bench(
             sys.stdout.write(f"{key:<14} {shown}\n")
 
 
+def _shrink_option(value: str) -> float | None:
+    """--shrink: "auto" (None) or a number (its range is QuantConfig's to check)."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise BadInput(f"--shrink must be auto or a number in [0, 1], got {value!r}") from None
+
+
 @app.command()
 def quantize(
     model: ModelArg = None,
@@ -211,6 +221,7 @@ def quantize(
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
     damp: Annotated[float, typer.Option("--damp", help="GPTQ damping, a fraction of the Hessian's mean diagonal; raise it (0.1) for small calibration sets.")] = 0.01,
+    shrink: Annotated[str, typer.Option("--shrink", help="GPTQ: pull the Hessian toward its diagonal, 0 (plain GPTQ) to 1 (round-to-nearest), or auto: in/(in+tokens), strong when calibration tokens are few.")] = "auto",
     out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -223,11 +234,12 @@ def quantize(
         raise BadInput(f"unknown --method {method!r}: use gptq, awq or rtn")
     if not 0 < damp <= 1:
         raise BadInput(f"--damp must be in (0, 1], got {damp}")
+    hessian_shrink = _shrink_option(shrink)
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir, config = _resolve_config(model)
     # options that do not fit the model are refused from its config.json, before torch and the weights load
     quantization_for(config, method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
-                     damp_percent=damp)
+                     damp_percent=damp, hessian_shrink=hessian_shrink)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
     from .calibration import read_calibration  # torch loads from here on
@@ -240,7 +252,7 @@ def quantize(
         def run_quantize(target: Path) -> Path:
             return quantize_model(engine, target, method=method, bits=bits, group_size=group, sym=sym,
                                   desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
-                                  damp_percent=damp, progress=bars.update)
+                                  damp_percent=damp, hessian_shrink=hessian_shrink, progress=bars.update)
 
         if out:
             path = run_quantize(Path(out))

@@ -95,7 +95,8 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
         result = collectors[reader].quantize(stacked, bits=quant_config.bits, group_size=quant_config.group_size,
                                              sym=quant_config.sym, desc_act=quant_config.desc_act,
                                              static_groups=quant_config.static_groups,
-                                             damp_percent=quant_config.damp_percent, mse=quant_config.mse)
+                                             damp_percent=quant_config.damp_percent, mse=quant_config.mse,
+                                             shrink=quant_config.hessian_shrink)
         begin = 0
         for name in names:
             linear = linears[name]
@@ -261,13 +262,14 @@ def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
 
 def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
                    desc_act: bool, calibration: str | None, samples: int, seq_len: int,
-                   damp_percent: float = 0.01, mse: float = 0.0,
+                   damp_percent: float = 0.01, mse: float = 0.0, hessian_shrink: float | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from quant.linear import quantize_linear
 
     quant_config = quantization_for(engine.config, method=method, bits=bits, group_size=group_size, sym=sym,
-                                    desc_act=desc_act, damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0)
+                                    desc_act=desc_act, damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0,
+                                    hessian_shrink=hessian_shrink)
     model = engine.loaded.model
     config = engine.config
     with torch.inference_mode():

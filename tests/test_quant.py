@@ -160,6 +160,33 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     assert gptq_error < 0.5 * rtn_error
 
 
+def test_hessian_shrinkage_keeps_gptq_from_overfitting_few_tokens():
+    """With fewer calibration tokens than input channels, plain GPTQ does worse than round-to-nearest on other
+    inputs from the same distribution (it pushes errors into directions the calibration never saw); the default
+    shrinkage toward the Hessian's diagonal beats both. Errors measured on held-out inputs."""
+    torch.manual_seed(0)
+    width = 256
+    mix = torch.randn(width, width) / width**0.5 + torch.eye(width)  # correlated channels, full rank
+    inputs = (torch.randn(4000, width) * torch.linspace(0.2, 2, width)) @ mix
+    weight = torch.randn(64, width) * 0.1
+    held_out = inputs[1000:]
+    hessian = GPTQ(width)
+    hessian.add_batch(inputs[:128])
+
+    def error(codes, scales, zeros, g_idx):
+        dequantized = (codes - zeros[g_idx.long()].t()) * scales[g_idx.long()].t()
+        return float((held_out @ (dequantized - weight).t()).pow(2).mean())
+
+    plain = hessian.quantize(weight, bits=4, group_size=32, sym=False, shrink=0.0)
+    shrunk = hessian.quantize(weight, bits=4, group_size=32, sym=False, shrink=None)
+    rtn = error(*quantize_rtn(weight, bits=4, group_size=32, sym=False), torch.arange(width) // 32)
+    assert error(shrunk.codes, shrunk.scales, shrunk.zeros, shrunk.g_idx) < 0.95 * rtn
+    assert rtn < 0.8 * error(plain.codes, plain.scales, plain.zeros, plain.g_idx)
+    # full shrinkage leaves only the diagonal: no error is pushed onto other columns, round-to-nearest exactly
+    diagonal = hessian.quantize(weight, bits=4, group_size=32, sym=False, shrink=1.0)
+    assert torch.equal(diagonal.codes, quantize_rtn(weight, bits=4, group_size=32, sym=False)[0])
+
+
 def test_gptq_clip_search_never_rounds_worse_than_min_max():
     from quant.rtn import dequantize, group_params, quantize, search_group_params
 
@@ -281,6 +308,7 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     assert config["quantization_config"]["bits"] == bits
     if damp:
         assert config["quantization_config"]["damp_percent"] == 0.05
+        assert config["quantization_config"]["hessian_shrink"] == "auto"
     assert config["quantization_config"]["quant_method"] == ("awq" if method == "awq" else "gptq")
     answer = _qwen2("run", path, "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
     assert answer.returncode == 0, answer.stderr
@@ -301,7 +329,8 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     small.write_text("Only a few words of calibration text.\n")
     cases = [(["--method", "hqq"], "unknown --method"), (["--method", "awq", "--bits", "8"], "4-bit only"),
              (["--group-size", "256"], "does not divide"),
-             (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be")]
+             (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be"),
+             (["--shrink", "1.5"], "shrinkage must be in [0, 1]"), (["--shrink", "x"], "--shrink must be")]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
