@@ -3,8 +3,8 @@
   python benchmarks/quality.py [--configs rtn4-g128,gptq4-g128,awq4-g128,...] [--samples 128] [--seq-len 512]
                                [--calib FILE] [--text-chars 40000] [--work DIR]
 
-Each configuration is `METHOD BITS - g GROUP` (rtn4-g128, gptq4-g32, awq4-g128, gptq8, rtn8; gptq4 runs with
---desc-act) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
+Each configuration is `METHOD BITS - g GROUP` (rtn4-g128, gptq4-g32, awq4-g128, gptq8, rtn8; GPTQ with the
+command's defaults: no act-order, `--shrink auto`) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
 time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation text the tests assemble
 (tests.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
 float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
@@ -36,8 +36,6 @@ def quantize(source: Path, out: Path, config: str, args: argparse.Namespace) -> 
                "--group-size", str(group), "--out", str(out)]
     if bits == 4:
         command.append("--asym")
-    if method == "gptq" and bits == 4:
-        command.append("--desc-act")
     if method in ("gptq", "awq"):
         command += ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
         if args.calib:

@@ -1,13 +1,15 @@
 """The real model quantized: int8 GPTQ, int4 GPTQ and int4 AWQ (group 128) checkpoints quantize, load and answer;
 perplexity on ~2,500 tokens of this machine's documentation against the float model and round-to-nearest int4.
 
-Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time, and GPTQ runs
-with `--damp 0.1`: with so few tokens per input channel it overfits at the default 0.01 (int8 1.019x, int4 1.61x).
-Measured ratios to the float perplexity: GPTQ int8 1.0056-1.0066x (the issue's bar, within 1.01x, is asserted),
-GPTQ int4 1.37x, AWQ int4 1.39x, RTN int4 1.26x. The int4 bar (GPTQ/AWQ recovering half of what RTN loses) is NOT
-met, so the int4 bounds hold the line against breakage only: with 128 x 512 calibration tokens GPTQ recovers ~8% of
-RTN's loss on the longer text of benchmarks/quality.py, 64% when calibrated on the evaluation text itself (README,
-"Quantization quality, measured")."""
+Calibration here is small (8 x 128 tokens of the default text, 4 x 128 for AWQ) to keep CI's time; GPTQ runs with
+`--damp 0.1` and the default Hessian shrinkage (`--shrink auto`), without act-order: with so few tokens per input
+channel plain GPTQ overfits (int4 1.61x at damp 0.01, 1.37x at 0.1, against RTN's 1.26x), and on this model (a
+GGUF Q4_K_M dequantized, whose weights sit on contiguous 32-wide grids) act-order's groups alone cost more than
+GPTQ wins back (round-to-nearest in act-order groups: 9.68 against 9.17 on the licence texts). The int8 bar (within
+1.01x) is asserted; the int4 bar (GPTQ/AWQ recovering half of what RTN loses) is NOT met (GPTQ is about level with
+RTN at this calibration, AWQ worse: its clipping search overfits), so the int4 bounds hold the line against
+breakage only (README, "Quantization quality, measured")."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +29,7 @@ CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration 
 AWQ_CALIBRATION = ["--samples", "4", "--seq-len", "128"]
 INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
 GPTQ = ["--method", "gptq", "--damp", "0.1", *CALIBRATION]
-QUANTIZATIONS = {"gptq4": [*GPTQ, "--desc-act", *INT4], "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
+QUANTIZATIONS = {"gptq4": [*GPTQ, *INT4], "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
                  "gptq8": [*GPTQ, "--bits", "8"]}
 # The jobs below run at once, one thread each: on 2 cores, two one-thread jobs do 1.4x the work of one two-thread
 # job, and this file is the suite's longest, so its jobs taking more than half the cores shortens the whole run.
