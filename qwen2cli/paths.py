@@ -26,11 +26,5 @@ def history_file() -> Path:
 
 
 def prompt_cache_dir() -> Path:
-    """Keys and values of chat-template openings (see prompt_cache.py): QWEN2_HOME/cache, else the platform's
-    cache directory."""
-    configured = os.environ.get("QWEN2_HOME")
-    if configured:
-        return Path(configured).expanduser() / "cache" / "prompts"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("qwen2cli", appauthor=False)) / "prompts"
+    """Keys and values of chat-template openings (prompt_cache.py), beside the tokenizer tables' cache."""
+    return home() / "cache" / "prompts"

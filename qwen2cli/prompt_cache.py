@@ -12,7 +12,6 @@ import hashlib
 import os
 from pathlib import Path
 
-
 from .generate import Engine, prefill
 from .kv_cache import KVCache
 from .paths import prompt_cache_dir
