@@ -45,6 +45,12 @@ class QuantLinear(nn.Module):
         self.kernel = "reference"
         self._fast: dict[str, torch.Tensor] = {}
 
+    def extra_repr(self) -> str:
+        """What the layer computes with, so that two differently quantized models never print (or key) alike."""
+        config = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {config.method} "
+                f"int{config.bits}, group_size={config.group_size}, sym={config.sym}, kernel={self.kernel}")
+
     # -- decoding the stored layout ------------------------------------------------------------------------------
     @property
     def _version(self) -> int:

@@ -49,10 +49,11 @@ def test_opening_from_disk_gives_the_logits_of_a_full_prefill(tiny_model, tmp_pa
     cache = engine.new_cache(256)
     fill_opening(engine, cache, ids[:shared])
     assert torch.equal(prefill(engine, cache, ids[shared:]), results[0])
-    # another dtype is another file
-    other = load_engine(tiny_model, device="cpu", dtype="bfloat16")
-    fill_opening(other, other.new_cache(256), ids[:shared])
-    assert len(list(files.glob("*.safetensors"))) == 2
+    # another dtype, and each --load-in quantization, is another file
+    for options in ({"dtype": "bfloat16"}, {"load_in": "8bit"}, {"load_in": "4bit"}):
+        other = load_engine(tiny_model, device="cpu", **options)
+        fill_opening(other, other.new_cache(256), ids[:shared])
+    assert len(list(files.glob("*.safetensors"))) == 4
 
 
 def test_run_answers_the_same_with_and_without_the_file(tiny_model, tmp_path):
