@@ -1,8 +1,11 @@
 """Safetensors checkpoints -> a model: build on the meta device, swap quantized modules, load with assign=True."""
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,24 +78,50 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise BadCheckpoint(f"{model_dir} has no *.safetensors weights")
 
 
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors from safetensors files; a corrupt or truncated file is a BadCheckpoint."""
+OWN_MAPPING_BYTES = 1 << 22  # tensors read through a mapping of their own when converted or transient
+Target = Callable[[str, torch.Tensor], tuple[torch.dtype, torch.device]]
+
+
+def read_state_dict(files: list[Path], target: Target | None = None, transient: frozenset[str] = frozenset()
+                    ) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors files; a corrupt or truncated file is a BadCheckpoint.
+
+    `target(name, tensor)` says the dtype and device each tensor is used in. One already so stays a memory-mapped,
+    zero-copy view. One converted, or named in `transient` (read once, then dropped), is read through a mapping of
+    its own, so the pages read for it leave memory with it instead of staying resident in the one mapping that the
+    kept views hold open."""
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name in handle.keys():
-                    tensors[name] = handle.get_tensor(name)
+                    tensor = handle.get_tensor(name)  # a view: none of its pages is read yet
+                    dtype, device = (tensor.dtype, tensor.device) if target is None else target(name, tensor)
+                    if (dtype, device) == (tensor.dtype, tensor.device) and name not in transient:
+                        tensors[name] = tensor
+                    elif tensor.nbytes < OWN_MAPPING_BYTES:  # small: not worth a mapping (~2 ms each)
+                        tensors[name] = tensor.to(device=device, dtype=dtype)
+                    else:
+                        with safe_open(str(path), framework="pt", device="cpu") as own:
+                            tensors[name] = own.get_tensor(name).to(device=device, dtype=dtype)
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})") from exc
     return tensors
 
 
-def _place(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Cast floating tensors to the compute dtype; integer (packed) tensors keep theirs."""
-    if tensor.is_floating_point():
-        return tensor.to(device=device, dtype=dtype)
-    return tensor.to(device=device)
+def _target(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.device]:
+    """Floating tensors in the compute dtype; integer (packed) tensors keep theirs."""
+    return (dtype if tensor.is_floating_point() else tensor.dtype), device
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc): loading frees hundreds of MB of temporaries in
+    pieces that malloc would otherwise keep, counted in the process's resident memory."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
 
 
 def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "default") -> Qwen2Config:
@@ -132,8 +161,17 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         from .quantized_load import swap_quantized_modules
 
         swap_quantized_modules(model, config, dtype=torch_dtype)
-    state = read_state_dict(files)
-    state = {name: _place(t, torch_dtype, torch_device) for name, t in state.items()}
+    # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
+    # view of the file, and only the rows a prompt uses are ever read into memory
+    lookup_only = {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
+    # --load-in: each float Linear weight is read once, quantized, then dropped
+    transient: frozenset[str] = frozenset()
+    if load_in is not None:
+        from .quantized_load import quantizable_linears
+
+        transient = frozenset(f"{name}.weight" for name in quantizable_linears(model))
+    state = read_state_dict(files, lambda name, t: (t.dtype, t.device) if name in lookup_only
+                            else _target(t, torch_dtype, torch_device), transient)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     expected = set(model.state_dict().keys())
@@ -151,6 +189,7 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         if tuple(tensor.shape) != expected_shape:
             raise BadCheckpoint(f"{name} has shape {tuple(tensor.shape)}, config.json implies {expected_shape}")
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds what it uses; what --load-in replaces is freed as it goes
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantized:
@@ -162,6 +201,7 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
 
         quantize_at_load(model, load_in, device=torch_device)
     model.eval().requires_grad_(False)
+    release_freed_memory()
     return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype)
 
 

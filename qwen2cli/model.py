@@ -244,7 +244,8 @@ class Qwen2ForCausalLM(nn.Module):
         length = input_ids.shape[1]
         if start_pos + length > cache.max_len:
             raise ValueError(f"positions up to {start_pos + length} exceed the cache's {cache.max_len}")
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        # (B, T, hidden); the table may be kept in its stored dtype on CPU (checkpoint.load_model)
+        x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)
         rope = self._rope_tables(start_pos, length, input_ids.device)
         for layer in self.model.layers:
             x = layer(x, rope, cache, start_pos)

@@ -85,3 +85,37 @@ def test_auto_dtype_rule():
     assert resolve_dtype("auto", replace(base, torch_dtype="bfloat16"), cpu) == torch.bfloat16
     assert resolve_dtype("auto", replace(base, torch_dtype="float16"), cpu) == torch.bfloat16
     assert resolve_dtype("float16", base, cpu) == torch.float16
+
+
+def test_embedding_table_kept_as_stored_changes_no_logit(tmp_path):
+    """On CPU an untied embedding table stays in its stored dtype (a view of the file, only looked-up rows read) and
+    rows are cast as they are looked up: the logits equal those of the table cast whole at load, bit for bit."""
+    directory = write_tiny_checkpoint(tmp_path / "tiny", with_tokenizer=False)
+    ours = load_model(directory, device="cpu", dtype="bfloat16")
+    table = ours.model.model.embed_tokens.weight
+    assert table.dtype == torch.float32 and ours.model.lm_head.weight.dtype == torch.bfloat16
+    ids = _ids(12)
+    with torch.inference_mode():
+        kept = ours.model(ids, KVCache(ours.config, 16, dtype=torch.bfloat16), 0)
+        ours.model.model.embed_tokens.weight = torch.nn.Parameter(table.to(torch.bfloat16), requires_grad=False)
+        cast_at_load = ours.model(ids, KVCache(ours.config, 16, dtype=torch.bfloat16), 0)
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, cast_at_load)
+
+
+def test_read_state_dict_gives_the_stored_values(tiny_model):
+    """Tensors kept as views, converted ones and transient ones (each read through a mapping of its own) hold what
+    safetensors' own loader reads."""
+    from safetensors.torch import load_file
+
+    from qwen2cli.checkpoint import read_state_dict
+
+    path = tiny_model / "model.safetensors"
+    reference = load_file(str(path))
+    converted = {name for name in reference if "mlp" in name}
+    transient = frozenset(name for name in reference if "self_attn" in name)
+    state = read_state_dict([path], lambda name, t: (torch.bfloat16 if name in converted else t.dtype, t.device),
+                            transient)
+    assert state.keys() == reference.keys() and converted and transient
+    for name, tensor in state.items():
+        expected = reference[name].to(torch.bfloat16) if name in converted else reference[name]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
