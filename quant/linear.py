@@ -1,6 +1,7 @@
 """QuantLinear: packed weights under the checkpoint's own names, a reference path and fast per-device kernels."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -8,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .packing import (dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, pack_rows, unpack_awq, unpack_gptq,
-                      unpack_rows)
+from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -17,6 +17,27 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # once and using an ordinary GEMM (measured on a 2-core AVX2 host, 4864x896 at 512 rows: int4 kernel 69 ms,
 # unpack 8 ms + float32 GEMM 28 ms; the int4 kernel wins below ~110 rows, and at one row by 20x)
 DEQUANT_MIN_ROWS = 128
+
+
+def unpack_int4pack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Codes (out, in) back from `_convert_weight_to_int4pack_for_cpu`'s uint8 (out, in/2): tiles of 32 output rows
+    by 8 inputs, stored input-major, rows 0-15 of a tile in the low nibbles and 16-31 in the high ones. The layout
+    is torch's, undocumented: `int4pack_cpu_layout_known` checks it before anything relies on it."""
+    tiles = packed.view(out_features // 32, in_features // 8, 8, 16)
+    nibbles = torch.stack([tiles & 15, tiles >> 4], dim=1)  # (row tile, half, input tile, input, row in half)
+    return nibbles.permute(0, 1, 4, 2, 3).reshape(out_features, in_features)
+
+
+@functools.cache
+def int4pack_cpu_layout_known(out_features: int, in_features: int) -> bool:
+    """Whether this torch packs a weight of this shape the way `unpack_int4pack_cpu` reads it (random codes)."""
+    if out_features % 32 or in_features % 8:
+        return False
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return packed.shape == (out_features, in_features // 2) and torch.equal(
+        unpack_int4pack_cpu(packed, out_features, in_features).int(), codes)
 
 
 class QuantLinear(nn.Module):
@@ -56,14 +77,16 @@ class QuantLinear(nn.Module):
     def _version(self) -> int:
         return 2 if self.config.checkpoint_format == "gptq_v2" else 1
 
-    def codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes input-major (in, out), as GPTQ stores them; zeros (groups, out); each input channel's group."""
+    def codes_and_zeros(self, packed: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes input-major (in, out), as GPTQ stores them; zeros (groups, out); each input channel's group.
+        From `packed` (qweight, qzeros and g_idx when stored, holding the same values) instead of the buffers."""
+        qweight, qzeros = (self.qweight, self.qzeros) if packed is None else (packed["qweight"], packed["qzeros"])
         if self.config.layout == "awq":
-            codes, zeros = unpack_awq(self.qweight, self.qzeros, input_major=True)
+            codes, zeros = unpack_awq(qweight, qzeros, input_major=True)
             return codes, zeros, torch.arange(self.in_features, device=codes.device) // self.group_size
-        codes, zeros = unpack_gptq(self.qweight, self.qzeros, bits=self.config.bits, version=self._version,
-                                   input_major=True)
-        return codes, zeros, self.g_idx.long()
+        codes, zeros = unpack_gptq(qweight, qzeros, bits=self.config.bits, version=self._version, input_major=True)
+        return codes, zeros, (packed or {}).get("g_idx", self.g_idx).long()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight (out, in) this layer stands for."""
@@ -78,12 +101,13 @@ class QuantLinear(nn.Module):
         return F.linear(x.float(), self.dequantized_weight(), bias).to(x.dtype)
 
     # -- fast kernels ------------------------------------------------------------------------------------------
-    def post_load(self) -> None:
-        """Repack once for the device: act-order is resolved here, never per token."""
+    def post_load(self, packed: dict[str, torch.Tensor] | None = None) -> None:
+        """Repack once for the device: act-order is resolved here, never per token. `packed`: the stored tensors
+        read elsewhere (so that the buffers' own pages need never be read, see quantized_load)."""
         device = self.qweight.device
         # codes input-major: act-order's permutation is then a gather of whole rows, and the one transpose is the
         # int4 kernel's (a column gather and two transposes made loading 2x slower)
-        rows, zeros, groups = self.codes_and_zeros()  # (in, out)
+        rows, zeros, groups = self.codes_and_zeros(packed)  # (in, out)
         order = torch.argsort(groups, stable=True)
         contiguous = bool((groups[order] == torch.arange(self.in_features, device=device) // self.group_size).all())
         if not contiguous:  # a group not made of whole consecutive blocks: the reference path handles it
@@ -95,16 +119,15 @@ class QuantLinear(nn.Module):
         if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
-            uses_qweight = self.config.layout == "gptq" and not permuted  # v1 and v2 differ in qzeros only
             self._fast = {
                 "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(sorted_rows.t().contiguous(), 2),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
-                # for long inputs: codes packed 8 per int32 along the input (GPTQ's own qweight when it is in
-                # order already, so no copy), and w = code * scale + (-scale * zero) per group in float32
-                "rows": self.qweight if uses_qweight else pack_rows(sorted_rows, 4),
-                "scales32": scales[:, None, :].contiguous(),
-                "offsets32": (-scales * zeros.float())[:, None, :].contiguous(),
             }
+            if int4pack_cpu_layout_known(self.out_features, self.in_features):
+                # for long inputs, w = code * scale + (-scale * zero) per (row, group) in float32, the codes read
+                # back from the kernel's own packing: no second copy of them is kept
+                self._fast["scales32"] = scales.t().unsqueeze(-1).contiguous()  # (out, groups, 1)
+                self._fast["offsets32"] = (-scales * zeros.float()).t().unsqueeze(-1).contiguous()
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
             self._fast = {"weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
@@ -129,7 +152,7 @@ class QuantLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if "order" in self._fast:
             flat = flat[:, self._fast["order"]]
-        if self.kernel in ("int4pack-cpu", "int8pack-cpu") and flat.shape[0] >= DEQUANT_MIN_ROWS:
+        if "scales32" in self._fast and flat.shape[0] >= DEQUANT_MIN_ROWS:
             out = self._unpacked_matmul(flat.float())
         else:
             out = self._kernel_matmul(flat.to(torch.bfloat16))  # these kernels want bfloat16 activations
@@ -141,11 +164,10 @@ class QuantLinear(nn.Module):
         """float32 x @ W^T through the weight unpacked to float32 for this call only (held for one matmul)."""
         if self.kernel == "int8pack-cpu":
             return (flat @ self._fast["weight"].t().float()) * self._fast["scales32"]
-        rows = self._fast["rows"]  # (in/8, out)
-        groups = self.in_features // self.group_size
-        codes = unpack_rows(rows, 4).view(groups, self.group_size, -1)
-        weight_t = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
-        return flat @ weight_t.view(self.in_features, self.out_features)
+        codes = unpack_int4pack_cpu(self._fast["packed"], self.out_features, self.in_features)
+        codes = codes.view(self.out_features, self.in_features // self.group_size, self.group_size)
+        weight = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
+        return F.linear(flat, weight.view(self.out_features, self.in_features))
 
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8pack-cpu":

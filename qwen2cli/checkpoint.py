@@ -195,7 +195,7 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
     if quantized:
         from .quantized_load import finish_quantized_modules
 
-        finish_quantized_modules(model)
+        finish_quantized_modules(model, files)
     if load_in is not None:
         from .quantized_load import quantize_at_load
 

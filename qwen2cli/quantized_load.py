@@ -1,12 +1,17 @@
 """Quantized checkpoints: swap the model's Linears for QuantLinears before loading, finish them after."""
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
 from .config import Qwen2Config
 from .errors import BadCheckpoint, BadInput, MissingDependency
 
+PACKED = ("qweight", "qzeros", "g_idx")  # what QuantLinear.post_load reads
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
 
 
@@ -33,16 +38,36 @@ def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torc
 RELEASE_EVERY = 8
 
 
-def finish_quantized_modules(model: nn.Module) -> None:
-    """Convert loaded packed weights once into the fastest kernel layout for their device."""
+def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) -> None:
+    """Convert loaded packed weights once into the fastest kernel layout for their device.
+
+    With the checkpoint's `files`, the packed integers are read for this through mappings of their own, dropped
+    every RELEASE_EVERY Linears: the modules' buffers (memory-mapped views, kept for the reference path and for
+    saving) are then never read, and stay out of resident memory beside the kernels' copy."""
     from quant.linear import QuantLinear
+    from safetensors import safe_open
 
     from .checkpoint import release_freed_memory
 
-    for count, module in enumerate(m for m in model.modules() if isinstance(m, QuantLinear)):
-        module.post_load()
-        if count % RELEASE_EVERY == RELEASE_EVERY - 1:
-            release_freed_memory()
+    home = {}
+    for path in files or []:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            home.update((name, path) for name in handle.keys())
+    modules = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+    for begin in range(0, len(modules), RELEASE_EVERY):
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for name, module in modules[begin:begin + RELEASE_EVERY]:
+                stored = {key: home[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in home}
+                packed = None
+                if module.qweight.device.type == "cpu" and {"qweight", "qzeros"} <= stored.keys():
+                    for path in stored.values():
+                        if path not in handles:
+                            handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                    packed = {key: handles[path].get_tensor(f"{name}.{key}") for key, path in stored.items()}
+                module.post_load(packed)
+            del packed, handles  # the last views of this batch's mappings
+        release_freed_memory()
 
 
 LOAD_IN = ("8bit", "4bit")

@@ -11,7 +11,8 @@ import torch
 
 from quant.config import QuantConfig
 from quant.gptq import GPTQ, upper_cholesky_of_inverse
-from quant.linear import DEQUANT_MIN_ROWS, QuantLinear, quantize_linear
+from quant.linear import (DEQUANT_MIN_ROWS, QuantLinear, int4pack_cpu_layout_known, quantize_linear,
+                          unpack_int4pack_cpu)
 from quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from quant.rtn import quantize_rtn
 
@@ -101,7 +102,8 @@ def test_gptq_v2_zeros_are_not_offset():
 
 @pytest.mark.parametrize("shape,bits,group,method,act_order", [
     ((96, 64), 4, 32, "gptq", False), ((256, 48), 4, 128, "gptq", True), ((192, 40), 4, 64, "awq", False),
-    ((160, 24), 8, -1, "gptq", False), ((128, 32), 8, 32, "gptq", False), ((96, 16), 4, 32, "gptq", True)])
+    ((160, 24), 8, -1, "gptq", False), ((128, 32), 8, 32, "gptq", False), ((96, 16), 4, 32, "gptq", True),
+    ((128, 96), 4, 32, "gptq", True), ((64, 160), 4, 64, "awq", False)])
 def test_fast_kernels_equal_reference(shape, bits, group, method, act_order):
     torch.manual_seed(0)
     in_features, out_features = shape
@@ -125,9 +127,23 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order):
     expected_kernel = "reference" if slow else fast
     assert layer.kernel == expected_kernel
     torch.testing.assert_close(layer(x), reference, atol=0.05 * reference.abs().max().item(), rtol=0.02)
-    # float32 throughout, no bfloat16 activations: as close as the order of summation allows
-    torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
-                               rtol=1e-4)
+    if bits == 8 or int4pack_cpu_layout_known(out_features, in_features):  # the unpack-then-GEMM path
+        # float32 throughout, no bfloat16 activations: as close as the order of summation allows
+        torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
+                                   rtol=1e-4)
+    else:  # rows not in whole tiles of 32: the kernel for long inputs too
+        torch.testing.assert_close(layer(long_x), long_reference, atol=0.05 * long_reference.abs().max().item(),
+                                   rtol=0.02)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(32, 64), (128, 896), (896, 896), (4864, 896), (896, 4864)])
+def test_int4pack_cpu_layout_read_back(out_features, in_features):
+    """The codes come back out of torch's CPU int4 packing (Qwen2-0.5B's shapes among them), so long inputs can
+    use the one packed copy instead of keeping a second."""
+    assert int4pack_cpu_layout_known(out_features, in_features)
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(unpack_int4pack_cpu(packed, out_features, in_features).int(), codes)
 
 
 @pytest.mark.parametrize("size", [300, 2100])  # LAPACK's three calls below 2048, the recursion from there
@@ -322,6 +338,17 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     # tiny weights quantize far worse than trained ones: 16 levels for each group's whole range, over 3 layers)
     relative = ((got - expected).norm() / expected.norm()).item()
     assert relative < (0.02 if bits == 8 else 0.25), relative
+    # every layer's kernel, built from the packed tensors as loading reads them (through mappings of their own),
+    # computes what the reference path computes from the layer's own buffers
+    layers = [m for m in quantized.loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.kernel == ("int8pack-cpu" if bits == 8 else "int4pack-cpu") for m in layers)
+    for layer in layers:
+        for rows in (3, DEQUANT_MIN_ROWS + 5):
+            x = torch.randn(rows, layer.in_features)
+            reference = layer.forward_reference(x)
+            tolerance = 1e-4 if rows > DEQUANT_MIN_ROWS else 0.05
+            torch.testing.assert_close(layer(x), reference, rtol=tolerance,
+                                       atol=tolerance * reference.abs().max().item())
 
 
 def test_quantize_bad_input(tiny_model, tmp_path):
