@@ -86,7 +86,7 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
 
     from .checkpoint import release_freed_memory
 
-    pending = _float_linears(model, keeps_float)[::-1]
+    pending = list(_float_linears(model, keeps_float).values())[::-1]
     while pending:  # popped, so each float weight is freed once replaced, not at the end (peak memory)
         child, attribute, sub = pending.pop()
         if len(pending) % RELEASE_EVERY == 0:
@@ -107,7 +107,7 @@ def _bitsandbytes(model: nn.Module, load_in: str, keep) -> str:
         import bitsandbytes as bnb
     except ImportError as exc:
         raise MissingDependency("--load-in on CUDA needs bitsandbytes: pip install 'qwen2cli[cuda]'") from exc
-    for child, attribute, sub in _float_linears(model, keep):
+    for child, attribute, sub in _float_linears(model, keep).values():
         if load_in == "8bit":
             layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
                                         has_fp16_weights=False, threshold=6.0)
@@ -124,15 +124,16 @@ def _bitsandbytes(model: nn.Module, load_in: str, keep) -> str:
 
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Qualified names of the Linears that `--load-in` quantizes."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not keeps_float(name)]
+    return list(_float_linears(model, keeps_float))
 
 
-def _float_linears(model: nn.Module, keep) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, Linear) for every nn.Linear whose qualified name `keep` does not claim."""
-    found = []
+def _float_linears(model: nn.Module, keep) -> dict[str, tuple[nn.Module, str, nn.Linear]]:
+    """Qualified name -> (parent, attribute, Linear) for every nn.Linear whose qualified name `keep` does not
+    claim."""
+    found = {}
     for name, child in model.named_modules():
         for attribute, sub in child.named_children():
             qualified = f"{name}.{attribute}" if name else attribute
             if isinstance(sub, nn.Linear) and not keep(qualified):
-                found.append((child, attribute, sub))
+                found[qualified] = (child, attribute, sub)
     return found
