@@ -95,7 +95,7 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, *, bits: int, group_
     groups = in_features // group_size
     x = inputs.reshape(-1, in_features).float()
     if x.shape[0] > tokens:
-        x = x[torch.linspace(0, x.shape[0] - 1, tokens).long()]
+        x = x[torch.linspace(0, x.shape[0] - 1, tokens, device=x.device).long()]
     x = x.reshape(-1, groups, group_size).transpose(0, 1)  # (G, N, g)
     gram = x.transpose(1, 2) @ x / x.shape[1]  # (G, g, g)
     bounds = []

@@ -33,11 +33,17 @@ def int4pack_cpu_layout_known(out_features: int, in_features: int) -> bool:
     """Whether this torch packs a weight of this shape the way `unpack_int4pack_cpu` reads it (random codes)."""
     if out_features % 32 or in_features % 8:
         return False
-    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32,
-                          generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cpu",
+                          generator=torch.Generator("cpu").manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     return packed.shape == (out_features, in_features // 2) and torch.equal(
         unpack_int4pack_cpu(packed, out_features, in_features).int(), codes)
+
+
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """tinygemm's CUDA packing holds the inputs in tiles of inner_k_tiles x 16 (2, 4 or 8): the largest that
+    divides them, 0 when none does."""
+    return next((tiles for tiles in (8, 4, 2) if in_features % (tiles * 16) == 0), 0)
 
 
 class QuantLinear(nn.Module):
@@ -116,6 +122,7 @@ class QuantLinear(nn.Module):
         sorted_rows = rows[order] if permuted else rows  # (in, out), groups in order
         scales = self.scales.float()  # (groups, out)
         int4_shape_ok = self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0
+        inner_k_tiles = cuda_inner_k_tiles(self.in_features)
         if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
@@ -133,11 +140,12 @@ class QuantLinear(nn.Module):
             self._fast = {"weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
                           "scales": scales[0].to(torch.bfloat16), "scales32": scales[0]}
             self.kernel = "int8pack-cpu"
-        elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok:  # untested here: no GPU in CI
+        elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok and inner_k_tiles:
+            # tinygemm: uint8 (out, in/2), even inputs in the high nibbles, repacked in tiles of inner_k_tiles x 16
             offsets = scales * (8 - zeros.float())
             codes = sorted_rows.t()
             packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-            self._fast = {"packed": torch.ops.aten._convert_weight_to_int4pack(packed, 8),
+            self._fast = {"packed": torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles),
                           "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous()}
             self.kernel = "int4pack-cuda"
         else:
@@ -189,7 +197,7 @@ class QuantLinear(nn.Module):
             layer.qweight, layer.qzeros = pack_awq(codes, zeros)
         else:
             layer.qweight, layer.qzeros = pack_gptq(codes, zeros, bits=config.bits, version=layer._version)
-            layer.g_idx = g_idx.to(torch.int32)
+            layer.g_idx = g_idx.to(device=codes.device, dtype=torch.int32)
         layer.scales = scales.to(torch.float16)
         if bias is not None:
             layer.bias = bias.detach().to(torch.float16)
@@ -200,7 +208,7 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
     """Round-to-nearest quantization of a float Linear (what `--load-in 4bit|8bit` does on CPU)."""
     codes, scales, zeros = quantize_rtn(linear.weight.detach().float(), bits=config.bits,
                                         group_size=config.group_size_for(linear.in_features), sym=config.sym)
-    g_idx = torch.arange(linear.in_features) // config.group_size_for(linear.in_features)
+    g_idx = torch.arange(linear.in_features, device=codes.device) // config.group_size_for(linear.in_features)
     return QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, config)
 
 

@@ -26,7 +26,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, per, 1)
+    shifts = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits).view(1, per, 1)
     values = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)  # (rows/per, per, cols)
     return values.reshape(-1, packed.shape[1])
 
@@ -91,5 +91,5 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, *, input_major: bool
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group_size: int) -> torch.Tensor:
     codes, zeros = unpack_awq(qweight, qzeros)  # (out, in), (groups, out)
-    groups = torch.arange(codes.shape[1]) // group_size
+    groups = torch.arange(codes.shape[1], device=codes.device) // group_size
     return scales.float()[groups].t() * (codes - zeros[groups].t()).float()

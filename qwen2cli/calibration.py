@@ -44,9 +44,9 @@ def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int
     if available < min(samples, 8):
         raise BadInput(f"the calibration text is {len(ids)} tokens; at least {min(samples, 8) * seq_len} are needed "
                        f"({min(samples, 8)} samples of --seq-len {seq_len})")
-    windows = torch.tensor(ids[: available * seq_len]).reshape(available, seq_len)
+    windows = torch.tensor(ids[: available * seq_len], device="cpu").reshape(available, seq_len)
     count = min(samples, available)
-    return windows[torch.linspace(0, available - 1, count).round().long()]
+    return windows[torch.linspace(0, available - 1, count, device="cpu").round().long()]
 
 
 def read_calibration(path: Path) -> str:

@@ -66,7 +66,7 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
         parent = name.rpartition(".")[0]
         if parent not in readers:
             readers[parent] = name
-            collectors[name] = GPTQ(linear.in_features)
+            collectors[name] = GPTQ(linear.in_features, device=linear.weight.device)
         collectors[name] = collectors[readers[parent]]
     last = list(readers.values())[-1] if len(readers) == 1 else None  # one reader: stop the layer right there
 
@@ -155,7 +155,7 @@ class _InputStats:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         if name not in self.abs_sum:
             self.rows[name], self.sample[name] = [], []
-            self.abs_sum[name] = torch.zeros(flat.shape[1])
+            self.abs_sum[name] = torch.zeros(flat.shape[1], device=flat.device)
             self.count[name] = 0
         self.abs_sum[name] += flat.abs().sum(0)
         self.count[name] += flat.shape[0]
@@ -244,7 +244,7 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
                                  tokens=clip_tokens)
             weight = apply_clip(weight, bounds, group_size=group_size)
         codes, scales, zeros = quantize_rtn(weight, bits=bits, group_size=group_size, sym=sym)
-        g_idx = torch.arange(linear.in_features) // group_size
+        g_idx = torch.arange(linear.in_features, device=codes.device) // group_size
         packed[name] = QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, quant_config)
         simulated[name] = _stand_in(linear, packed[name])
     return packed, simulated
@@ -277,7 +277,7 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
         if method in ("gptq", "awq"):
             batches = calibration_batches(engine, calibration or default_calibration_text(), samples=samples,
                                           seq_len=seq_len)
-            hidden = model.model.embed_tokens(batches).float()
+            hidden = model.model.embed_tokens(batches.to(engine.loaded.device)).float()
             rope = model._rope_tables(0, seq_len, hidden.device)
         for index, layer in enumerate(model.model.layers):
             if method == "gptq":
