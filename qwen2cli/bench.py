@@ -21,6 +21,7 @@ class BenchResult:
     ttft_s: float
     load_s: float
     peak_rss_mb: float
+    peak_gpu_mb: float | None  # CUDA: the most memory torch's allocator held on the GPU; None on the CPU
     prompt_tokens: int
     new_tokens: int
     device: str
@@ -55,7 +56,9 @@ def run_bench(model_dir: Path, *, prompt_tokens: int = 512, new_tokens: int = 12
         decode_s = time.perf_counter() - decode_started
     return BenchResult(
         prefill_tok_s=len(ids) / ttft, decode_tok_s=(new_tokens - 1) / decode_s if new_tokens > 1 else 0.0,
-        ttft_s=ttft, load_s=load_s, peak_rss_mb=peak_rss_mb(), prompt_tokens=len(ids), new_tokens=new_tokens,
+        ttft_s=ttft, load_s=load_s, peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if engine.loaded.device.type == "cuda" else None,
+        prompt_tokens=len(ids), new_tokens=new_tokens,
         device=str(engine.loaded.device), dtype=str(engine.loaded.dtype).removeprefix("torch."))
 
 
