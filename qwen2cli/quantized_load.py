@@ -49,10 +49,7 @@ def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) 
 
     from .checkpoint import release_freed_memory
 
-    home = {}
-    for path in files or []:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            home.update((name, path) for name in handle.keys())
+    home = tensor_homes(files or [])
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for begin in range(0, len(modules), RELEASE_EVERY):
         with ExitStack() as stack:
@@ -68,6 +65,53 @@ def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) 
                 module.post_load(packed)
             del packed, handles  # the last views of this batch's mappings
         release_freed_memory()
+
+
+def tensor_homes(files: list[Path]) -> dict[str, Path]:
+    """Which file holds each tensor."""
+    from safetensors import safe_open
+
+    home = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            home.update((name, path) for name in handle.keys())
+    return home
+
+
+def int8_head_names(config: Qwen2Config) -> frozenset[str]:
+    """The stored tensors an int8 head replaces: the head's, and with tied weights the embedding's too."""
+    return frozenset({"lm_head.weight", "model.embed_tokens.weight"} if config.tie_word_embeddings
+                     else {"lm_head.weight"})
+
+
+def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) -> None:
+    """The head as int8 rows quantized straight from the file's rows (quant.head), serving the embedding's lookups
+    too when tied; the float table is never whole in memory."""
+    from quant.head import Int8Lookup, Int8Rows
+    from safetensors import SafetensorError, safe_open
+
+    source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    path = tensor_homes(files).get(source)
+    if path is None:
+        raise BadCheckpoint(f"the checkpoint has no {source}")
+    expected = (config.vocab_size, config.hidden_size)
+
+    def read(begin: int, end: int) -> torch.Tensor:
+        # a mapping of its own per chunk: the file pages read stay resident only as long as the chunk is quantized
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(source)[begin:end].clone()  # a view of the file until copied
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shape = tuple(handle.get_tensor(source).shape)
+        if shape != expected:
+            raise BadCheckpoint(f"{source} has shape {shape}, config.json implies {expected}")
+        table = Int8Rows.from_rows(read, *expected)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})") from exc
+    model.lm_head = table
+    if config.tie_word_embeddings:
+        model.model.embed_tokens = Int8Lookup(table)
 
 
 LOAD_IN = ("8bit", "4bit")

@@ -371,7 +371,10 @@ def test_quantize_bad_input(tiny_model, tmp_path):
 @pytest.mark.parametrize("load_in,bound,kernel", [("8bit", 0.02, "int8pack-cpu"), ("4bit", 0.25, "int4pack-cpu")])
 def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     """`--load-in` on CPU: every decoder Linear becomes a QuantLinear on a packed kernel; logits stay within the
-    same bounds as a quantized checkpoint of the same kind; the head and embeddings stay float."""
+    same bounds as a quantized checkpoint of the same kind; the head becomes int8 rows, the (untied) embedding
+    stays float."""
+    from quant.head import Int8Rows
+
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
 
@@ -379,7 +382,8 @@ def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     quantized = load_model(tiny_model, device="cpu", dtype="float32", load_in=load_in)
     layers = [m for m in quantized.model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 * quantized.config.num_hidden_layers and {m.kernel for m in layers} == {kernel}
-    assert isinstance(quantized.model.lm_head, torch.nn.Linear)
+    assert isinstance(quantized.model.lm_head, Int8Rows)
+    assert isinstance(quantized.model.model.embed_tokens, torch.nn.Embedding)
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = original.model(ids, KVCache(original.config, 32), 0)
@@ -395,3 +399,56 @@ def test_load_in_bad_input(tiny_model, tmp_path):
     assert quantized.returncode == 0, quantized.stderr
     again = _qwen2("run", str(tmp_path / "q"), "hi", "--load-in", "8bit", home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
+
+
+def test_int8_rows_quantize_in_chunks_and_compute_what_they_stand_for():
+    """The int8 head: per row, codes * scale within half a step of the float row, scale = |row| max / 127 (the
+    symmetric layout torch's int8 kernel computes); lookups are rows of the same table; short inputs (the int8
+    kernel, bfloat16 activations) and long ones (float32 over dequantized chunks) compute x W^T."""
+    from quant.head import QUANTIZE_ROWS, Int8Rows
+
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = QUANTIZE_ROWS + 904, 64  # two chunks, the second partial
+    table = torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 0, rows)[:, None]
+    table[7] = 0  # an all-zero row quantizes to zeros, not NaN
+    reads = []
+    head = Int8Rows.from_rows(lambda begin, end: reads.append((begin, end)) or table[begin:end].half(), rows, cols)
+    assert reads == [(0, QUANTIZE_ROWS), (QUANTIZE_ROWS, rows)]
+    stored = table.half().float()
+    torch.testing.assert_close(head.scales, stored.abs().amax(dim=1).clamp(min=1e-10) / 127)
+    assert head.codes.dtype == torch.int8 and int(head.codes.abs().max()) == 127
+    assert bool(((head.dequantized() - stored).abs() <= head.scales[:, None] / 2 + 1e-7).all())
+    assert not bool(head.dequantized()[7].any())
+    ids = torch.tensor([[0, 7, rows - 1], [QUANTIZE_ROWS, 5, 5]])
+    assert torch.equal(head.lookup(ids), head.dequantized()[ids])
+    for count, tolerance in ((3, 0.02), (200, 1e-5)):
+        x = torch.randn(count, cols, generator=generator)
+        expected = x @ head.dequantized().t()
+        torch.testing.assert_close(head(x), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
+    """A quantized checkpoint on CPU runs its head as int8 rows quantized from the file (a tied embedding looks up
+    the same table): its logits stay within 2% of the same checkpoint with the float head."""
+    from quant.head import Int8Lookup, Int8Rows
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.kv_cache import KVCache
+    from tests.conftest import write_tiny_checkpoint
+
+    source = write_tiny_checkpoint(tmp_path / "float", tie=tie)
+    done = _qwen2("quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"),
+                  home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    int8 = load_model(tmp_path / "q", device="cpu", dtype="float32")
+    full = load_model(tmp_path / "q", device="cpu", dtype="float32", int8_head=False)
+    assert isinstance(int8.model.lm_head, Int8Rows) and isinstance(full.model.lm_head, torch.nn.Linear)
+    embedding = int8.model.model.embed_tokens
+    assert isinstance(embedding, Int8Lookup) if tie else isinstance(embedding, torch.nn.Embedding)
+    assert not isinstance(load_model(source, device="cpu").model.lm_head, Int8Rows)  # float models keep theirs
+    ids = torch.randint(0, 400, (1, 160), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for length in (4, 160):  # the int8 kernel and the long-input path
+            expected = full.model(ids[:, :length], KVCache(full.config, 160), 0)
+            got = int8.model(ids[:, :length], KVCache(int8.config, 160), 0)
+            assert ((got - expected).norm() / expected.norm()).item() < 0.02
