@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import BadInput, OutputClosed, report
-from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, JsonOpt, KvCacheOpt, LoadInOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
+from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, FloatHeadOpt, JsonOpt, KvCacheOpt, LoadInOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
@@ -75,6 +75,7 @@ def run(
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
     load_in: LoadInOpt = None,
+    float_head: FloatHeadOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -89,7 +90,7 @@ def run(
     from .runner import answer_once  # torch loads here
 
     result = answer_once(model_dir, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in,
+                         attention=attention, load_in=load_in, float_head=float_head,
                          sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
                                                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                                            max_tokens=max_tokens),
@@ -116,6 +117,7 @@ def chat(
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
     load_in: LoadInOpt = None,
+    float_head: FloatHeadOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -128,7 +130,7 @@ def chat(
     if model is None and transcript is not None:
         model = transcript.get("model")
     engine = load_engine(_resolve(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in)
+                         attention=attention, load_in=load_in, float_head=float_head)
     params = _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     session = ChatSession(engine, params=params, ctx=ctx, system=system)
@@ -178,6 +180,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option("-n", "--new-tokens", help="Tokens to decode.")] = 128,
     json_output: JsonOpt = False,
     load_in: LoadInOpt = None,
+    float_head: FloatHeadOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -190,7 +193,7 @@ def bench(
     from .bench import as_dict, run_bench  # torch loads here
 
     result = as_dict(run_bench(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                               device=device, dtype=dtype, load_in=load_in))
+                               device=device, dtype=dtype, load_in=load_in, float_head=float_head))
     if json_output:
         print_json(result)
     else:
@@ -276,6 +279,7 @@ def perplexity_command(
     json_output: JsonOpt = False,
     device: DeviceOpt = "auto",
     load_in: LoadInOpt = None,
+    float_head: FloatHeadOpt = False,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Perplexity of a text file over non-overlapping windows of --ctx tokens."""
@@ -293,7 +297,8 @@ def perplexity_command(
     from .generate import load_engine  # torch loads here
     from .perplexity import perplexity
 
-    engine = load_engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in)
+    engine = load_engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in,
+                         float_head=float_head)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})

@@ -42,8 +42,10 @@ class Engine:
 
 
 def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-                kv_cache: str = "float", attention: str = "default", load_in: str | None = None) -> Engine:
-    """Load model and tokenizer from a checkpoint directory and work out the stop ids."""
+                kv_cache: str = "float", attention: str = "default", load_in: str | None = None,
+                float_head: bool = False) -> Engine:
+    """Load model and tokenizer from a checkpoint directory and work out the stop ids. `float_head`: a quantized
+    model's head stays float (by default it runs as int8 rows on CPU)."""
     if kv_cache not in ("float", "int8"):
         raise BadInput(f"unknown --kv-cache {kv_cache!r}: use float or int8")
     if ctx is not None and ctx < 2:
@@ -51,7 +53,8 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
     started = time.perf_counter()
     load_config(Path(model_dir))  # a missing or foreign config.json is the first thing to report
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention, load_in=load_in)
+    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention, load_in=load_in,
+                        int8_head=False if float_head else None)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.vocab_size)  # ids the tokenizer can produce

@@ -21,3 +21,4 @@ CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV
 KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
 AttentionOpt = Annotated[str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")]
 LoadInOpt = Annotated[Optional[str], typer.Option("--load-in", help="8bit or 4bit: quantize an unquantized model as it loads.")]
+FloatHeadOpt = Annotated[bool, typer.Option("--float-head", help="CPU: keep a quantized model's head in float (default: int8 rows, faster and smaller).")]

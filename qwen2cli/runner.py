@@ -19,11 +19,11 @@ def prompt_ids(engine: Engine, text: str, *, raw: bool, system: str | None) -> l
 
 
 def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ctx: int, device: str, dtype: str,
-                kv_cache: str, attention: str, load_in: str | None = None, sampling: Callable[[Engine], SamplingParams],
-                on_text: Callable[[str], None] | None) -> dict[str, Any]:
+                kv_cache: str, attention: str, load_in: str | None = None, float_head: bool = False,
+                sampling: Callable[[Engine], SamplingParams], on_text: Callable[[str], None] | None) -> dict[str, Any]:
     """Generate one answer, streaming text to `on_text`; return text, finish reason and usage."""
     engine = load_engine(model_dir, device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in)
+                         attention=attention, load_in=load_in, float_head=float_head)
     params = sampling(engine)
     ids = prompt_ids(engine, text, raw=raw, system=system)
     cache = engine.new_cache(min(ctx, len(ids) + params.max_tokens + 1))

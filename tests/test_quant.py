@@ -452,3 +452,12 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
             expected = full.model(ids[:, :length], KVCache(full.config, 160), 0)
             got = int8.model(ids[:, :length], KVCache(int8.config, 160), 0)
             assert ((got - expected).norm() / expected.norm()).item() < 0.02
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n" * 8)
+    scores = []
+    for extra in ([], ["--float-head"]):  # the command line's way to keep the float head
+        done = _qwen2("perplexity", str(tmp_path / "q"), "--file", str(text), "--ctx", "64", "--json", *extra,
+                      home=tmp_path)
+        assert done.returncode == 0, done.stderr
+        scores.append(json.loads(done.stdout)["ppl"])
+    assert scores[0] != scores[1] and abs(scores[0] - scores[1]) < 0.02 * scores[1]
