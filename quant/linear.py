@@ -156,17 +156,23 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return self.forward_reference(x)
-        shape = x.shape
+        # a decoded token makes 7 of these calls per layer: dtype checks in Python instead of no-op .to() calls and
+        # the bias added in place took a 128x896 layer at one row from 33 to 25 us (its kernel alone: 15)
+        fast = self._fast
         flat = x.reshape(-1, self.in_features)
-        if "order" in self._fast:
-            flat = flat[:, self._fast["order"]]
-        if "scales32" in self._fast and flat.shape[0] >= DEQUANT_MIN_ROWS:
+        order = fast.get("order")
+        if order is not None:
+            flat = flat[:, order]
+        if flat.shape[0] >= DEQUANT_MIN_ROWS and "scales32" in fast:
             out = self._unpacked_matmul(flat.float())
-        else:
-            out = self._kernel_matmul(flat.to(torch.bfloat16))  # these kernels want bfloat16 activations
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        else:  # these kernels want bfloat16 activations
+            out = self._kernel_matmul(flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16))
+        bias = self.bias
+        if bias is not None:
+            out.add_(bias if bias.dtype == out.dtype else bias.to(out.dtype))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _unpacked_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """float32 x @ W^T through the weight unpacked to float32 for this call only (held for one matmul)."""

@@ -120,7 +120,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.dual_chunk is not None:
             return self._dual_chunk_forward(q, k, v, rope, cache, start_pos)
-        cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)  # (T, D)
+        cos, sin = rope[0], rope[1]  # (T, D), in x's dtype (cast once per forward by Qwen2ForCausalLM)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(self.layer_index, start_pos, k, v)  # (B, Hkv, S, D) each
@@ -246,7 +248,7 @@ class Qwen2ForCausalLM(nn.Module):
             raise ValueError(f"positions up to {start_pos + length} exceed the cache's {cache.max_len}")
         # (B, T, hidden); the table may be kept in its stored dtype on CPU (checkpoint.load_model)
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)
-        rope = self._rope_tables(start_pos, length, input_ids.device)
+        rope = tuple(table.to(x.dtype) for table in self._rope_tables(start_pos, length, input_ids.device))
         for layer in self.model.layers:
             x = layer(x, rope, cache, start_pos)
         cache.pos = start_pos + length
