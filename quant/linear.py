@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
+from .native import native_library, native_matmul, pack_q4, pack_q8, unpack_q4
 from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
@@ -71,6 +72,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.kernel = "reference"
         self._fast: dict[str, torch.Tensor] = {}
+        self._native = None  # quant.native's library, for the q4-native-cpu kernel
 
     def extra_repr(self) -> str:
         """What the layer computes with, so that two differently quantized models never print (or key) alike."""
@@ -123,7 +125,19 @@ class QuantLinear(nn.Module):
         scales = self.scales.float()  # (groups, out)
         int4_shape_ok = self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0
         inner_k_tiles = cuda_inner_k_tiles(self.in_features)
-        if device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
+        native = native_library() if device.type == "cpu" else None
+        if native is not None and self.group_size % 32 == 0:
+            # quant/qgemv.c: int8 activations times the stored codes; w = stored * scale + offset per (row, group),
+            # offset = -scale * zero (8-bit codes are stored minus 128: + 128 * scale); long inputs unpack the same
+            # codes for one float32 GEMM
+            kind = "q4" if self.config.bits == 4 else "q8"
+            offsets = -scales * zeros.float() + (128 * scales if kind == "q8" else 0)
+            self._fast = {kind: pack_q4(sorted_rows.t()) if kind == "q4" else pack_q8(sorted_rows.t()),
+                          "scales32": scales.t().unsqueeze(-1).contiguous(),  # (out, groups, 1)
+                          "offsets32": offsets.t().unsqueeze(-1).contiguous()}
+            self._native = native
+            self.kernel = f"{kind}-native-cpu"
+        elif device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
             self._fast = {
@@ -165,8 +179,10 @@ class QuantLinear(nn.Module):
             flat = flat[:, order]
         if flat.shape[0] >= DEQUANT_MIN_ROWS and "scales32" in fast:
             out = self._unpacked_matmul(flat.float())
-        else:  # these kernels want bfloat16 activations
-            out = self._kernel_matmul(flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16))
+        else:  # torch's kernels want bfloat16 activations (the native one float32)
+            if flat.dtype != torch.bfloat16 and self._native is None:
+                flat = flat.to(torch.bfloat16)
+            out = self._kernel_matmul(flat)
         bias = self.bias
         if bias is not None:
             out.add_(bias if bias.dtype == out.dtype else bias.to(out.dtype))
@@ -178,12 +194,25 @@ class QuantLinear(nn.Module):
         """float32 x @ W^T through the weight unpacked to float32 for this call only (held for one matmul)."""
         if self.kernel == "int8pack-cpu":
             return (flat @ self._fast["weight"].t().float()) * self._fast["scales32"]
-        codes = unpack_int4pack_cpu(self._fast["packed"], self.out_features, self.in_features)
+        if self.kernel == "q4-native-cpu":
+            codes = unpack_q4(self._fast["q4"])
+        elif self.kernel == "q8-native-cpu":
+            codes = self._fast["q8"]
+            if self.group_size == self.in_features:  # one group: w = stored * s + o per row, no weight pass
+                fast = self._fast
+                return torch.addcmul((flat @ codes.t().float()) * fast["scales32"].view(-1),
+                                     flat.sum(dim=1, keepdim=True), fast["offsets32"].view(-1))
+        else:
+            codes = unpack_int4pack_cpu(self._fast["packed"], self.out_features, self.in_features)
         codes = codes.view(self.out_features, self.in_features // self.group_size, self.group_size)
         weight = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
         return F.linear(flat, weight.view(self.out_features, self.in_features))
 
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        if self._native is not None:
+            fast, kind = self._fast, self.kernel[:2]
+            return native_matmul(self._native, kind, flat.float().contiguous(), fast[kind], fast["scales32"],
+                                 fast["offsets32"], self.group_size)
         if self.kernel == "int8pack-cpu":
             return torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
         if self.kernel == "int4pack-cpu":

@@ -28,3 +28,8 @@ def history_file() -> Path:
 def prompt_cache_dir() -> Path:
     """Keys and values of chat-template openings (prompt_cache.py), beside the tokenizer tables' cache."""
     return home() / "cache" / "prompts"
+
+
+def kernel_cache_dir() -> Path:
+    """Native kernels compiled at first use (quant/native.py), one file per source version."""
+    return home() / "cache" / "kernels"

@@ -38,6 +38,16 @@ def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torc
 RELEASE_EVERY = 8
 
 
+def use_kernel_cache() -> None:
+    """Native kernels (quant/native.py) build into the store's cache, once per source version."""
+    import quant.native
+
+    from .paths import kernel_cache_dir
+
+    if quant.native.cache_dir is None:
+        quant.native.cache_dir = kernel_cache_dir()
+
+
 def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) -> None:
     """Convert loaded packed weights once into the fastest kernel layout for their device.
 
@@ -49,6 +59,7 @@ def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) 
 
     from .checkpoint import release_freed_memory
 
+    use_kernel_cache()
     home = tensor_homes(files or [])
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for begin in range(0, len(modules), RELEASE_EVERY):
@@ -130,6 +141,7 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
 
     from .checkpoint import release_freed_memory
 
+    use_kernel_cache()
     pending = list(_float_linears(model, keeps_float).values())[::-1]
     while pending:  # popped, so each float weight is freed once replaced, not at the end (peak memory)
         child, attribute, sub = pending.pop()

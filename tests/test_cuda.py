@@ -125,7 +125,7 @@ def test_dual_chunk_attention_and_int8_cache_equal_the_cpu(checkpoints, tmp_path
             torch.testing.assert_close(outputs[1], outputs[0], atol=2e-4, rtol=0)
 
 
-INT4_KERNEL = "int4pack-cuda" if ON_CUDA else "int4pack-cpu"
+INT4_KERNEL = "int4pack-cuda" if ON_CUDA else __import__("tests.test_quant").test_quant.INT4_CPU_KERNEL
 
 
 @pytest.mark.parametrize("shape,group,method,act_order", [

@@ -1,0 +1,107 @@
+"""The int4/int8 x float32 row kernels of quant/qgemv.c, compiled with the system's C compiler at first use.
+
+torch's CPU int4 and int8 kernels compute bfloat16 products and, on AVX2, stream weights at ~5 and ~8.5 GB/s;
+qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
+caller's, else a private temporary one), loaded with ctypes; absent (None) where there is no compiler, no AVX2/FMA,
+not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("qgemv.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first call; None where it cannot run here."""
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    if os.environ.get("QWEN2_NATIVE") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None or not _cpu_has("avx2", "fma"):
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    try:
+        # never a shared, guessable directory (another user could plant a library there): the caller's cache, else
+        # a private temporary one for this process (a 0.5 s build each time)
+        private = cache_dir is None
+        directory = cache_dir or Path(tempfile.mkdtemp(prefix="qwen2cli-kernels-"))
+        target = directory / f"qgemv-{digest}.so"
+        if not target.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{os.getpid()}")
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                           timeout=120)
+            os.replace(partial, target)  # atomic: another process may be building the same file
+        library = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the OpenMP runtime both use
+        if private:
+            shutil.rmtree(directory, ignore_errors=True)  # the loaded mapping outlives the file
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not library.q4_supported():
+        return None
+    for function in (library.q4_gemv, library.q8_gemv):
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+    _library = library
+    return library
+
+
+def _cpu_has(*features: str) -> bool:
+    """Whether /proc/cpuinfo lists these flags (checked before any AVX2 code is loaded); True where it is absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return set(features) <= set(flags)
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in), 0..15, in % 32 == 0 -> the kernel's uint8 (out, in/2): per block of 32 inputs, byte j holds
+    code j in its low nibble and code j + 16 in its high one."""
+    out_features, in_features = codes.shape
+    blocks = codes.reshape(out_features, in_features // 32, 2, 16).to(torch.uint8)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_features, in_features // 2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q4`'s inverse: uint8 (out, in/2) -> codes (out, in) uint8."""
+    out_features = packed.shape[0]
+    blocks = packed.view(out_features, -1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).view(out_features, -1)
+
+
+def pack_q8(codes: torch.Tensor) -> torch.Tensor:
+    """8-bit codes (out, in), 0..255 -> the kernel's int8 (out, in): code - 128 (offsets then add 128 * scale)."""
+    return (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+
+
+def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. W = stored * scale + offset per (out, group):
+    `kind` q4 (pack_q4's codes) or q8 (pack_q8's); scales and offsets (out, groups) float32 contiguous."""
+    rows, in_features = x.shape
+    out_features = packed.shape[0]
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # raw pointers follow
+        raise ValueError("native_matmul takes contiguous float32 CPU activations")
+    out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
+    function = library.q4_gemv if kind == "q4" else library.q8_gemv
+    function(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), x.data_ptr(), out.data_ptr(),
+                    out_features, in_features, group_size, rows)
+    return out

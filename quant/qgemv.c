@@ -1,0 +1,128 @@
+/* int4 and int8 weights x a few rows of float activations, as llama.cpp computes Q4/Q8 x Q8: the activations are
+ * quantized to int8 in blocks of 32 (one float scale each), and each block's dot product with 32 codes is one
+ * maddubs.
+ *
+ * q4: weights (rows, cols/2) uint8: per row, each block of 32 inputs is 16 bytes, byte j = code[j] | code[j+16] << 4.
+ * q8: weights (rows, cols) int8: code - 128.
+ * scales and offsets (rows, groups) float: weight = stored * scale + offset within a group (offset = -scale * zero;
+ * q8: + 128 * scale). out[r] = sum_g scale[r,g] * sum_{blocks b of g} d_b * (stored_b . xq_b)
+ *                              + offset[r,g] * sum_{i in g} x_i.
+ * Built at first use by quant/native.py with gcc -O3 -mavx2 -mfma -fopenmp; rows are split over OpenMP threads
+ * (torch's own runtime once torch is loaded: the same libgomp.so.1). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+int q4_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) exact float sums per group */
+static void quantize_row(const float *x, int cols, int group, int8_t *xq, float *d, float *xsum) {
+    for (int g = 0; g < cols / group; g++) {
+        float total = 0.f;
+        for (int i = g * group; i < (g + 1) * group; i++) total += x[i];
+        xsum[g] = total;
+    }
+    for (int b = 0; b < cols / 32; b++) {
+        const float *block = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(block[i]));
+        float scale = amax / 127.f;
+        float inverse = scale > 0.f ? 1.f / scale : 0.f;
+        d[b] = scale;
+        for (int i = 0; i < 32; i++) xq[b * 32 + i] = (int8_t)lrintf(block[i] * inverse);
+    }
+}
+
+static inline __m256i dot_q4(const uint8_t *w, int b, __m256i xv) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)(w + b * 16));
+    __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+    /* unsigned codes 0..15 times signed activations: pair sums <= 2 * 15 * 127, no saturation */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv), _mm256_set1_epi16(1));
+}
+
+static inline __m256i dot_q8(const uint8_t *w, int b, __m256i xv) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+    /* signed x signed as |w| (unsigned) times x with w's sign: pair sums <= 2 * 128 * 127, no saturation */
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+typedef struct {
+    int8_t *xq;  /* (count, cols) */
+    float *d;    /* (count, cols / 32) */
+    float *xsum; /* (count, groups) */
+} Activations;
+
+static Activations quantize_rows(const float *x, int cols, int group, int count) {
+    Activations a = {aligned_alloc(32, ((size_t)cols * count + 31) / 32 * 32), malloc(sizeof(float) * (cols / 32) * count),
+                     malloc(sizeof(float) * (cols / group) * count)};
+    for (int m = 0; m < count; m++)
+        quantize_row(x + (size_t)m * cols, cols, group, a.xq + (size_t)m * cols, a.d + (size_t)m * (cols / 32),
+                     a.xsum + (size_t)m * (cols / group));
+    return a;
+}
+
+static void release(Activations a) {
+    free(a.xq);
+    free(a.d);
+    free(a.xsum);
+}
+
+/* One weight row against every activation row; `q4` is a constant at each (inlined) call, so the branch folds. */
+static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const float *s, const float *o,
+                                                          Activations a, float *out, int r, int rows, int cols,
+                                                          int group, int count) {
+    int blocks = cols / 32, groups = cols / group, per_group = group / 32;
+    for (int m = 0; m < count; m++) {
+        const int8_t *q = a.xq + (size_t)m * cols;
+        const float *dm = a.d + (size_t)m * blocks, *xs = a.xsum + (size_t)m * groups;
+        __m256 acc = _mm256_setzero_ps();
+        float zero_terms = 0.f;
+        for (int g = 0; g < groups; g++) {
+            __m256 group_acc = _mm256_setzero_ps();
+            for (int k = 0; k < per_group; k++) {
+                int b = g * per_group + k;
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+                __m256i sums = q4 ? dot_q4(w, b, xv) : dot_q8(w, b, xv);
+                group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dm[b]), group_acc);
+            }
+            acc = _mm256_fmadd_ps(group_acc, _mm256_set1_ps(s[g]), acc);
+            zero_terms += o[g] * xs[g];
+        }
+        out[(size_t)m * rows + r] = hsum(acc) + zero_terms;
+    }
+}
+
+void q4_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,
+             int rows, int cols, int group, int count) {
+    Activations a = quantize_rows(x, cols, group, count);
+    int groups = cols / group;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++)
+        row_dot(weights + (size_t)r * (cols / 2), 1, scales + (size_t)r * groups, offsets + (size_t)r * groups, a,
+                out, r, rows, cols, group, count);
+    release(a);
+}
+
+void q8_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,
+             int rows, int cols, int group, int count) {
+    Activations a = quantize_rows(x, cols, group, count);
+    int groups = cols / group;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++)
+        row_dot(weights + (size_t)r * cols, 0, scales + (size_t)r * groups, offsets + (size_t)r * groups, a, out, r,
+                rows, cols, group, count);
+    release(a);
+}
