@@ -105,24 +105,18 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int 
     }
 }
 
-void q4_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,
-             int rows, int cols, int group, int count) {
-    Activations a = quantize_rows(x, cols, group, count);
-    int groups = cols / group;
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; r++)
-        row_dot(weights + (size_t)r * (cols / 2), 1, scales + (size_t)r * groups, offsets + (size_t)r * groups, a,
-                out, r, rows, cols, group, count);
-    release(a);
-}
+/* q4_gemv and q8_gemv: one function each, so that `q4` is a constant inside each OpenMP region */
+#define DEFINE_GEMV(name, q4, row_bytes)                                                                          \
+    void name(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,      \
+              int rows, int cols, int group, int count) {                                                         \
+        Activations a = quantize_rows(x, cols, group, count);                                                     \
+        int groups = cols / group;                                                                                \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int r = 0; r < rows; r++)                                                                            \
+            row_dot(weights + (size_t)r * (row_bytes), q4, scales + (size_t)r * groups,                           \
+                    offsets + (size_t)r * groups, a, out, r, rows, cols, group, count);                           \
+        release(a);                                                                                               \
+    }
 
-void q8_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,
-             int rows, int cols, int group, int count) {
-    Activations a = quantize_rows(x, cols, group, count);
-    int groups = cols / group;
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; r++)
-        row_dot(weights + (size_t)r * cols, 0, scales + (size_t)r * groups, offsets + (size_t)r * groups, a, out, r,
-                rows, cols, group, count);
-    release(a);
-}
+DEFINE_GEMV(q4_gemv, 1, cols / 2)
+DEFINE_GEMV(q8_gemv, 0, cols)
