@@ -72,7 +72,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.kernel = "reference"
         self._fast: dict[str, torch.Tensor] = {}
-        self._native = None  # quant.native's library, for the q4-native-cpu kernel
+        self._native = None  # quant.native's library, for the q4/q8-native-cpu kernels
 
     def extra_repr(self) -> str:
         """What the layer computes with, so that two differently quantized models never print (or key) alike."""

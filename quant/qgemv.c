@@ -44,19 +44,19 @@ static void quantize_row(const float *x, int cols, int group, int8_t *xq, float 
     }
 }
 
-static inline __m256i dot_q4(const uint8_t *w, int b, __m256i xv) {
+/* A block of 32 weights as the unsigned operand of maddubs: q4 codes 0..15 as they are; q8 codes (signed) as |w|,
+ * their signs then moved onto the activations (llama.cpp's trick). Pair sums stay within int16: 2 * 15 * 127 and
+ * 2 * 128 * 127. */
+static inline __m256i weights_q4(const uint8_t *w, int b) {
     __m128i packed = _mm_loadu_si128((const __m128i *)(w + b * 16));
     __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
     __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-    /* unsigned codes 0..15 times signed activations: pair sums <= 2 * 15 * 127, no saturation */
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), xv), _mm256_set1_epi16(1));
+    return _mm256_set_m128i(hi, lo);
 }
 
-static inline __m256i dot_q8(const uint8_t *w, int b, __m256i xv) {
-    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
-    /* signed x signed as |w| (unsigned) times x with w's sign: pair sums <= 2 * 128 * 127, no saturation */
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+static inline __m256i block_dot(__m256i unsigned_w, __m256i signs, int q4, __m256i xv) {
+    __m256i x = q4 ? xv : _mm256_sign_epi8(xv, signs);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_w, x), _mm256_set1_epi16(1));
 }
 
 typedef struct {
@@ -80,29 +80,52 @@ static void release(Activations a) {
     free(a.xsum);
 }
 
-/* One weight row against every activation row; `q4` is a constant at each (inlined) call, so the branch folds. */
+/* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as is `q4`): each
+ * block of weights is loaded and unpacked once for the n rows. */
+static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const float *s, const float *o,
+                                                           Activations a, float *out, int r, int rows, int cols,
+                                                           int group, int m0, int n) {
+    int blocks = cols / 32, groups = cols / group, per_group = group / 32;
+    __m256 acc[4];
+    float zero_terms[4];
+    for (int j = 0; j < n; j++) {
+        acc[j] = _mm256_setzero_ps();
+        zero_terms[j] = 0.f;
+    }
+    for (int g = 0; g < groups; g++) {
+        __m256 group_acc[4];
+        for (int j = 0; j < n; j++) group_acc[j] = _mm256_setzero_ps();
+        for (int k = 0; k < per_group; k++) {
+            int b = g * per_group + k;
+            __m256i signs = _mm256_setzero_si256(), unsigned_w;
+            if (q4) {
+                unsigned_w = weights_q4(w, b);
+            } else {
+                signs = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                unsigned_w = _mm256_sign_epi8(signs, signs);
+            }
+            for (int j = 0; j < n; j++) {
+                size_t m = (size_t)(m0 + j);
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(a.xq + m * cols + b * 32));
+                __m256i sums = block_dot(unsigned_w, signs, q4, xv);
+                group_acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(a.d[m * blocks + b]),
+                                               group_acc[j]);
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            acc[j] = _mm256_fmadd_ps(group_acc[j], _mm256_set1_ps(s[g]), acc[j]);
+            zero_terms[j] += o[g] * a.xsum[(size_t)(m0 + j) * groups + g];
+        }
+    }
+    for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = hsum(acc[j]) + zero_terms[j];
+}
+
 static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const float *s, const float *o,
                                                           Activations a, float *out, int r, int rows, int cols,
                                                           int group, int count) {
-    int blocks = cols / 32, groups = cols / group, per_group = group / 32;
-    for (int m = 0; m < count; m++) {
-        const int8_t *q = a.xq + (size_t)m * cols;
-        const float *dm = a.d + (size_t)m * blocks, *xs = a.xsum + (size_t)m * groups;
-        __m256 acc = _mm256_setzero_ps();
-        float zero_terms = 0.f;
-        for (int g = 0; g < groups; g++) {
-            __m256 group_acc = _mm256_setzero_ps();
-            for (int k = 0; k < per_group; k++) {
-                int b = g * per_group + k;
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(q + b * 32));
-                __m256i sums = q4 ? dot_q4(w, b, xv) : dot_q8(w, b, xv);
-                group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dm[b]), group_acc);
-            }
-            acc = _mm256_fmadd_ps(group_acc, _mm256_set1_ps(s[g]), acc);
-            zero_terms += o[g] * xs[g];
-        }
-        out[(size_t)m * rows + r] = hsum(acc) + zero_terms;
-    }
+    int m = 0;
+    for (; m + 4 <= count; m += 4) rows_dot(w, q4, s, o, a, out, r, rows, cols, group, m, 4);
+    for (; m < count; m++) rows_dot(w, q4, s, o, a, out, r, rows, cols, group, m, 1);
 }
 
 /* q4_gemv and q8_gemv: one function each, so that `q4` is a constant inside each OpenMP region */
