@@ -169,12 +169,11 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         int8_head = torch_device.type == "cpu" and (quantized or load_in is not None)
     head_names: frozenset[str] = frozenset()
     if int8_head:
-        from .quantized_load import install_int8_head, int8_head_names
+        from .quantized_load import install_int8_head
 
         if torch_device.type != "cpu":
             raise BadInput("the int8 head runs on CPU only")
-        install_int8_head(model, config, files)
-        head_names = int8_head_names(config)
+        head_names = install_int8_head(model, config, files)
     # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
     # view of the file, and only the rows a prompt uses are ever read into memory
     lookup_only = {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()

@@ -89,15 +89,10 @@ def tensor_homes(files: list[Path]) -> dict[str, Path]:
     return home
 
 
-def int8_head_names(config: Qwen2Config) -> frozenset[str]:
-    """The stored tensors an int8 head replaces: the head's, and with tied weights the embedding's too."""
-    return frozenset({"lm_head.weight", "model.embed_tokens.weight"} if config.tie_word_embeddings
-                     else {"lm_head.weight"})
-
-
-def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) -> None:
+def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) -> frozenset[str]:
     """The head as int8 rows quantized straight from the file's rows (quant.head), serving the embedding's lookups
-    too when tied; the float table is never whole in memory."""
+    too when tied; the float table is never whole in memory. Returns the stored tensors it stands for (the head's,
+    and with tied weights the embedding's), which loading then need not read."""
     from quant.head import Int8Lookup, Int8Rows
     from safetensors import SafetensorError, safe_open
 
@@ -123,6 +118,8 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) 
     model.lm_head = table
     if config.tie_word_embeddings:
         model.model.embed_tokens = Int8Lookup(table)
+        return frozenset({"lm_head.weight", "model.embed_tokens.weight"})
+    return frozenset({"lm_head.weight"})
 
 
 LOAD_IN = ("8bit", "4bit")
