@@ -107,8 +107,25 @@ def read_state_dict(files: list[Path], target: Target | None = None, transient: 
                         with safe_open(str(path), framework="pt", device="cpu") as own:
                             tensors[name] = own.get_tensor(name).to(device=device, dtype=dtype)
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})") from exc
+            raise corrupt(path, exc) from exc
     return tensors
+
+
+def corrupt(path: Path, exc: Exception) -> BadCheckpoint:
+    """The one message for a weight file that cannot be read."""
+    return BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})")
+
+
+def tensor_homes(files: list[Path]) -> dict[str, Path]:
+    """Which file holds each tensor (the files' headers only)."""
+    home = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                home.update((name, path) for name in handle.keys())
+        except (SafetensorError, OSError) as exc:
+            raise corrupt(path, exc) from exc
+    return home
 
 
 def _target(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.device]:
@@ -168,12 +185,13 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
     if int8_head is None:
         int8_head = torch_device.type == "cpu" and (quantized or load_in is not None)
     head_names: frozenset[str] = frozenset()
+    home = tensor_homes(files) if quantized or int8_head else {}  # read once for the head and for repacking
     if int8_head:
         from .quantized_load import install_int8_head
 
         if torch_device.type != "cpu":
             raise BadInput("the int8 head runs on CPU only")
-        head_names = install_int8_head(model, config, files)
+        head_names = install_int8_head(model, config, home)
     # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
     # view of the file, and only the rows a prompt uses are ever read into memory
     lookup_only = {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
@@ -208,7 +226,7 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
     if quantized:
         from .quantized_load import finish_quantized_modules
 
-        finish_quantized_modules(model, files)
+        finish_quantized_modules(model, home)
     if load_in is not None:
         from .quantized_load import quantize_at_load
 

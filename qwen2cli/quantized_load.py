@@ -48,19 +48,20 @@ def use_kernel_cache() -> None:
         quant.native.cache_dir = kernel_cache_dir()
 
 
-def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) -> None:
+def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = None) -> None:
     """Convert loaded packed weights once into the fastest kernel layout for their device.
 
-    With the checkpoint's `files`, the packed integers are read for this through mappings of their own, dropped
-    every RELEASE_EVERY Linears: the modules' buffers (memory-mapped views, kept for the reference path and for
-    saving) are then never read, and stay out of resident memory beside the kernels' copy."""
+    With `home` (which checkpoint file holds each tensor: checkpoint.tensor_homes), the packed integers are read
+    for this through mappings of their own, dropped every RELEASE_EVERY Linears: the modules' buffers (memory-mapped
+    views, kept for the reference path and for saving) are then never read, and stay out of resident memory beside
+    the kernels' copy."""
     from quant.linear import QuantLinear
     from safetensors import safe_open
 
     from .checkpoint import release_freed_memory
 
     use_kernel_cache()
-    home = tensor_homes(files or [])
+    home = home or {}
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for begin in range(0, len(modules), RELEASE_EVERY):
         with ExitStack() as stack:
@@ -78,26 +79,17 @@ def finish_quantized_modules(model: nn.Module, files: list[Path] | None = None) 
         release_freed_memory()
 
 
-def tensor_homes(files: list[Path]) -> dict[str, Path]:
-    """Which file holds each tensor."""
-    from safetensors import safe_open
-
-    home = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            home.update((name, path) for name in handle.keys())
-    return home
-
-
-def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) -> frozenset[str]:
+def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Path]) -> frozenset[str]:
     """The head as int8 rows quantized straight from the file's rows (quant.head), serving the embedding's lookups
     too when tied; the float table is never whole in memory. Returns the stored tensors it stands for (the head's,
     and with tied weights the embedding's), which loading then need not read."""
     from quant.head import Int8Lookup, Int8Rows
     from safetensors import SafetensorError, safe_open
 
+    from .checkpoint import corrupt
+
     source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    path = tensor_homes(files).get(source)
+    path = home.get(source)
     if path is None:
         raise BadCheckpoint(f"the checkpoint has no {source}")
     expected = (config.vocab_size, config.hidden_size)
@@ -114,7 +106,7 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, files: list[Path]) 
             raise BadCheckpoint(f"{source} has shape {shape}, config.json implies {expected}")
         table = Int8Rows.from_rows(read, *expected)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})") from exc
+        raise corrupt(path, exc) from exc
     model.lm_head = table
     if config.tie_word_embeddings:
         model.model.embed_tokens = Int8Lookup(table)

@@ -519,3 +519,15 @@ def test_native_kernel_within_its_activation_rounding(bits, rows, in_features, o
     step = x.view(rows, -1, 32).abs().amax(dim=-1).repeat_interleave(32, dim=-1) / 127  # (rows, in)
     bound = (step.double() / 2) @ weight.abs().double().t() + 1e-4 * expected.abs().max()
     assert bool(((got.double() - expected).abs() <= bound).all())
+
+
+def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path):
+    """A quantized checkpoint's files are read before the weights (for the int8 head and repacking): a truncated
+    one is the same one-line "corrupt or truncated" error as a float checkpoint's."""
+    done = _qwen2("quantize", str(tiny_model), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"),
+                  home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    weights = tmp_path / "q" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    broken = _qwen2("run", str(tmp_path / "q"), "hi", "--max-tokens", "2", home=tmp_path)
+    assert broken.returncode == 1 and "corrupt or truncated" in broken.stderr and "Traceback" not in broken.stderr
