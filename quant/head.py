@@ -30,11 +30,13 @@ class Int8Rows(nn.Module):
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes, persistent=False)  # int8 (rows, cols)
         self.register_buffer("scales", scales, persistent=False)  # float32 (rows,)
-        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
-        # our int8 kernel (quant/native.py) where it builds: it streams the table faster than torch's int8 kernel
+        # our int8 kernel (quant/native.py) where it builds: it streams the table faster than torch's int8 kernel,
+        # which takes bfloat16 scales instead of the kernel's zero offsets
         self._native = native_library() if codes.device.type == "cpu" and self.in_features % 32 == 0 else None
         if self._native is not None:
             self.register_buffer("offsets", torch.zeros_like(scales), persistent=False)
+        else:
+            self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows"

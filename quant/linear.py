@@ -123,6 +123,11 @@ class QuantLinear(nn.Module):
         permuted = not torch.equal(order, torch.arange(self.in_features, device=device))
         sorted_rows = rows[order] if permuted else rows  # (in, out), groups in order
         scales = self.scales.float()  # (groups, out)
+        zero_offsets = -scales * zeros.float()  # w = code * scale + zero_offset within a group
+
+        def by_row(table: torch.Tensor) -> torch.Tensor:  # (groups, out) -> (out, groups, 1), as long inputs read it
+            return table.t().unsqueeze(-1).contiguous()
+
         int4_shape_ok = self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0
         inner_k_tiles = cuda_inner_k_tiles(self.in_features)
         native = native_library() if device.type == "cpu" else None
@@ -131,10 +136,9 @@ class QuantLinear(nn.Module):
             # offset = -scale * zero (8-bit codes are stored minus 128: + 128 * scale); long inputs unpack the same
             # codes for one float32 GEMM
             kind = "q4" if self.config.bits == 4 else "q8"
-            offsets = -scales * zeros.float() + (128 * scales if kind == "q8" else 0)
+            offsets = zero_offsets + 128 * scales if kind == "q8" else zero_offsets
             self._fast = {kind: pack_q4(sorted_rows.t()) if kind == "q4" else pack_q8(sorted_rows.t()),
-                          "scales32": scales.t().unsqueeze(-1).contiguous(),  # (out, groups, 1)
-                          "offsets32": offsets.t().unsqueeze(-1).contiguous()}
+                          "scales32": by_row(scales), "offsets32": by_row(offsets)}
             self._native = native
             self.kernel = f"{kind}-native-cpu"
         elif device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
@@ -147,8 +151,7 @@ class QuantLinear(nn.Module):
             if int4pack_cpu_layout_known(self.out_features, self.in_features):
                 # for long inputs, w = code * scale + (-scale * zero) per (row, group) in float32, the codes read
                 # back from the kernel's own packing: no second copy of them is kept
-                self._fast["scales32"] = scales.t().unsqueeze(-1).contiguous()  # (out, groups, 1)
-                self._fast["offsets32"] = (-scales * zeros.float()).t().unsqueeze(-1).contiguous()
+                self._fast["scales32"], self._fast["offsets32"] = by_row(scales), by_row(zero_offsets)
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
             self._fast = {"weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
