@@ -13,7 +13,7 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
 from qwen2cli.errors import BadCheckpoint
-from qwen2cli.tokenizer import Qwen2Tokenizer
+from qwen2cli.tokenizer import Qwen2Tokenizer, _load_cached, tables_from_files
 from tests.corpus import EDGE_CASES, build_corpus, gettext_corpus
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
@@ -126,6 +126,18 @@ def test_cached_tables_are_reused_and_refreshed(tiny_dir, tmp_path, monkeypatch)
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     assert Qwen2Tokenizer.from_dir(copy).chat_template == "changed"
 
+
+
+def test_cached_tables_equal_the_built_ones_and_a_truncated_cache_is_rebuilt(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN2_HOME", str(tmp_path / "home"))
+    built = tables_from_files(tiny_dir)
+    Qwen2Tokenizer.from_dir(tiny_dir)
+    (cache,) = (tmp_path / "home" / "cache" / "tokenizers").glob("*.bin")
+    assert vars(_load_cached(cache)) == vars(built)
+    cache.write_bytes(cache.read_bytes()[:-100])
+    assert _load_cached(cache) is None
+    assert Qwen2Tokenizer.from_dir(tiny_dir).encode(EDGE_CASES[0]) == Qwen2Tokenizer(built).encode(EDGE_CASES[0])
+    assert vars(_load_cached(cache)) == vars(built)
 
 @pytest.mark.real
 def test_real_tokenizer_matches_tokenizers_and_round_trips(real_pair, corpus):
