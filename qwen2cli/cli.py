@@ -311,6 +311,11 @@ from . import store_commands  # noqa: E402,F401 - registers download, import, li
 
 def main() -> None:
     """Console-script entry point: run the app, turning every failure into one line and an exit code."""
+    _leave(_run_app())
+
+
+def _run_app() -> int:
+    """The app's exit code; every failure is reported as one line on stderr."""
     from typer import Abort, Exit
 
     try:  # typer >= 0.24 vendors click
@@ -320,26 +325,40 @@ def main() -> None:
 
     try:
         result = app(standalone_mode=False)
-    except NoArgsIsHelpError as exc:
-        sys.stdout.write(exc.ctx.get_help() + "\n")
-        sys.exit(0)
+    except NoArgsIsHelpError as exc:  # its message is the help, or empty where rich has already printed it
+        if exc.format_message().strip():
+            sys.stdout.write(exc.format_message() + "\n")
+        return 0
     except Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except ClickException as exc:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except (Abort, KeyboardInterrupt) as exc:
-        sys.exit(report(KeyboardInterrupt()) if isinstance(exc, Abort) else report(exc))
+        return report(KeyboardInterrupt()) if isinstance(exc, Abort) else report(exc)
     except (BrokenPipeError, OutputClosed):
         _quiet_broken_pipe()
-        sys.exit(0)
+        return 0
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes a message
-        sys.exit(report(exc))
+        return report(exc)
+    return result if isinstance(result, int) else 0
+
+
+def _leave(code: int) -> None:
+    """Flush the output, run the exit handlers, and end the process without tearing the interpreter down: with
+    torch and a model loaded, that teardown (freeing every module and object) took 0.3-0.5 s after the answer."""
+    import atexit
+
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         _quiet_broken_pipe()
-    sys.exit(result if isinstance(result, int) else 0)
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):  # nowhere left to say anything
+        pass
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def _quiet_broken_pipe() -> None:

@@ -89,3 +89,10 @@ def test_unknown_option_values(tiny_model, option):
 
 def test_unknown_option():
     assert_one_line_error(qwen2("run", "--bogus"), "no such option")
+
+
+def test_no_arguments_prints_the_help_once():
+    done = qwen2()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("Usage:") == 1, done.stdout
+    assert "run" in done.stdout and done.stderr == ""
