@@ -231,6 +231,10 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         from .quantized_load import quantize_at_load
 
         quantize_at_load(model, load_in, device=torch_device)
+    if quantized or load_in is not None:
+        from .quantized_load import fuse_projections
+
+        fuse_projections(model)
     model.eval().requires_grad_(False)
     release_freed_memory()
     return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype)

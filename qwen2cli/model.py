@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Fused:
+    """Several Linears of one block that read the same input, computed by one call (quant.linear.fuse_native) and
+    split, for inputs of up to `max_rows` rows; longer ones go through the layers one by one. Not a submodule:
+    parameter names, state dicts and the separate layers stay as the checkpoint has them."""
+
+    def __init__(self, projection: Callable[[torch.Tensor], torch.Tensor], layers: list[nn.Module],
+                 sizes: list[int], max_rows: int) -> None:
+        self.projection, self.layers, self.sizes, self.max_rows = projection, layers, sizes, max_rows
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.numel() > self.max_rows * x.shape[-1]:
+            return tuple(layer(x) for layer in self.layers)
+        return self.projection(x).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with q/k/v bias; scores in float32; K/V never repeated in memory."""
 
@@ -112,12 +128,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fused_qkv: Fused | None = None  # set by quantized loading where one kernel call can do all three
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start_pos: int) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.dual_chunk is not None:
             return self._dual_chunk_forward(q, k, v, rope, cache, start_pos)
         cos, sin = rope[0], rope[1]  # (T, D), in x's dtype (cast once per forward by Qwen2ForCausalLM)
@@ -182,8 +203,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fused_gate_up: Fused | None = None  # as Attention.fused_qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

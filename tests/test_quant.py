@@ -401,6 +401,36 @@ def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     assert ((got - expected).norm() / expected.norm()).item() < bound
 
 
+@pytest.mark.parametrize("load_in", ["8bit", "4bit"])
+def test_fused_projections_compute_what_the_separate_layers_do(tiny_model, load_in):
+    """Where q/k/v and gate/up share one native kernel call, every decoding step gives the logits the separate
+    layers give (the same rows, the same arithmetic), and a prompt of 128+ tokens goes through the separate layers."""
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.model import MLP, Attention
+
+    if not NATIVE:
+        pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
+    loaded = load_model(tiny_model, device="cpu", dtype="bfloat16", load_in=load_in)
+    blocks = [m for m in loaded.model.modules() if isinstance(m, (Attention, MLP))]
+    fused = {m: m.fused_qkv if isinstance(m, Attention) else m.fused_gate_up for m in blocks}
+    assert len(blocks) == 2 * loaded.config.num_hidden_layers and all(f is not None for f in fused.values())
+
+    def decode(use_fused: bool) -> torch.Tensor:
+        for block, projection in fused.items():
+            setattr(block, "fused_qkv" if isinstance(block, Attention) else "fused_gate_up",
+                    projection if use_fused else None)
+        cache = KVCache(loaded.config, 160, dtype=torch.bfloat16)
+        ids = torch.randint(0, 400, (1, 140), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = [loaded.model(ids[:, :130], cache, 0)[0]]  # 130 rows: the separate layers' long path
+            for position in range(130, 140):
+                logits.append(loaded.model(ids[:, position:position + 1], cache, position)[0])
+        return torch.cat(logits)
+
+    torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=0)
+
+
 def test_load_in_bad_input(tiny_model, tmp_path):
     bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
     assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr
