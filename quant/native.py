@@ -1,4 +1,5 @@
-"""The int4/int8 x float32 row kernels of quant/qgemv.c, compiled with the system's C compiler at first use.
+"""The int4/int8 x float32 row kernels of quant/qgemv.c, and quant/qlayer.c's one-token decoder layer on them,
+compiled with the system's C compiler at first use.
 
 torch's CPU int4 and int8 kernels compute bfloat16 products and, on AVX2, stream weights at ~5 and ~8.5 GB/s;
 qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qgemv.c")
+SOURCES = [Path(__file__).with_name("qgemv.c"), Path(__file__).with_name("qlayer.c")]  # one library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
 _library: ctypes.CDLL | None = None
@@ -35,7 +36,7 @@ def native_library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if compiler is None or not _cpu_has("avx2", "fma"):
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     try:
         # never a shared, guessable directory (another user could plant a library there): the caller's cache, else
         # a private temporary one for this process (a 0.5 s build each time)
@@ -45,8 +46,8 @@ def native_library() -> ctypes.CDLL | None:
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.{os.getpid()}")
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
-                           timeout=120)
+            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)], check=True,
+                           capture_output=True, timeout=120)
             os.replace(partial, target)  # atomic: another process may be building the same file
         library = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the OpenMP runtime both use
         if private:
@@ -58,6 +59,10 @@ def native_library() -> ctypes.CDLL | None:
     for function in (library.q4_gemv, library.q8_gemv):
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+    library.qlayer_work_floats.restype = ctypes.c_long
+    library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
+    library.qlayer_decode.restype = None
+    library.qlayer_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
     _library = library
     return library
 

@@ -232,9 +232,11 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
 
         quantize_at_load(model, load_in, device=torch_device)
     if quantized or load_in is not None:
+        from .native_decode import NativeDecoder
         from .quantized_load import fuse_projections
 
         fuse_projections(model)
+        model.fast_decode = NativeDecoder.build(model)
     model.eval().requires_grad_(False)
     release_freed_memory()
     return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype)

@@ -254,6 +254,9 @@ class Qwen2ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         dca = config.dual_chunk_attention_config
         self.dual_chunk = DualChunkConfig.from_hf(dca) if dca else None
+        # one token's pass through every layer at once, or None where it does not apply (set by quantized loading:
+        # qwen2cli.native_decode); not a submodule
+        self.fast_decode: Callable[[torch.Tensor, KVCache, int], torch.Tensor | None] | None = None
 
     def _rope_tables(self, start_pos: int, length: int, device: torch.device) -> RopeTables:
         """cos/sin rows for positions start_pos..start_pos+length (three pairs under dual chunk attention)."""
@@ -273,9 +276,13 @@ class Qwen2ForCausalLM(nn.Module):
             raise ValueError(f"positions up to {start_pos + length} exceed the cache's {cache.max_len}")
         # (B, T, hidden); the table may be kept in its stored dtype on CPU (checkpoint.load_model)
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)
-        rope = tuple(table.to(x.dtype) for table in self._rope_tables(start_pos, length, input_ids.device))
-        for layer in self.model.layers:
-            x = layer(x, rope, cache, start_pos)
+        decoded = self.fast_decode(x, cache, start_pos) if self.fast_decode is not None and length == 1 else None
+        if decoded is not None:
+            x = decoded
+        else:
+            rope = tuple(table.to(x.dtype) for table in self._rope_tables(start_pos, length, input_ids.device))
+            for layer in self.model.layers:
+                x = layer(x, rope, cache, start_pos)
         cache.pos = start_pos + length
         if last_only:
             x = x[:, -1:]

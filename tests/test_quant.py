@@ -431,6 +431,77 @@ def test_fused_projections_compute_what_the_separate_layers_do(tiny_model, load_
     torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("load_in,dtype", [("8bit", "float32"), ("4bit", "float32"), ("4bit", "bfloat16")])
+def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype):
+    """One token through every layer in C (qwen2cli.native_decode, quant/qlayer.c) against the Python path over
+    the same kernels, and both against exact float math (every layer on its dequantize-then-matmul reference):
+    the activations' int8 rounding makes the two paths differ by flips of a rounding step, so the C path must be
+    as close to exact as the Python path is (a wrong rotary, bias, norm, cache slot or attention would not be).
+    The keys and values it writes serve a later prompt as the Python path's do."""
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.model import MLP, Attention
+    from qwen2cli.native_decode import NativeDecoder
+    from qwen2cli.quantized_load import fuse_projections, quantize_at_load
+
+    if not NATIVE:
+        pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
+    loaded = load_model(tiny_model, device="cpu", dtype=dtype)
+    model = loaded.model
+    for block in model.model.layers:  # sharper attention than random weights give: positions must matter
+        for projection in (block.self_attn.q_proj, block.self_attn.k_proj):
+            projection.weight = torch.nn.Parameter(projection.weight * 3, requires_grad=False)
+    quantize_at_load(model, load_in, device=torch.device("cpu"))
+    fuse_projections(model)
+    model.fast_decode = native = NativeDecoder.build(model)
+    assert native is not None and len(native.layers) == loaded.config.num_hidden_layers
+
+    def slot(block: torch.nn.Module) -> str:
+        return "fused_qkv" if isinstance(block, Attention) else "fused_gate_up"
+
+    fused = {m: getattr(m, slot(m)) for m in model.modules() if isinstance(m, (Attention, MLP))}
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ids = torch.randint(0, 400, (1, 48), generator=torch.Generator().manual_seed(2))
+    torch_dtype = getattr(torch, dtype)
+
+    def run(mode: str) -> torch.Tensor:
+        """Logits of 12 prompt tokens, 24 decoded one by one, then 12 more as a prompt chunk."""
+        model.fast_decode = native if mode == "native" else None
+        for layer in layers:
+            layer.kernel = "reference" if mode == "exact" else ("q8" if load_in == "8bit" else "q4") + "-native-cpu"
+        if mode == "exact":  # no fused projections either
+            for block in fused:
+                setattr(block, slot(block), None)
+        try:
+            cache = KVCache(loaded.config, 64, dtype=torch_dtype)
+            with torch.no_grad():
+                logits = [model(ids[:, :12], cache, 0)[0]]
+                for position in range(12, 36):
+                    logits.append(model(ids[:, position:position + 1], cache, position)[0])
+                logits.append(model(ids[:, 36:48], cache, 36)[0])
+            first_layer[mode] = (cache.keys[0][:, :, :48].float(), cache.values[0][:, :, :48].float())
+            return torch.cat(logits).float()
+        finally:
+            for block, projection in fused.items():
+                setattr(block, slot(block), projection)
+
+    first_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    exact, python, native_logits = run("exact"), run("python"), run("native")
+    # the first layer's keys and values (rotated, biased, in their slots) are the same whatever the path: its
+    # inputs are the embeddings; bfloat16 caches round both alike
+    for ours, theirs in zip(first_layer["native"], first_layer["python"]):
+        tolerance = 2e-2 if dtype == "bfloat16" else 1e-5  # bfloat16: the Python path rounds after each op
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * theirs.abs().max().item())
+    model.fast_decode = native
+
+    def error(logits: torch.Tensor) -> float:
+        return ((logits - exact).norm() / exact.norm()).item()
+
+    print(f"relative error to exact: native {error(native_logits):.5f}, python {error(python):.5f}")
+    assert error(native_logits) < 1.5 * error(python) + 1e-3, (error(native_logits), error(python))
+    assert ((native_logits - python).norm() / python.norm()).item() < (0.05 if load_in == "4bit" else 0.02)
+
+
 def test_load_in_bad_input(tiny_model, tmp_path):
     bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
     assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr

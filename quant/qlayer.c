@@ -1,0 +1,156 @@
+/* One Qwen2 decoder layer for one token, in one call, on qgemv.c's int4/int8 kernels: decoding on CPU spent about
+ * as long in Python and in torch's per-op dispatch (some 40 small ops a layer) as in the matrix products.
+ *
+ * x (hidden) float32, updated in place: x += attention(rms_norm(x)); x += mlp(rms_norm(x)). Everything here is
+ * float32; the keys and values are written to, and read from, the caller's cache (float32 or bfloat16,
+ * (kv_heads, max_len, head_dim) per layer). q/k/v and gate/up are each one fused matrix (rows q, k, v and gate, up).
+ * Rotary embedding as Qwen2 (rotate_half): the cos/sin rows of the token's position are passed in. Attention is
+ * softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, each query head reading its group's key/value head;
+ * heads are split over OpenMP threads. Built with qgemv.c into one library by quant/native.py. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+void q4_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
+             int cols, int group, int count);
+void q8_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
+             int cols, int group, int count);
+
+typedef struct {
+    const uint8_t *weights;
+    const float *scales, *offsets; /* (rows, groups) */
+    int rows, cols, group, q4;
+} QMatrix;
+
+typedef struct {
+    QMatrix qkv, o, gate_up, down;
+    const float *qkv_bias;                /* (q + k + v rows) or NULL */
+    const float *input_norm, *post_norm; /* (hidden) */
+    void *keys, *values;                  /* (kv_heads, max_len, head_dim) */
+} Layer;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, intermediate, max_len, cache_bf16;
+    float eps;
+} Shape;
+
+static void gemv(const QMatrix *m, const float *x, float *out) {
+    (m->q4 ? q4_gemv : q8_gemv)(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, 1);
+}
+
+static void rms_norm(const float *x, const float *weight, float *out, int n, float eps) {
+    float total = 0.f;
+    for (int i = 0; i < n; i++) total += x[i] * x[i];
+    float inverse = 1.f / sqrtf(total / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inverse * weight[i];
+}
+
+static void rotate(float *v, const float *cos, const float *sin, int d) {
+    int half = d / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch converts */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline __m256 load8(const void *base, size_t index, int bf16) { /* 8 cache values from element `index` */
+    if (!bf16) return _mm256_loadu_ps((const float *)base + index);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + index));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static void store(void *base, size_t index, const float *v, int d, int bf16) {
+    if (bf16) {
+        for (int i = 0; i < d; i++) ((uint16_t *)base)[index + i] = to_bf16(v[i]);
+    } else {
+        memcpy((float *)base + index, v, sizeof(float) * d);
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* q (heads, d) -> out (heads, d); scores: heads * length floats of scratch */
+static void attend(const float *q, const Layer *layer, const Shape *s, int length, float *out, float *scores) {
+    int d = s->head_dim, group = s->heads / s->kv_heads, bf16 = s->cache_bf16;
+    float scale = 1.f / sqrtf((float)d);
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < s->heads; h++) {
+        size_t head_base = (size_t)(h / group) * s->max_len * d;
+        const float *query = q + (size_t)h * d;
+        float *row = scores + (size_t)h * length;
+        float best = -INFINITY;
+        for (int t = 0; t < length; t++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < d; i += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), load8(layer->keys, head_base + (size_t)t * d + i, bf16),
+                                      acc);
+            row[t] = hsum8(acc) * scale;
+            best = fmaxf(best, row[t]);
+        }
+        float total = 0.f;
+        for (int t = 0; t < length; t++) {
+            row[t] = expf(row[t] - best);
+            total += row[t];
+        }
+        __m256 acc[32]; /* head_dim <= 256 */
+        for (int i = 0; i < d / 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int t = 0; t < length; t++) {
+            __m256 p = _mm256_set1_ps(row[t] / total);
+            for (int i = 0; i < d / 8; i++)
+                acc[i] = _mm256_fmadd_ps(p, load8(layer->values, head_base + (size_t)t * d + i * 8, bf16), acc[i]);
+        }
+        for (int i = 0; i < d / 8; i++) _mm256_storeu_ps(out + (size_t)h * d + i * 8, acc[i]);
+    }
+}
+
+/* work: at least qlayer_work_floats(s) floats */
+long qlayer_work_floats(const Shape *s) {
+    long q = (long)s->heads * s->head_dim, kv = (long)s->kv_heads * s->head_dim;
+    return 2L * s->hidden + 2 * q + 2 * kv + 3L * s->intermediate + (long)s->heads * s->max_len;
+}
+
+void qlayer_decode(const Layer *layer, const Shape *s, float *x, const float *cos, const float *sin, int pos,
+                   float *work) {
+    int d = s->head_dim, q_size = s->heads * d, kv_size = s->kv_heads * d;
+    float *normed = work, *qkv = normed + s->hidden, *attention = qkv + q_size + 2 * kv_size;
+    float *projected = attention + q_size, *gate_up = projected + s->hidden;
+    float *activation = gate_up + 2 * s->intermediate, *scores = activation + s->intermediate;
+
+    rms_norm(x, layer->input_norm, normed, s->hidden, s->eps);
+    gemv(&layer->qkv, normed, qkv);
+    if (layer->qkv_bias)
+        for (int i = 0; i < q_size + 2 * kv_size; i++) qkv[i] += layer->qkv_bias[i];
+    for (int h = 0; h < s->heads + s->kv_heads; h++) rotate(qkv + (size_t)h * d, cos, sin, d); /* q heads, then k */
+    for (int h = 0; h < s->kv_heads; h++) {
+        size_t at = ((size_t)h * s->max_len + pos) * d;
+        store(layer->keys, at, qkv + q_size + (size_t)h * d, d, s->cache_bf16);
+        store(layer->values, at, qkv + q_size + kv_size + (size_t)h * d, d, s->cache_bf16);
+    }
+    attend(qkv, layer, s, pos + 1, attention, scores);
+    gemv(&layer->o, attention, projected);
+    for (int i = 0; i < s->hidden; i++) x[i] += projected[i];
+
+    rms_norm(x, layer->post_norm, normed, s->hidden, s->eps);
+    gemv(&layer->gate_up, normed, gate_up);
+    for (int i = 0; i < s->intermediate; i++) {
+        float g = gate_up[i];
+        activation[i] = g / (1.f + expf(-g)) * gate_up[s->intermediate + i];
+    }
+    gemv(&layer->down, activation, projected);
+    for (int i = 0; i < s->hidden; i++) x[i] += projected[i];
+}

@@ -1,0 +1,110 @@
+"""One decoded token through every layer in C (quant/qlayer.c), for quantized models on the native CPU kernels.
+
+With q/k/v and gate/up fused, a decoded token still made some 40 torch calls a layer around its 4 kernel calls
+(norms, rotary embedding, the cache write, attention, residuals), about as long as the kernels themselves on
+Qwen2.5-0.5B. Here a layer is one call. The step runs in float32 throughout and writes the caller's cache (float32
+or bfloat16); models or caches it does not cover (MoE, sliding windows, dual chunk attention, act-order layers, an
+int8 cache, batches) take the Python path, and so does every prompt of more than one token.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .model import MLP, Qwen2ForCausalLM
+
+
+class _QMatrix(ctypes.Structure):
+    _fields_ = [("weights", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("rows", ctypes.c_int), ("cols", ctypes.c_int), ("group", ctypes.c_int), ("q4", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _QMatrix), ("o", _QMatrix), ("gate_up", _QMatrix), ("down", _QMatrix),
+                ("qkv_bias", ctypes.c_void_p), ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("intermediate", ctypes.c_int), ("max_len", ctypes.c_int),
+                ("cache_bf16", ctypes.c_int), ("eps", ctypes.c_float)]
+
+
+def _matrix(layer: nn.Module) -> _QMatrix | None:
+    """A native-kernel QuantLinear as qlayer.c reads it; None for anything else (act-order included)."""
+    from quant.linear import QuantLinear
+
+    if not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast:
+        return None
+    kind = layer.kernel[:2]
+    fast = layer._fast
+    return _QMatrix(fast[kind].data_ptr(), fast["scales32"].data_ptr(), fast["offsets32"].data_ptr(),
+                    layer.out_features, layer.in_features, layer.group_size, int(kind == "q4"))
+
+
+class NativeDecoder:
+    """`decoder(x, cache, start_pos)`: the hidden state after the last layer for one token's embedding x (1, 1,
+    hidden), in x's dtype, or None where the Python path must run (see the module's docstring)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, library: ctypes.CDLL, layers: list[_Layer],
+                 kept: list[torch.Tensor]) -> None:
+        self.model, self.library, self.layers, self._kept = model, library, layers, kept
+        self._shapes: dict[tuple[int, bool], tuple[_Shape, torch.Tensor]] = {}
+
+    @classmethod
+    def build(cls, model: Qwen2ForCausalLM) -> "NativeDecoder | None":
+        config = model.config
+        if model.dual_chunk is not None or config.head_dim % 8 or config.head_dim > 256:
+            return None
+        layers, kept, library = [], [], None
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, MLP) or attention.sliding_window is not None:
+                return None
+            if attention.fused_qkv is None or mlp.fused_gate_up is None:
+                return None
+            qkv, gate_up = attention.fused_qkv.projection, mlp.fused_gate_up.projection
+            matrices = [_matrix(m) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
+            if any(m is None for m in matrices):
+                return None
+            library = qkv._native
+            norms = [layer.input_layernorm.weight.detach().float().contiguous(),
+                     layer.post_attention_layernorm.weight.detach().float().contiguous()]
+            bias = None if qkv.bias is None else qkv.bias.float().contiguous()
+            kept += [*norms, *([bias] if bias is not None else [])]
+            layers.append(_Layer(*matrices, None if bias is None else bias.data_ptr(), norms[0].data_ptr(),
+                                 norms[1].data_ptr(), None, None))
+        if library is None:
+            return None
+        # the kernels' tables are the QuantLinears' own tensors, kept alive by the model this decoder serves
+        return cls(model, library, layers, kept)
+
+    def _shape(self, cache: KVCache) -> tuple[_Shape, torch.Tensor]:
+        key = (cache.max_len, cache.dtype == torch.bfloat16)
+        if key not in self._shapes:
+            config = self.model.config
+            shape = _Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                           config.head_dim, config.intermediate_size, cache.max_len, int(key[1]), config.rms_norm_eps)
+            work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32,
+                               device="cpu")
+            self._shapes = {key: (shape, work)}  # one cache size at a time
+        return self._shapes[key]
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
+        if (type(cache) is not KVCache or x.shape[:2] != (1, 1) or x.device.type != "cpu"
+                or cache.dtype not in (torch.float32, torch.bfloat16) or cache.shape[0] != 1):
+            return None
+        shape, work = self._shape(cache)
+        hidden = x.reshape(-1).float().contiguous().clone()
+        cos, sin = self.model.rotary.tables(start_pos + 1, x.device)  # float32 (positions, head_dim)
+        cos, sin = cos[start_pos].contiguous(), sin[start_pos].contiguous()
+        decode, shape_ref = self.library.qlayer_decode, ctypes.byref(shape)
+        pointers = hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), work.data_ptr()
+        for index, layer in enumerate(self.layers):
+            layer.keys, layer.values = cache.keys[index].data_ptr(), cache.values[index].data_ptr()
+            decode(ctypes.byref(layer), shape_ref, pointers[0], pointers[1], pointers[2], start_pos, pointers[3])
+        return hidden.view(1, 1, -1).to(x.dtype)
