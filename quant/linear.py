@@ -258,8 +258,14 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
            for order in orders):
         return None
     sizes = [layer.out_features for layer in layers]
-    with torch.device("meta"):  # the packed-layout buffers are never read on the fused layer
-        fused = QuantLinear(first.in_features, sum(sizes), bias=False, config=first.config)
+    # only the kernel's tables: no packed-layout buffers, never read here (and building them on the meta device
+    # would import torch's reference decompositions for floor_divide: 1.8 s and 50 MB at load)
+    fused = QuantLinear.__new__(QuantLinear)
+    nn.Module.__init__(fused)
+    fused.in_features, fused.out_features, fused.config = first.in_features, sum(sizes), first.config
+    fused.group_size = first.group_size
+    fused.register_buffer("bias", None)
+    fused._fast = {}
     kind = first.kernel[:2]
     if any(layer.bias is not None for layer in layers):
         device = first._fast[kind].device
