@@ -34,16 +34,18 @@ class _Shape(ctypes.Structure):
                 ("cache_bf16", ctypes.c_int), ("eps", ctypes.c_float)]
 
 
-def _matrix(layer: nn.Module) -> _QMatrix | None:
-    """A native-kernel QuantLinear as qlayer.c reads it; None for anything else (act-order included)."""
+def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
+    """A native-kernel QuantLinear as qlayer.c reads it (its tables appended to `kept`, which the decoder holds
+    while it holds their addresses); None for anything else (act-order included)."""
     from quant.linear import QuantLinear
 
     if not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast:
         return None
     kind = layer.kernel[:2]
-    fast = layer._fast
-    return _QMatrix(fast[kind].data_ptr(), fast["scales32"].data_ptr(), fast["offsets32"].data_ptr(),
-                    layer.out_features, layer.in_features, layer.group_size, int(kind == "q4"))
+    tables = [layer._fast[kind], layer._fast["scales32"], layer._fast["offsets32"]]
+    kept += tables
+    return _QMatrix(*(table.data_ptr() for table in tables), layer.out_features, layer.in_features,
+                    layer.group_size, int(kind == "q4"))
 
 
 class NativeDecoder:
@@ -68,7 +70,7 @@ class NativeDecoder:
             if attention.fused_qkv is None or mlp.fused_gate_up is None:
                 return None
             qkv, gate_up = attention.fused_qkv.projection, mlp.fused_gate_up.projection
-            matrices = [_matrix(m) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
+            matrices = [_matrix(m, kept) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
             if any(m is None for m in matrices):
                 return None
             library = qkv._native
@@ -80,7 +82,6 @@ class NativeDecoder:
                                  norms[1].data_ptr(), None, None))
         if library is None:
             return None
-        # the kernels' tables are the QuantLinears' own tensors, kept alive by the model this decoder serves
         return cls(model, library, layers, kept)
 
     def _shape(self, cache: KVCache) -> tuple[_Shape, torch.Tensor]:
