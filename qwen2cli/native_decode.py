@@ -54,7 +54,10 @@ class NativeDecoder:
 
     def __init__(self, model: Qwen2ForCausalLM, library: ctypes.CDLL, layers: list[_Layer],
                  kept: list[torch.Tensor]) -> None:
-        self.model, self.library, self.layers, self._kept = model, library, layers, kept
+        # the model's parts, not the model: it holds this decoder, and a cycle would keep a dropped model (all its
+        # weights) in memory until the garbage collector next runs
+        self.config, self.rotary = model.config, model.rotary
+        self.library, self.layers, self._kept = library, layers, kept
         self._shapes: dict[tuple[int, bool], tuple[_Shape, torch.Tensor]] = {}
 
     @classmethod
@@ -87,7 +90,7 @@ class NativeDecoder:
     def _shape(self, cache: KVCache) -> tuple[_Shape, torch.Tensor]:
         key = (cache.max_len, cache.dtype == torch.bfloat16)
         if key not in self._shapes:
-            config = self.model.config
+            config = self.config
             shape = _Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                            config.head_dim, config.intermediate_size, cache.max_len, int(key[1]), config.rms_norm_eps)
             work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32,
@@ -101,7 +104,7 @@ class NativeDecoder:
             return None
         shape, work = self._shape(cache)
         hidden = x.reshape(-1).float().contiguous().clone()
-        cos, sin = self.model.rotary.tables(start_pos + 1, x.device)  # float32 (positions, head_dim)
+        cos, sin = self.rotary.tables(start_pos + 1, x.device)  # float32 (positions, head_dim)
         cos, sin = cos[start_pos].contiguous(), sin[start_pos].contiguous()
         decode, shape_ref = self.library.qlayer_decode, ctypes.byref(shape)
         pointers = hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), work.data_ptr()

@@ -502,6 +502,25 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     assert ((native_logits - python).norm() / python.norm()).item() < (0.05 if load_in == "4bit" else 0.02)
 
 
+def test_a_dropped_quantized_model_is_freed_at_once(tiny_model):
+    """No reference cycle through the native decoder: a dropped model's memory is returned when the last reference
+    goes, not at some later garbage collection (a benchmark loading three times held three models)."""
+    import gc
+    import weakref
+
+    from qwen2cli.checkpoint import load_model
+
+    loaded = load_model(tiny_model, device="cpu", dtype="float32", load_in="4bit")
+    assert loaded.model.fast_decode is not None or not NATIVE
+    model = weakref.ref(loaded.model)
+    gc.disable()
+    try:
+        del loaded
+        assert model() is None
+    finally:
+        gc.enable()
+
+
 def test_load_in_bad_input(tiny_model, tmp_path):
     bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
     assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr
