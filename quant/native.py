@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name("qgemv.c"), Path(__file__).with_name("qlayer.c")]  # one library
+HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
 _library: ctypes.CDLL | None = None
@@ -36,7 +37,8 @@ def native_library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if compiler is None or not _cpu_has("avx2", "fma"):
         return None
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+                            + " ".join(FLAGS).encode()).hexdigest()[:16]
     try:
         # never a shared, guessable directory (another user could plant a library there): the caller's cache, else
         # a private temporary one for this process (a 0.5 s build each time)

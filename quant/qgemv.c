@@ -14,16 +14,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 int q4_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
 }
 
 /* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) exact float sums per group */

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 void q4_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
              int cols, int group, int count);
 void q8_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
@@ -77,13 +79,6 @@ static void store(void *base, size_t index, const float *v, int d, int bf16) {
     }
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 /* q (heads, d) -> out (heads, d); scores: heads * length floats of scratch */
 static void attend(const float *q, const Layer *layer, const Shape *s, int length, float *out, float *scores) {
     int d = s->head_dim, group = s->heads / s->kv_heads, bf16 = s->cache_bf16;
@@ -99,7 +94,7 @@ static void attend(const float *q, const Layer *layer, const Shape *s, int lengt
             for (int i = 0; i < d; i += 8)
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), load8(layer->keys, head_base + (size_t)t * d + i, bf16),
                                       acc);
-            row[t] = hsum8(acc) * scale;
+            row[t] = hsum(acc) * scale;
             best = fmaxf(best, row[t]);
         }
         float total = 0.f;
