@@ -73,6 +73,12 @@ class NativeDecoder:
             if attention.fused_qkv is None or mlp.fused_gate_up is None:
                 return None
             qkv, gate_up = attention.fused_qkv.projection, mlp.fused_gate_up.projection
+            attention_size, intermediate = config.num_attention_heads * config.head_dim, config.intermediate_size
+            # the shapes qlayer.c assumes from the config (a checkpoint whose layers were padded past it is not)
+            if (qkv.out_features != attention_size + 2 * config.num_key_value_heads * config.head_dim
+                    or attention.o_proj.in_features != attention_size or gate_up.out_features != 2 * intermediate
+                    or mlp.down_proj.in_features != intermediate):
+                return None
             matrices = [_matrix(m, kept) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
             if any(m is None for m in matrices):
                 return None
@@ -103,7 +109,7 @@ class NativeDecoder:
                 or cache.dtype not in (torch.float32, torch.bfloat16) or cache.shape[0] != 1):
             return None
         shape, work = self._shape(cache)
-        hidden = x.reshape(-1).float().contiguous().clone()
+        hidden = x.reshape(-1).to(torch.float32, copy=True)  # the residual stream, updated in place by each layer
         cos, sin = self.rotary.tables(start_pos + 1, x.device)  # float32 (positions, head_dim)
         cos, sin = cos[start_pos].contiguous(), sin[start_pos].contiguous()
         decode, shape_ref = self.library.qlayer_decode, ctypes.byref(shape)
