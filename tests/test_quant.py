@@ -407,19 +407,16 @@ def test_fused_projections_compute_what_the_separate_layers_do(tiny_model, load_
     layers give (the same rows, the same arithmetic), and a prompt of 128+ tokens goes through the separate layers."""
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
-    from qwen2cli.model import MLP, Attention
+    from tests.decode_paths import DecodePaths
 
     if not NATIVE:
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
     loaded = load_model(tiny_model, device="cpu", dtype="bfloat16", load_in=load_in)
-    blocks = [m for m in loaded.model.modules() if isinstance(m, (Attention, MLP))]
-    fused = {m: m.fused_qkv if isinstance(m, Attention) else m.fused_gate_up for m in blocks}
-    assert len(blocks) == 2 * loaded.config.num_hidden_layers and all(f is not None for f in fused.values())
+    paths = DecodePaths(loaded.model)
+    assert len(paths.fused) == 2 * loaded.config.num_hidden_layers and None not in paths.fused.values()
 
     def decode(use_fused: bool) -> torch.Tensor:
-        for block, projection in fused.items():
-            setattr(block, "fused_qkv" if isinstance(block, Attention) else "fused_gate_up",
-                    projection if use_fused else None)
+        paths.use("python" if use_fused else "separate")  # the Python path: the C layers would read the fused tables
         cache = KVCache(loaded.config, 160, dtype=torch.bfloat16)
         ids = torch.randint(0, 400, (1, 140), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -440,9 +437,9 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     The keys and values it writes serve a later prompt as the Python path's do."""
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
-    from qwen2cli.model import MLP, Attention
     from qwen2cli.native_decode import NativeDecoder
     from qwen2cli.quantized_load import fuse_projections, quantize_at_load
+    from tests.decode_paths import DecodePaths
 
     if not NATIVE:
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
@@ -456,34 +453,21 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     model.fast_decode = native = NativeDecoder.build(model)
     assert native is not None and len(native.layers) == loaded.config.num_hidden_layers
 
-    def slot(block: torch.nn.Module) -> str:
-        return "fused_qkv" if isinstance(block, Attention) else "fused_gate_up"
-
-    fused = {m: getattr(m, slot(m)) for m in model.modules() if isinstance(m, (Attention, MLP))}
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    paths = DecodePaths(model)
     ids = torch.randint(0, 400, (1, 48), generator=torch.Generator().manual_seed(2))
     torch_dtype = getattr(torch, dtype)
 
     def run(mode: str) -> torch.Tensor:
         """Logits of 12 prompt tokens, 24 decoded one by one, then 12 more as a prompt chunk."""
-        model.fast_decode = native if mode == "native" else None
-        for layer in layers:
-            layer.kernel = "reference" if mode == "exact" else ("q8" if load_in == "8bit" else "q4") + "-native-cpu"
-        if mode == "exact":  # no fused projections either
-            for block in fused:
-                setattr(block, slot(block), None)
-        try:
-            cache = KVCache(loaded.config, 64, dtype=torch_dtype)
-            with torch.no_grad():
-                logits = [model(ids[:, :12], cache, 0)[0]]
-                for position in range(12, 36):
-                    logits.append(model(ids[:, position:position + 1], cache, position)[0])
-                logits.append(model(ids[:, 36:48], cache, 36)[0])
-            first_layer[mode] = (cache.keys[0][:, :, :48].float(), cache.values[0][:, :, :48].float())
-            return torch.cat(logits).float()
-        finally:
-            for block, projection in fused.items():
-                setattr(block, slot(block), projection)
+        paths.use(mode)
+        cache = KVCache(loaded.config, 64, dtype=torch_dtype)
+        with torch.no_grad():
+            logits = [model(ids[:, :12], cache, 0)[0]]
+            for position in range(12, 36):
+                logits.append(model(ids[:, position:position + 1], cache, position)[0])
+            logits.append(model(ids[:, 36:48], cache, 36)[0])
+        first_layer[mode] = (cache.keys[0][:, :, :48].float(), cache.values[0][:, :, :48].float())
+        return torch.cat(logits).float()
 
     first_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     exact, python, native_logits = run("exact"), run("python"), run("native")
@@ -492,7 +476,6 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     for ours, theirs in zip(first_layer["native"], first_layer["python"]):
         tolerance = 2e-2 if dtype == "bfloat16" else 1e-5  # bfloat16: the Python path rounds after each op
         torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * theirs.abs().max().item())
-    model.fast_decode = native
 
     def error(logits: torch.Tensor) -> float:
         return ((logits - exact).norm() / exact.norm()).item()

@@ -115,18 +115,19 @@ def native_choices_behind(path: Path, tokens: int = 20) -> list[float]:
     from qwen2cli.generate import generate, load_engine, prefill
     from qwen2cli.runner import prompt_ids
     from qwen2cli.sampling import SamplingParams
+    from tests.decode_paths import DecodePaths
 
     engine = load_engine(path, device="cpu", dtype="float32")  # the Python path then rounds nothing to bfloat16
     model = engine.loaded.model
-    native = model.fast_decode
-    assert native is not None, "a quantized checkpoint on CPU decodes through the native layers"
+    paths = DecodePaths(model)
+    assert paths.native is not None, "a quantized checkpoint on CPU decodes through the native layers"
     gaps = []
     for prompt in PROMPTS:
         ids = prompt_ids(engine, prompt, raw=False, system=None)
-        model.fast_decode = native
+        paths.use("native")
         chunks = list(generate(engine, ids, params=SamplingParams(temperature=0, max_tokens=tokens),
                                cache=engine.new_cache(len(ids) + tokens + 1)))
-        model.fast_decode = None
+        paths.use("python")
         cache = engine.new_cache(len(ids) + tokens + 1)
         with torch.inference_mode():
             logits = prefill(engine, cache, ids)
@@ -142,26 +143,17 @@ def errors_against_exact(path: Path, prompts: list[str], tokens: int = 8) -> lis
     Python path over the same kernels."""
     import torch
 
-    from quant.linear import QuantLinear
     from qwen2cli.generate import load_engine, prefill
-    from qwen2cli.model import MLP, Attention
     from qwen2cli.runner import prompt_ids
+    from tests.decode_paths import DecodePaths
 
     engine = load_engine(path, device="cpu", dtype="float32")
     model = engine.loaded.model
-    native = model.fast_decode
-    layers = {m: m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
-    slots = {m: "fused_qkv" if isinstance(m, Attention) else "fused_gate_up"
-             for m in model.modules() if isinstance(m, (Attention, MLP))}
-    fused = {m: getattr(m, slot) for m, slot in slots.items()}
+    paths = DecodePaths(model)
     forced = engine.tokenizer.encode(" Sure, here is a short and clear answer for you.")[:tokens]
     logits: dict[tuple[str, str], torch.Tensor] = {}
     for mode in ("exact", "python", "native"):
-        model.fast_decode = native if mode == "native" else None
-        for layer, kernel in layers.items():
-            layer.kernel = "reference" if mode == "exact" else kernel
-        for block, slot in slots.items():
-            setattr(block, slot, None if mode == "exact" else fused[block])
+        paths.use(mode)
         for prompt in prompts:
             ids = prompt_ids(engine, prompt, raw=False, system=None)
             cache = engine.new_cache(len(ids) + tokens + 1)
