@@ -58,7 +58,7 @@ class NativeDecoder:
         # weights) in memory until the garbage collector next runs
         self.config, self.rotary = model.config, model.rotary
         self.library, self.layers, self._kept = library, layers, kept
-        self._shapes: dict[tuple[int, bool], tuple[_Shape, torch.Tensor]] = {}
+        self._sized: tuple[tuple[int, bool], _Shape, torch.Tensor] | None = None  # for the last cache size seen
 
     @classmethod
     def build(cls, model: Qwen2ForCausalLM) -> "NativeDecoder | None":
@@ -95,14 +95,14 @@ class NativeDecoder:
 
     def _shape(self, cache: KVCache) -> tuple[_Shape, torch.Tensor]:
         key = (cache.max_len, cache.dtype == torch.bfloat16)
-        if key not in self._shapes:
+        if self._sized is None or self._sized[0] != key:
             config = self.config
             shape = _Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                            config.head_dim, config.intermediate_size, cache.max_len, int(key[1]), config.rms_norm_eps)
             work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32,
                                device="cpu")
-            self._shapes = {key: (shape, work)}  # one cache size at a time
-        return self._shapes[key]
+            self._sized = key, shape, work
+        return self._sized[1], self._sized[2]
 
     def __call__(self, x: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
         if (type(cache) is not KVCache or x.shape[:2] != (1, 1) or x.device.type != "cpu"

@@ -186,9 +186,11 @@ class Qwen2Tokenizer:
         self._normalized_ids = {self._normalize(t.content): t.id for t in matched_after.values()}
         self._normalized_split = _splitter(list(self._normalized_ids))
         # one bytes object per token: where a token's bytes equal its merge-table entry's, that entry's
-        ranked, identity = tables.ranked, self._identity
-        self._bytes_by_id = [ranked[i] if identity and i < len(ranked) and ranked[i] == piece else piece
-                             for i, piece in enumerate(tables.bytes_by_id)]
+        self._bytes_by_id = tables.bytes_by_id
+        if self._identity:
+            ranked = tables.ranked
+            self._bytes_by_id = ([entry if entry == piece else piece for entry, piece in zip(ranked, self._bytes_by_id)]
+                                 + self._bytes_by_id[len(ranked):])
         self.vocab_size = max([*tables.rank_to_id, *self.special_tokens.values()]) + 1
         self.chat_template = tables.chat_template
         self._alphabet = ByteLevelAlphabet()
@@ -326,8 +328,9 @@ def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
     lengths.frombytes(data[offset + 4:offset + 4 + 4 * count])
     position = offset + 4 + 4 * count
     ends = list(accumulate(lengths))
-    blob = bytes(data[position:position + (ends[-1] if ends else 0)])  # slicing bytes is ~4x faster than views
-    if len(blob) != (ends[-1] if ends else 0):
+    total = ends[-1] if ends else 0
+    blob = bytes(data[position:position + total])  # slicing bytes is ~4x faster than views
+    if len(blob) != total:
         raise ValueError("truncated tokenizer cache")
     return [blob[begin:end] for begin, end in zip([0, *ends], ends)], position + len(blob)
 
