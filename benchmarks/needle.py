@@ -1,13 +1,15 @@
 """Needle in a haystack on a real model: a fact planted at several depths of a long context, then asked for.
 
   python benchmarks/needle.py [--model DIR] [--lengths 8192,16384,32768] [--depths 10] [--attention default|dca]
-                              [--dtype bfloat16] [--kv-cache float|int8]
+                              [--dtype bfloat16] [--kv-cache float|int8] [--device auto|cpu|cuda]
+                              [--haystack FILE]
 
 Prints one row per (length, depth): whether the greedy answer holds the planted passphrase, the prefill tok/s of
 that length's haystack (prefilled once; each depth reuses the cached haystack before its needle, deepest first)
-and the process's peak RSS so far.
+and the process's peak RSS so far (on CUDA: the GPU memory allocated at its peak).
 Contexts past the model's trained length turn YaRN on (default attention) or use dual chunk attention (dca).
-The haystack is this machine's own documentation text (/usr/share/common-licenses and Python's stdlib docstrings).
+The haystack is this machine's own documentation text (/usr/share/common-licenses and Python's stdlib docstrings),
+or FILE's text (`--haystack`: the same text on another machine, say a GPU one).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--attention", default="default", choices=["default", "dca"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kv-cache", default="float", choices=["float", "int8"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--haystack", type=Path, help="a text file to use as the haystack")
     args = parser.parse_args()
     if args.model is None:
         from tests.real_model import real_hf_dir
@@ -58,13 +62,14 @@ def main() -> None:
     from qwen2cli.sampling import SamplingParams
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    engine = load_engine(Path(args.model), device="cpu", dtype=args.dtype, ctx=max(lengths),
+    engine = load_engine(Path(args.model), device=args.device, dtype=args.dtype, ctx=max(lengths),
                          kv_cache=args.kv_cache, attention=args.attention)
-    filler = engine.tokenizer.encode_ordinary(haystack_text())
+    text = args.haystack.read_text() if args.haystack else haystack_text()
+    filler = engine.tokenizer.encode_ordinary(text)
     params = SamplingParams(temperature=0, max_tokens=16, repeat_penalty=1.0)
     system = default_system_prompt(engine.tokenizer.chat_template)
-    print(f"attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} rope_scaling={engine.config.rope_scaling}")
-    print(f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} {'peak RSS MiB':>13}  answer")
+    print(f"device={engine.loaded.device} attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} rope_scaling={engine.config.rope_scaling}")
+    print(f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} {'peak RSS MiB' if engine.loaded.device.type == 'cpu' else 'peak GPU MiB':>13}  answer")
     base = encode_chat(engine.tokenizer, [Message("user", "")], default_system=system)
     insert_at = len(base) - 1 - base[::-1].index(engine.tokenizer.token_to_id("<|im_end|>"))  # the user turn's end
     head, foot = base[:insert_at], base[insert_at:]
@@ -91,6 +96,8 @@ def main() -> None:
                     text += chunk.text
             found = ANSWER in text
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if engine.loaded.device.type == "cuda":  # the memory that counts there: the GPU's
+                rss = torch.cuda.max_memory_allocated(engine.loaded.device) / 2**20
             print(f"{len(ids):>8} {100 * cut / len(hay):>7.0f} {str(found):>6} {rate:>14.1f} {rss:>13.0f}  "
                   f"{text.strip()[:40]!r}", flush=True)
         del cache  # the next length's cache is not allocated beside this one
