@@ -18,6 +18,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # once and using an ordinary GEMM (measured on a 2-core AVX2 host, 4864x896 at 512 rows: int4 kernel 69 ms,
 # unpack 8 ms + float32 GEMM 28 ms; the int4 kernel wins below ~110 rows, and at one row by 20x)
 DEQUANT_MIN_ROWS = 128
+# Floats of weight unpacked per step of that GEMM (4 MB: a block stays in cache between its unpacking and its GEMM)
+UNPACK_BLOCK_FLOATS = 1 << 20
 
 
 def unpack_int4pack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -194,22 +196,30 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _unpacked_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """float32 x @ W^T through the weight unpacked to float32 for this call only (held for one matmul)."""
+        """float32 x @ W^T through the weight unpacked to float32 a block of output rows at a time: each block is
+        made, used by one GEMM into its columns of the result and dropped, so a prompt never holds a whole float32
+        copy of the weight (gate/up: 17 MB each, with the float codes beside it 35 MB more at prefill's peak)."""
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=flat.device)
+        step = max(32, UNPACK_BLOCK_FLOATS // self.in_features // 32 * 32)  # whole 32-row tiles of int4pack-cpu
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            torch.mm(flat, self._float_rows(start, stop).t(), out=out[:, start:stop])
+        return out
+
+    def _float_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the dequantized weight, float32 (stop - start, in), from the fast kernel's tables."""
+        fast = self._fast
         if self.kernel == "int8pack-cpu":
-            return (flat @ self._fast["weight"].t().float()) * self._fast["scales32"]
+            return fast["weight"][start:stop].float().mul_(fast["scales32"][start:stop, None])
         if self.kernel == "q4-native-cpu":
-            codes = unpack_q4(self._fast["q4"])
+            codes = unpack_q4(fast["q4"][start:stop])
         elif self.kernel == "q8-native-cpu":
-            codes = self._fast["q8"]
-            if self.group_size == self.in_features:  # one group: w = stored * s + o per row, no weight pass
-                fast = self._fast
-                return torch.addcmul((flat @ codes.t().float()) * fast["scales32"].view(-1),
-                                     flat.sum(dim=1, keepdim=True), fast["offsets32"].view(-1))
-        else:
-            codes = unpack_int4pack_cpu(self._fast["packed"], self.out_features, self.in_features)
-        codes = codes.view(self.out_features, self.in_features // self.group_size, self.group_size)
-        weight = torch.addcmul(self._fast["offsets32"], codes.float(), self._fast["scales32"])
-        return F.linear(flat, weight.view(self.out_features, self.in_features))
+            codes = fast["q8"][start:stop]
+        else:  # int4pack-cpu: start is a multiple of 32, and stop too unless it is the end
+            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features)
+        codes = codes.view(stop - start, self.in_features // self.group_size, self.group_size)
+        weight = torch.addcmul(fast["offsets32"][start:stop], codes.float(), fast["scales32"][start:stop])
+        return weight.view(stop - start, self.in_features)
 
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self._native is not None:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import quant.linear
 from quant.config import QuantConfig
 from quant.gptq import GPTQ, upper_cholesky_of_inverse
 from quant.linear import (DEQUANT_MIN_ROWS, QuantLinear, int4pack_cpu_layout_known, quantize_linear,
@@ -111,10 +112,12 @@ def test_gptq_v2_zeros_are_not_offset():
 @pytest.mark.parametrize("shape,bits,group,method,act_order", [
     ((96, 64), 4, 32, "gptq", False), ((256, 48), 4, 128, "gptq", True), ((192, 40), 4, 64, "awq", False),
     ((160, 24), 8, -1, "gptq", False), ((128, 32), 8, 32, "gptq", False), ((96, 16), 4, 32, "gptq", True),
-    ((128, 96), 4, 32, "gptq", True), ((64, 160), 4, 64, "awq", False)])
-def test_fast_kernels_equal_reference(shape, bits, group, method, act_order):
+    ((128, 96), 4, 32, "gptq", True), ((64, 160), 4, 64, "awq", False), ((64, 80), 8, -1, "gptq", False)])
+def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, monkeypatch):
     torch.manual_seed(0)
     in_features, out_features = shape
+    # long inputs unpack the weight 32 rows at a time here: several blocks, the last one short where out % 32
+    monkeypatch.setattr(quant.linear, "UNPACK_BLOCK_FLOATS", 32 * in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=True)
     config = QuantConfig(method=method, bits=bits, group_size=group, sym=method != "awq", desc_act=act_order)
     if act_order:
