@@ -27,7 +27,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     shifts = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits).view(1, per, 1)
-    values = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)  # (rows/per, per, cols)
+    values = (packed.unsqueeze(1) >> shifts).bitwise_and_(2**bits - 1)  # (rows/per, per, cols)
     return values.reshape(-1, packed.shape[1])
 
 

@@ -83,9 +83,12 @@ def fuse_projections(model: nn.Module) -> None:
     """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.linear.fuse_native)."""
     from quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
 
+    from .checkpoint import release_freed_memory
     from .model import MLP, Attention, Fused
 
-    for module in model.modules():
+    for index, module in enumerate(model.modules()):
+        if index % RELEASE_EVERY == 0:  # the tables each fused one replaced are freed: hand them back as for repacking
+            release_freed_memory()
         if isinstance(module, Attention):
             names, slot = ("q_proj", "k_proj", "v_proj"), "fused_qkv"
         elif isinstance(module, MLP):
