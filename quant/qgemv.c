@@ -21,21 +21,32 @@ int q4_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-/* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) exact float sums per group */
+/* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) float sums per group. Vectorized: it runs
+ * on one thread before each product's parallel rows (scalar lrintf took ~20 us for the 4864 inputs of down_proj);
+ * cvtps_epi32 rounds to nearest even, as lrintf does in the default rounding mode. */
 static void quantize_row(const float *x, int cols, int group, int8_t *xq, float *d, float *xsum) {
-    for (int g = 0; g < cols / group; g++) {
-        float total = 0.f;
-        for (int i = g * group; i < (g + 1) * group; i++) total += x[i];
-        xsum[g] = total;
-    }
+    const __m256 sign_bits = _mm256_set1_ps(-0.0f);
+    const __m256i lanes = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int g = 0; g < cols / group; g++) xsum[g] = 0.f;
     for (int b = 0; b < cols / 32; b++) {
         const float *block = x + b * 32;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(block[i]));
-        float scale = amax / 127.f;
+        __m256 v0 = _mm256_loadu_ps(block), v1 = _mm256_loadu_ps(block + 8), v2 = _mm256_loadu_ps(block + 16),
+               v3 = _mm256_loadu_ps(block + 24);
+        xsum[b * 32 / group] += hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_bits, v0), _mm256_andnot_ps(sign_bits, v1)),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign_bits, v2), _mm256_andnot_ps(sign_bits, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float scale = _mm_cvtss_f32(m4) / 127.f;
         float inverse = scale > 0.f ? 1.f / scale : 0.f;
         d[b] = scale;
-        for (int i = 0; i < 32; i++) xq[b * 32 + i] = (int8_t)lrintf(block[i] * inverse);
+        __m256 inv = _mm256_set1_ps(inverse);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+        /* packs work within 128-bit lanes: 0-3 8-11 4-7 12-15 | ... ; the permute restores element order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permutevar8x32_epi32(packed, lanes));
     }
 }
 
