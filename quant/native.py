@@ -63,6 +63,8 @@ def native_library() -> ctypes.CDLL | None:
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     library.qlayer_work_floats.restype = ctypes.c_long
     library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
+    library.qlayer_exp.restype = None
+    library.qlayer_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     library.qlayer_decode.restype = None
     library.qlayer_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
     _library = library

@@ -596,6 +596,23 @@ def test_native_kernel_builds_where_it_can():
     assert native_library() is not None
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
+                    "says why)")
+def test_native_exp_is_within_two_ulp_of_exp():
+    """The C layer's SiLU and softmax use their own 8-wide exp: against float64 exp over the range where float32's
+    exp is finite and normal, within 2 ulp; clamped outside it (tiny stays tiny, overflow stays huge)."""
+    library = native_library()
+    x = torch.cat([torch.linspace(-87.3, 88.37, 200_000), torch.tensor([-1e4, -200., -88., 89., 200., 1e4, 0., 1.])])
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    library.qlayer_exp(x.data_ptr(), out.data_ptr(), x.numel())
+    inside = (x >= -87.3) & (x <= 88.37)
+    exact = x[inside].double().exp()
+    ulp = (exact.float().nextafter(torch.tensor(float("inf"))) - exact.float()).double()
+    assert ((out[inside].double() - exact).abs() / ulp).max() <= 2.0
+    assert (out[x < -87.3] < 1.3e-38).all() and (out[x > 88.37] > 2e38).all() and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows,in_features,out_features,group", [(1, 96, 40, 32), (3, 384, 24, 128),
                                                                  (127, 256, 8, 64), (2, 512, 16, 256)])
