@@ -9,7 +9,9 @@ The first run builds llama-cpp-python from PyPI into its own virtual environment
 llama.cpp runs the real model's GGUF (Q4_K_M) and requantizations of it (Q4_0, Q8_0, with --allow-requantize).
 qwen2cli runs round-to-nearest int4 (group 128) and int8 (per channel) checkpoints of the same model, made from the
 float copy of that GGUF with `qwen2 quantize --method rtn` (speed does not depend on how the codes were chosen).
-Each system runs in its own subprocess, so peak RSS is its own. Prints tok/s, peak RSS and the ratios.
+Each measurement is a process of its own (so peak RSS is its own: one load, one prompt and answer); the systems
+take turns, round after round, and each number is the median over the rounds. Prints tok/s, peak RSS and the
+ratios.
 """
 from __future__ import annotations
 
@@ -163,19 +165,29 @@ def main() -> None:
         "qwen2cli int4 g128": ("ours", our_checkpoint(real_hf_dir(), work, 4)),
         "qwen2cli int8": ("ours", our_checkpoint(real_hf_dir(), work, 8)),
     }
-    results = {}
-    for name, (side, target) in systems.items():
-        runner = str(python) if side == "llamacpp" else sys.executable
-        done = subprocess.run([runner, __file__, "--side", side, "--target", str(target), "-p", str(args.p),
-                               "-n", str(args.n), "--repeats", str(args.repeats), "--threads", str(args.threads)],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"prompt {args.p}, new {args.n}, {args.threads} threads, median of {args.repeats}")
-    print(f"{'':22}{'prefill tok/s':>14}{'decode tok/s':>14}{'load s':>8}{'peak RSS MiB':>14}")
+    # rounds: every system once per round, each in a fresh process; medians over the rounds. Speeds on this
+    # shared 2-core host drift by 20% within minutes: all repeats of one system, then all of the next, put that
+    # drift into the ratios
+    rounds: dict[str, list[dict]] = {name: [] for name in systems}
+    for _ in range(args.repeats):
+        for name, (side, target) in systems.items():
+            runner = str(python) if side == "llamacpp" else sys.executable
+            done = subprocess.run([runner, __file__, "--side", side, "--target", str(target), "-p", str(args.p),
+                                   "-n", str(args.n), "--repeats", "1", "--threads", str(args.threads)],
+                                  capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+            rounds[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+               for name, runs in rounds.items()}
+    print(f"prompt {args.p}, new {args.n}, {args.threads} threads, median of {args.repeats} rounds "
+          "(each system once a round, in its own process)")
+    print(f"{'':22}{'prefill tok/s':>14}{'decode tok/s':>14}{'load s':>8}{'peak RSS MiB':>14}  decode range")
     for name, r in results.items():
-        print(f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}")
+        low, high = (f(run["decode_tok_s"] for run in rounds[name]) for f in (min, max))
+        print(f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}"
+              f"  {low:.1f}-{high:.1f}")
     fastest4 = max(("llama.cpp Q4_K_M", "llama.cpp Q4_0"), key=lambda k: results[k]["decode_tok_s"])
     ours4, ours8 = results["qwen2cli int4 g128"], results["qwen2cli int8"]
     ratios = {
@@ -186,7 +198,7 @@ def main() -> None:
     }
     for name, value in ratios.items():
         print(f"{name:34}{value:6.2f}x")
-    print(json.dumps({"results": results, "ratios": ratios}))
+    print(json.dumps({"results": results, "ratios": ratios, "rounds": rounds}))
 
 
 if __name__ == "__main__":
