@@ -77,7 +77,11 @@ class Int8Rows(nn.Module):
                                 self.in_features)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.codes, self.scales_bf16)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if flat.shape[0] >= DEQUANT_MIN_ROWS:  # whole-prompt logits (perplexity) in the model's dtype, for memory
+            out = out.to(x.dtype)
+        # a few rows (decoding) keep the float32 our kernel computes: no bfloat16 rounding (1/8 at a logit of 20)
+        # of what sampling reads, nor two conversions of a vocab-sized row per token
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Lookup(nn.Module):

@@ -120,7 +120,6 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
     vocab = engine.config.vocab_size
     seen = torch.zeros(vocab, dtype=torch.bool, device=engine.loaded.device)
     seen[torch.tensor(prompt_ids, device=engine.loaded.device)] = True
-    padding = torch.arange(vocab, device=engine.loaded.device) >= engine.sampleable_vocab
     decoder = engine.tokenizer.stream_decoder()
     started = time.perf_counter()
     with torch.inference_mode():
@@ -128,7 +127,8 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
         stats.prefill_s = time.perf_counter() - started
         finish = "length"
         while True:
-            token = pick_token(logits.masked_fill(padding, float("-inf")), params, seen=seen, generator=generator)
+            logits[engine.sampleable_vocab:] = float("-inf")  # ids past the tokenizer's (padding rows)
+            token = pick_token(logits, params, seen=seen, generator=generator)
             if not stats.completion_tokens:
                 stats.ttft_s = time.perf_counter() - started
             stats.completion_tokens += 1

@@ -541,6 +541,11 @@ def test_int8_rows_quantize_in_chunks_and_compute_what_they_stand_for():
         x = torch.randn(count, cols, generator=generator)
         expected = x @ head.dequantized().t()
         torch.testing.assert_close(head(x), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    # decoding's few rows keep the native kernel's float32 logits (no bfloat16 rounding before sampling); a whole
+    # prompt's logits come back in the activations' dtype
+    few, many = (torch.randn(count, cols, generator=generator).bfloat16() for count in (2, 200))
+    assert head(few).dtype == (torch.float32 if head._native is not None else torch.bfloat16)
+    assert head(many).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("tie", [False, True])
