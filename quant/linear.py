@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .native import native_library, native_matmul, pack_q4, pack_q8, unpack_q4
+from .native import cpu_has_any, native_library, native_matmul, pack_q4, pack_q8, unpack_q4
 from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
@@ -20,6 +21,17 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEQUANT_MIN_ROWS = 128
 # Floats of weight unpacked per step of that GEMM (4 MB: a block stays in cache between its unpacking and its GEMM)
 UNPACK_BLOCK_FLOATS = 1 << 20
+
+
+@functools.cache
+def long_input_dtype() -> torch.dtype:
+    """The dtype of that GEMM: bfloat16 where the CPU multiplies bfloat16 itself (AMX or AVX512_BF16: oneDNN's
+    bfloat16 GEMM ran 1.5x float32's there, ../shared/PERFORMANCE.md), float32 elsewhere (AVX2 has no bfloat16
+    arithmetic: converting made it slower than float32). QWEN2_LONG_DTYPE=float32|bfloat16 overrides."""
+    chosen = os.environ.get("QWEN2_LONG_DTYPE")
+    if chosen in ("float32", "bfloat16"):
+        return getattr(torch, chosen)
+    return torch.bfloat16 if cpu_has_any("amx_bf16", "avx512_bf16") else torch.float32
 
 
 def unpack_int4pack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -191,7 +203,7 @@ class QuantLinear(nn.Module):
         if order is not None:
             flat = flat[:, order]
         if flat.shape[0] >= DEQUANT_MIN_ROWS and "scales32" in fast:
-            out = self._unpacked_matmul(flat.float())
+            out = self._unpacked_matmul(flat.to(long_input_dtype()))
         else:  # torch's kernels want bfloat16 activations (the native one float32)
             if flat.dtype != torch.bfloat16 and self._native is None:
                 flat = flat.to(torch.bfloat16)
@@ -204,14 +216,15 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _unpacked_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """float32 x @ W^T through the weight unpacked to float32 a block of output rows at a time: each block is
-        made, used by one GEMM into its columns of the result and dropped, so a prompt never holds a whole float32
-        copy of the weight (gate/up: 17 MB each, with the float codes beside it 35 MB more at prefill's peak)."""
-        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device=flat.device)
+        """x @ W^T in x's dtype (float32, or bfloat16 where the CPU multiplies it natively) through the weight
+        unpacked a block of output rows at a time: each block is made, used by one GEMM into its columns of the
+        result and dropped, so a prompt never holds a whole float copy of the weight (gate/up: 17 MB each in float32,
+        with the float codes beside it 35 MB more at prefill's peak)."""
+        out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype, device=flat.device)
         step = max(32, UNPACK_BLOCK_FLOATS // self.in_features // 32 * 32)  # whole 32-row tiles of int4pack-cpu
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            torch.mm(flat, self._float_rows(start, stop).t(), out=out[:, start:stop])
+            torch.mm(flat, self._float_rows(start, stop).to(flat.dtype).t(), out=out[:, start:stop])
         return out
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:

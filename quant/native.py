@@ -71,14 +71,24 @@ def native_library() -> ctypes.CDLL | None:
     return library
 
 
-def _cpu_has(*features: str) -> bool:
-    """Whether /proc/cpuinfo lists these flags (checked before any AVX2 code is loaded); True where it is absent."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return set(features) <= set(flags)
+        return None
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def _cpu_has(*features: str) -> bool:
+    """Whether /proc/cpuinfo lists these flags (checked before any AVX2 code is loaded); True where it is absent."""
+    flags = _cpu_flags()
+    return flags is None or set(features) <= flags
+
+
+def cpu_has_any(*features: str) -> bool:
+    """Whether /proc/cpuinfo lists one of these flags; False where it is absent."""
+    return bool((_cpu_flags() or set()) & set(features))
 
 
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
