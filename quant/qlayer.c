@@ -101,6 +101,24 @@ static void store(void *base, size_t index, const float *v, int d, int bf16) {
     }
 }
 
+/* The dot products of `query` (d floats) with 8 consecutive cached rows from element `base` on: one vector
+ * accumulator per row, then one transposing reduction for the 8 (a horizontal sum per row cost more than its row's
+ * 8 FMAs) */
+static inline __m256 dot8(const float *query, const void *rows, size_t base, int d, int bf16) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; r++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), load8(rows, base + (size_t)r * d + i, bf16), a);
+        acc[r] = a;
+    }
+    /* per 128-bit half: sums of elements 0-3 (low) and 4-7 (high) of rows 0-3 and 4-7, then the halves added */
+    __m256 rows0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m256 rows4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(rows0123, rows4567, 0x20),
+                         _mm256_permute2f128_ps(rows0123, rows4567, 0x31));
+}
+
 /* q (heads, d) -> out (heads, d); scores: heads * length floats of scratch */
 static void attend(const float *q, const Layer *layer, const Shape *s, int length, float *out, float *scores) {
     int d = s->head_dim, group = s->heads / s->kv_heads, bf16 = s->cache_bf16;
@@ -111,7 +129,15 @@ static void attend(const float *q, const Layer *layer, const Shape *s, int lengt
         const float *query = q + (size_t)h * d;
         float *row = scores + (size_t)h * length;
         float best = -INFINITY;
-        for (int t = 0; t < length; t++) {
+        int t = 0;
+        __m256 bests = _mm256_set1_ps(-INFINITY);
+        for (; t + 8 <= length; t += 8) {
+            __m256 scores8 = _mm256_mul_ps(dot8(query, layer->keys, head_base + (size_t)t * d, d, bf16),
+                                           _mm256_set1_ps(scale));
+            _mm256_storeu_ps(row + t, scores8);
+            bests = _mm256_max_ps(bests, scores8);
+        }
+        for (; t < length; t++) {
             __m256 acc = _mm256_setzero_ps();
             for (int i = 0; i < d; i += 8)
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), load8(layer->keys, head_base + (size_t)t * d + i, bf16),
@@ -119,8 +145,11 @@ static void attend(const float *q, const Layer *layer, const Shape *s, int lengt
             row[t] = hsum(acc) * scale;
             best = fmaxf(best, row[t]);
         }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, bests);
+        for (int i = 0; i < 8; i++) best = fmaxf(best, lanes[i]);
         float total = 0.f;
-        int t = 0;
+        t = 0;
         __m256 sums = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
         for (; t + 8 <= length; t += 8) {
             __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), top));
