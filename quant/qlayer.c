@@ -9,6 +9,7 @@
  * heads are split over OpenMP threads. Built with qgemv.c into one library by quant/native.py. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -119,56 +120,81 @@ static inline __m256 dot8(const float *query, const void *rows, size_t base, int
                          _mm256_permute2f128_ps(rows0123, rows4567, 0x31));
 }
 
-/* q (heads, d) -> out (heads, d); scores: heads * length floats of scratch */
+/* q (heads, d) -> out (heads, d); scores: heads * length floats of scratch. The query heads that share a key/value
+ * head are taken together, so that each cached row is read from memory once for all of them, not once per head
+ * (past a few thousand positions a layer's cache outgrows the caches and every head streamed it again); work items
+ * are (key/value head, slice of its query heads), enough of them for every thread. */
+#define PV_BLOCK 64 /* positions whose value rows stay in L1 while every head of an item takes them in */
 static void attend(const float *q, const Layer *layer, const Shape *s, int length, float *out, float *scores) {
     int d = s->head_dim, group = s->heads / s->kv_heads, bf16 = s->cache_bf16;
     float scale = 1.f / sqrtf((float)d);
+    int threads = omp_get_max_threads();
+    int slices = threads > s->kv_heads ? (threads + s->kv_heads - 1) / s->kv_heads : 1;
+    if (slices > group) slices = group;
+    int per_slice = (group + slices - 1) / slices;
 #pragma omp parallel for schedule(static)
-    for (int h = 0; h < s->heads; h++) {
-        size_t head_base = (size_t)(h / group) * s->max_len * d;
-        const float *query = q + (size_t)h * d;
-        float *row = scores + (size_t)h * length;
-        float best = -INFINITY;
+    for (int item = 0; item < s->kv_heads * slices; item++) {
+        int kv = item / slices, first = kv * group + (item % slices) * per_slice;
+        int last = first + per_slice < (kv + 1) * group ? first + per_slice : (kv + 1) * group;
+        if (first >= last) continue;
+        size_t head_base = (size_t)kv * s->max_len * d;
+        float inverse_totals[256];
         int t = 0;
-        __m256 bests = _mm256_set1_ps(-INFINITY);
-        for (; t + 8 <= length; t += 8) {
-            __m256 scores8 = _mm256_mul_ps(dot8(query, layer->keys, head_base + (size_t)t * d, d, bf16),
-                                           _mm256_set1_ps(scale));
-            _mm256_storeu_ps(row + t, scores8);
-            bests = _mm256_max_ps(bests, scores8);
+        for (; t + 8 <= length; t += 8) /* the 8 key rows stay in L1 across the heads */
+            for (int h = first; h < last; h++)
+                _mm256_storeu_ps(scores + (size_t)h * length + t,
+                                 _mm256_mul_ps(dot8(q + (size_t)h * d, layer->keys, head_base + (size_t)t * d, d, bf16),
+                                               _mm256_set1_ps(scale)));
+        for (; t < length; t++)
+            for (int h = first; h < last; h++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int i = 0; i < d; i += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)h * d + i),
+                                          load8(layer->keys, head_base + (size_t)t * d + i, bf16), acc);
+                scores[(size_t)h * length + t] = hsum(acc) * scale;
+            }
+        for (int h = first; h < last; h++) { /* softmax numerators in place; 1 / their sum */
+            float *row = scores + (size_t)h * length, best = -INFINITY, total = 0.f;
+            __m256 bests = _mm256_set1_ps(-INFINITY);
+            for (t = 0; t + 8 <= length; t += 8) bests = _mm256_max_ps(bests, _mm256_loadu_ps(row + t));
+            for (; t < length; t++) best = fmaxf(best, row[t]);
+            float lanes[8];
+            _mm256_storeu_ps(lanes, bests);
+            for (int i = 0; i < 8; i++) best = fmaxf(best, lanes[i]);
+            __m256 sums = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
+            for (t = 0; t + 8 <= length; t += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), top));
+                _mm256_storeu_ps(row + t, e);
+                sums = _mm256_add_ps(sums, e);
+            }
+            for (; t < length; t++) {
+                row[t] = expf(row[t] - best);
+                total += row[t];
+            }
+            inverse_totals[h - first] = 1.f / (total + hsum(sums));
+            memset(out + (size_t)h * d, 0, sizeof(float) * d);
         }
-        for (; t < length; t++) {
-            __m256 acc = _mm256_setzero_ps();
+        for (int t0 = 0; t0 < length; t0 += PV_BLOCK) {
+            int t1 = t0 + PV_BLOCK < length ? t0 + PV_BLOCK : length;
+            for (int h = first; h < last; h++) {
+                const float *row = scores + (size_t)h * length;
+                float *o = out + (size_t)h * d;
+                __m256 acc[32]; /* head_dim <= 256 */
+                for (int i = 0; i < d / 8; i++) acc[i] = _mm256_loadu_ps(o + i * 8);
+                for (t = t0; t < t1; t++) {
+                    __m256 p = _mm256_set1_ps(row[t]);
+                    for (int i = 0; i < d / 8; i++)
+                        acc[i] = _mm256_fmadd_ps(p, load8(layer->values, head_base + (size_t)t * d + i * 8, bf16),
+                                                 acc[i]);
+                }
+                for (int i = 0; i < d / 8; i++) _mm256_storeu_ps(o + i * 8, acc[i]);
+            }
+        }
+        for (int h = first; h < last; h++) {
+            __m256 inverse = _mm256_set1_ps(inverse_totals[h - first]);
             for (int i = 0; i < d; i += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + i), load8(layer->keys, head_base + (size_t)t * d + i, bf16),
-                                      acc);
-            row[t] = hsum(acc) * scale;
-            best = fmaxf(best, row[t]);
+                _mm256_storeu_ps(out + (size_t)h * d + i, _mm256_mul_ps(_mm256_loadu_ps(out + (size_t)h * d + i), inverse));
         }
-        float lanes[8];
-        _mm256_storeu_ps(lanes, bests);
-        for (int i = 0; i < 8; i++) best = fmaxf(best, lanes[i]);
-        float total = 0.f;
-        t = 0;
-        __m256 sums = _mm256_setzero_ps(), top = _mm256_set1_ps(best);
-        for (; t + 8 <= length; t += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), top));
-            _mm256_storeu_ps(row + t, e);
-            sums = _mm256_add_ps(sums, e);
-        }
-        for (; t < length; t++) {
-            row[t] = expf(row[t] - best);
-            total += row[t];
-        }
-        total += hsum(sums);
-        __m256 acc[32]; /* head_dim <= 256 */
-        for (int i = 0; i < d / 8; i++) acc[i] = _mm256_setzero_ps();
-        for (int t = 0; t < length; t++) {
-            __m256 p = _mm256_set1_ps(row[t] / total);
-            for (int i = 0; i < d / 8; i++)
-                acc[i] = _mm256_fmadd_ps(p, load8(layer->values, head_base + (size_t)t * d + i * 8, bf16), acc[i]);
-        }
-        for (int i = 0; i < d / 8; i++) _mm256_storeu_ps(out + (size_t)h * d + i * 8, acc[i]);
     }
 }
 

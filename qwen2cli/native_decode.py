@@ -63,7 +63,8 @@ class NativeDecoder:
     @classmethod
     def build(cls, model: Qwen2ForCausalLM) -> "NativeDecoder | None":
         config = model.config
-        if model.dual_chunk is not None or config.head_dim % 8 or config.head_dim > 256:
+        if (model.dual_chunk is not None or config.head_dim % 8 or config.head_dim > 256
+                or config.num_attention_heads // config.num_key_value_heads > 256):  # qlayer.c's fixed arrays
             return None
         layers, kept, library = [], [], None
         for layer in model.model.layers:
