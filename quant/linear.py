@@ -157,9 +157,17 @@ class QuantLinear(nn.Module):
             # offset = -scale * zero (8-bit codes are stored minus 128: + 128 * scale); long inputs unpack the same
             # codes for one float32 GEMM
             kind = "q4" if self.config.bits == 4 else "q8"
-            offsets = zero_offsets + 128 * scales if kind == "q8" else zero_offsets
-            self._fast = {kind: pack_q4(sorted_rows.t()) if kind == "q4" else pack_q8(sorted_rows.t()),
-                          "scales32": by_row(scales), "offsets32": by_row(offsets)}
+            self._fast = {kind: pack_q4(sorted_rows.t()) if kind == "q4" else pack_q8(sorted_rows.t())}
+            scales16 = scales.to(torch.float16)
+            if torch.equal(scales16.float(), scales) and bool((zeros.abs() < 2**14).all()):
+                # GPTQ/AWQ store float16 scales: float16 scales and int16 zeros hold the weights exactly, in 4 bytes
+                # a group where float32 scales and offsets took 8 (a tenth of a 4-bit layer's bytes per token)
+                stored_zeros = zeros - 128 if kind == "q8" else zeros  # 8-bit codes are stored minus 128
+                self._fast["scales16"] = scales16.t().contiguous()
+                self._fast["zeros16"] = stored_zeros.to(torch.int16).t().contiguous()
+            else:
+                offsets = zero_offsets + 128 * scales if kind == "q8" else zero_offsets
+                self._fast["scales32"], self._fast["offsets32"] = by_row(scales), by_row(offsets)
             self._native = native
             self.kernel = f"{kind}-native-cpu"
         elif device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
@@ -202,7 +210,7 @@ class QuantLinear(nn.Module):
         order = fast.get("order")
         if order is not None:
             flat = flat[:, order]
-        if flat.shape[0] >= DEQUANT_MIN_ROWS and "scales32" in fast:
+        if flat.shape[0] >= DEQUANT_MIN_ROWS and ("scales32" in fast or "scales16" in fast):
             out = self._unpacked_matmul(flat.to(long_input_dtype()))
         else:  # torch's kernels want bfloat16 activations (the native one float32)
             if flat.dtype != torch.bfloat16 and self._native is None:
@@ -239,14 +247,20 @@ class QuantLinear(nn.Module):
         else:  # int4pack-cpu: start is a multiple of 32, and stop too unless it is the end
             codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features)
         codes = codes.view(stop - start, self.in_features // self.group_size, self.group_size)
-        weight = torch.addcmul(fast["offsets32"][start:stop], codes.float(), fast["scales32"][start:stop])
+        if "scales16" in fast:  # (stored - zero) * scale, as the checkpoint's dequantization computes it
+            zeros, scales = (fast[key][start:stop].float().unsqueeze(-1) for key in ("zeros16", "scales16"))
+            weight = codes.float().sub_(zeros).mul_(scales)
+        else:
+            weight = torch.addcmul(fast["offsets32"][start:stop], codes.float(), fast["scales32"][start:stop])
         return weight.view(stop - start, self.in_features)
 
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
             fast, kind = self._fast, self.kernel[:2]
-            return native_matmul(self._native, kind, flat.float().contiguous(), fast[kind], fast["scales32"],
-                                 fast["offsets32"], self.group_size)
+            scales, offsets = (fast["scales16"], fast["zeros16"]) if "scales16" in fast else (fast["scales32"],
+                                                                                            fast["offsets32"])
+            return native_matmul(self._native, kind, flat.float().contiguous(), fast[kind], scales, offsets,
+                                 self.group_size)
         if self.kernel == "int8pack-cpu":
             return torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
         if self.kernel == "int4pack-cpu":
@@ -282,8 +296,9 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
     if first._native is None:  # set for the native kernels only
         return None
     orders = [layer._fast.get("order") for layer in layers]
+    tables = ("scales16", "zeros16") if "scales16" in first._fast else ("scales32", "offsets32")
     if any(layer.kernel != first.kernel or layer.group_size != first.group_size
-           or layer.in_features != first.in_features for layer in layers):
+           or layer.in_features != first.in_features or tables[0] not in layer._fast for layer in layers):
         return None
     if any((order is None) != (orders[0] is None) or (order is not None and not torch.equal(order, orders[0]))
            for order in orders):
@@ -302,7 +317,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
         device = first._fast[kind].device
         fused.bias = torch.cat([torch.zeros(layer.out_features, device=device) if layer.bias is None
                                 else layer.bias.float() for layer in layers])  # float32, as the kernel's output
-    for key in (kind, "scales32", "offsets32"):
+    for key in (kind, *tables):
         fused._fast[key] = torch.cat([layer._fast[key] for layer in layers])
         for layer, part in zip(layers, fused._fast[key].split(sizes)):
             layer._fast[key] = part  # rows of a contiguous tensor: contiguous views

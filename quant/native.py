@@ -20,7 +20,7 @@ import torch
 
 SOURCES = [Path(__file__).with_name("qgemv.c"), Path(__file__).with_name("qlayer.c")]  # one library
 HEADERS = [Path(__file__).with_name("simd.h")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -35,7 +35,7 @@ def native_library() -> ctypes.CDLL | None:
     if os.environ.get("QWEN2_NATIVE") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if compiler is None or not _cpu_has("avx2", "fma"):
+    if compiler is None or not _cpu_has("avx2", "fma", "f16c"):
         return None
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)
                             + " ".join(FLAGS).encode()).hexdigest()[:16]
@@ -58,7 +58,7 @@ def native_library() -> ctypes.CDLL | None:
         return None
     if not library.q4_supported():
         return None
-    for function in (library.q4_gemv, library.q8_gemv):
+    for function in (library.q4_gemv, library.q8_gemv, library.q4_gemv_h, library.q8_gemv_h):
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     library.qlayer_work_floats.restype = ctypes.c_long
@@ -113,14 +113,20 @@ def pack_q8(codes: torch.Tensor) -> torch.Tensor:
 
 def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   offsets: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. W = stored * scale + offset per (out, group):
-    `kind` q4 (pack_q4's codes) or q8 (pack_q8's); scales and offsets (out, groups) float32 contiguous."""
+    """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. `kind` q4 (pack_q4's codes) or q8 (pack_q8's);
+    per (out, group), contiguous: float32 scales and offsets, W = stored * scale + offset; or float16 scales and
+    int16 zeros, W = (stored - zero) * scale."""
     rows, in_features = x.shape
     out_features = packed.shape[0]
     if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # raw pointers follow
         raise ValueError("native_matmul takes contiguous float32 CPU activations")
+    half = scales.dtype == torch.float16
+    if (offsets.dtype != (torch.int16 if half else torch.float32) or (not half and scales.dtype != torch.float32)
+            or not (scales.is_contiguous() and offsets.is_contiguous())):
+        raise ValueError("native_matmul takes float32 scales and offsets, or float16 scales and int16 zeros")
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
-    function = library.q4_gemv if kind == "q4" else library.q8_gemv
+    function = {("q4", False): library.q4_gemv, ("q8", False): library.q8_gemv,
+                ("q4", True): library.q4_gemv_h, ("q8", True): library.q8_gemv_h}[kind, half]
     function(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), x.data_ptr(), out.data_ptr(),
-                    out_features, in_features, group_size, rows)
+             out_features, in_features, group_size, rows)
     return out

@@ -4,10 +4,13 @@
  *
  * q4: weights (rows, cols/2) uint8: per row, each block of 32 inputs is 16 bytes, byte j = code[j] | code[j+16] << 4.
  * q8: weights (rows, cols) int8: code - 128.
- * scales and offsets (rows, groups) float: weight = stored * scale + offset within a group (offset = -scale * zero;
- * q8: + 128 * scale). out[r] = sum_g scale[r,g] * sum_{blocks b of g} d_b * (stored_b . xq_b)
- *                              + offset[r,g] * sum_{i in g} x_i.
- * Built at first use by quant/native.py with gcc -O3 -mavx2 -mfma -fopenmp; rows are split over OpenMP threads
+ * q4_gemv/q8_gemv: scales and offsets (rows, groups) float: weight = stored * scale + offset within a group (the
+ * int8 head: offsets 0). out[r] = sum_g scale[r,g] * sum_{blocks b of g} d_b * (stored_b . xq_b)
+ *                                 + offset[r,g] * sum_{i in g} x_i.
+ * q4_gemv_h/q8_gemv_h (quantized checkpoints' layers): scales (rows, groups) float16, as GPTQ and AWQ store them,
+ * and zeros (rows, groups) int16: weight = (stored - zero) * scale (q8: the zero minus 128, as the codes); 4 bytes
+ * a group instead of 8, exactly the checkpoint's weights. The zero term is then -scale * zero * sum_{i in g} x_i.
+ * Built at first use by quant/native.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp; rows are split over OpenMP threads
  * (torch's own runtime once torch is loaded: the same libgomp.so.1). */
 #include <immintrin.h>
 #include <math.h>
@@ -18,7 +21,7 @@
 
 int q4_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 /* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) float sums per group. Vectorized: it runs
@@ -88,9 +91,13 @@ static void release(Activations a) {
 
 /* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as is `q4`): each
  * block of weights is loaded and unpacked once for the n rows. */
-static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const float *s, const float *o,
-                                                           Activations a, float *out, int r, int rows, int cols,
-                                                           int group, int m0, int n) {
+static inline __attribute__((always_inline)) float group_scale(const void *s, int g, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)s)[g]) : ((const float *)s)[g];
+}
+
+static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const void *s, const void *o,
+                                                           int half, Activations a, float *out, int r, int rows,
+                                                           int cols, int group, int m0, int n) {
     int blocks = cols / 32, groups = cols / group, per_group = group / 32;
     __m256 acc[4];
     float zero_terms[4];
@@ -118,34 +125,42 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
                                                group_acc[j]);
             }
         }
+        float scale = group_scale(s, g, half);
+        /* offset: float, or -scale * zero */
+        float offset = half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
         for (int j = 0; j < n; j++) {
-            acc[j] = _mm256_fmadd_ps(group_acc[j], _mm256_set1_ps(s[g]), acc[j]);
-            zero_terms[j] += o[g] * a.xsum[(size_t)(m0 + j) * groups + g];
+            acc[j] = _mm256_fmadd_ps(group_acc[j], _mm256_set1_ps(scale), acc[j]);
+            zero_terms[j] += offset * a.xsum[(size_t)(m0 + j) * groups + g];
         }
     }
     for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = hsum(acc[j]) + zero_terms[j];
 }
 
-static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const float *s, const float *o,
-                                                          Activations a, float *out, int r, int rows, int cols,
-                                                          int group, int count) {
+static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const void *s, const void *o,
+                                                          int half, Activations a, float *out, int r, int rows,
+                                                          int cols, int group, int count) {
     int m = 0;
-    for (; m + 4 <= count; m += 4) rows_dot(w, q4, s, o, a, out, r, rows, cols, group, m, 4);
-    for (; m < count; m++) rows_dot(w, q4, s, o, a, out, r, rows, cols, group, m, 1);
+    for (; m + 4 <= count; m += 4) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
+    for (; m < count; m++) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
 }
 
-/* q4_gemv and q8_gemv: one function each, so that `q4` is a constant inside each OpenMP region */
-#define DEFINE_GEMV(name, q4, row_bytes)                                                                          \
-    void name(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out,      \
+/* one function per (codes, scale layout), so that `q4` and `half` are constants inside each OpenMP region; `half`:
+ * scales float16 and zeros int16 (2 bytes each an element), else scales and offsets float (4) */
+#define DEFINE_GEMV(name, q4, row_bytes, half)                                                                    \
+    void name(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out,        \
               int rows, int cols, int group, int count) {                                                         \
         Activations a = quantize_rows(x, cols, group, count);                                                     \
         int groups = cols / group;                                                                                \
+        size_t table_bytes = (half) ? 2 : 4;                                                                      \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int r = 0; r < rows; r++)                                                                            \
-            row_dot(weights + (size_t)r * (row_bytes), q4, scales + (size_t)r * groups,                           \
-                    offsets + (size_t)r * groups, a, out, r, rows, cols, group, count);                           \
+            row_dot(weights + (size_t)r * (row_bytes), q4, (const char *)scales + (size_t)r * groups * table_bytes, \
+                    (const char *)offsets + (size_t)r * groups * table_bytes, half, a, out, r, rows, cols, group,   \
+                    count);                                                                                       \
         release(a);                                                                                               \
     }
 
-DEFINE_GEMV(q4_gemv, 1, cols / 2)
-DEFINE_GEMV(q8_gemv, 0, cols)
+DEFINE_GEMV(q4_gemv, 1, cols / 2, 0)
+DEFINE_GEMV(q8_gemv, 0, cols, 0)
+DEFINE_GEMV(q4_gemv_h, 1, cols / 2, 1)
+DEFINE_GEMV(q8_gemv_h, 0, cols, 1)

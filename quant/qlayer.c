@@ -15,14 +15,14 @@
 
 #include "simd.h"
 
-void q4_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
-             int cols, int group, int count);
-void q8_gemv(const uint8_t *weights, const float *scales, const float *offsets, const float *x, float *out, int rows,
-             int cols, int group, int count);
+void q4_gemv_h(const uint8_t *weights, const void *scales, const void *zeros, const float *x, float *out, int rows,
+               int cols, int group, int count);
+void q8_gemv_h(const uint8_t *weights, const void *scales, const void *zeros, const float *x, float *out, int rows,
+               int cols, int group, int count);
 
 typedef struct {
     const uint8_t *weights;
-    const float *scales, *offsets; /* (rows, groups) */
+    const void *scales, *zeros; /* (rows, groups): float16, int16 (qgemv.c's q4_gemv_h / q8_gemv_h) */
     int rows, cols, group, q4;
 } QMatrix;
 
@@ -39,7 +39,7 @@ typedef struct {
 } Shape;
 
 static void gemv(const QMatrix *m, const float *x, float *out) {
-    (m->q4 ? q4_gemv : q8_gemv)(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, 1);
+    (m->q4 ? q4_gemv_h : q8_gemv_h)(m->weights, m->scales, m->zeros, x, out, m->rows, m->cols, m->group, 1);
 }
 
 /* e^x for 8 floats (Cephes' polynomial on x - n ln 2, then 2^n put into the exponent), within a few ulp of expf

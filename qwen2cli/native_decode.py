@@ -18,7 +18,7 @@ from .model import MLP, Qwen2ForCausalLM
 
 
 class _QMatrix(ctypes.Structure):
-    _fields_ = [("weights", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+    _fields_ = [("weights", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
                 ("rows", ctypes.c_int), ("cols", ctypes.c_int), ("group", ctypes.c_int), ("q4", ctypes.c_int)]
 
 
@@ -39,10 +39,11 @@ def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
     while it holds their addresses); None for anything else (act-order included)."""
     from quant.linear import QuantLinear
 
-    if not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast:
+    if (not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast
+            or "scales16" not in layer._fast):
         return None
     kind = layer.kernel[:2]
-    tables = [layer._fast[kind], layer._fast["scales32"], layer._fast["offsets32"]]
+    tables = [layer._fast[kind], layer._fast["scales16"], layer._fast["zeros16"]]
     kept += tables
     return _QMatrix(*(table.data_ptr() for table in tables), layer.out_features, layer.in_features,
                     layer.group_size, int(kind == "q4"))

@@ -153,6 +153,27 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, mon
                                    rtol=0.02)
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
+                    "says why)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits):
+    """Checkpoints' float16 scales go to the kernel as float16 with int16 zeros (exact); scales float16 cannot hold
+    (a float32 checkpoint's) keep float32 scales and offsets, and both compute the layer."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    for widen in (False, True):
+        layer = quantize_linear(linear, QuantConfig(method="gptq", bits=bits, group_size=64, sym=False))
+        if widen:
+            layer.scales = layer.scales.float() * (1 + 1e-4)  # between float16's steps
+        x, long_x = torch.randn(5, 256), torch.randn(DEQUANT_MIN_ROWS + 1, 256)
+        reference, long_reference = layer.forward_reference(x), layer.forward_reference(long_x)
+        layer.post_load()
+        assert ("scales32" in layer._fast) == widen and ("scales16" in layer._fast) != widen
+        torch.testing.assert_close(layer(x), reference, atol=0.05 * reference.abs().max().item(), rtol=0.02)
+        torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
+                                   rtol=1e-4)
+
+
 @pytest.mark.parametrize("out_features,in_features", [(32, 64), (128, 896), (896, 896), (4864, 896), (896, 4864)])
 def test_int4pack_cpu_layout_read_back(out_features, in_features):
     """The codes come back out of torch's CPU int4 packing (Qwen2-0.5B's shapes among them), so long inputs can
