@@ -114,6 +114,7 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Pat
 
     from .checkpoint import corrupt
 
+    use_kernel_cache()  # the head is the first to ask for the kernels: built once into the store, not per process
     source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     path = home.get(source)
     if path is None:
