@@ -153,9 +153,9 @@ class QuantLinear(nn.Module):
         inner_k_tiles = cuda_inner_k_tiles(self.in_features)
         native = native_library() if device.type == "cpu" else None
         if native is not None and self.group_size % 32 == 0:
-            # quant/qgemv.c: int8 activations times the stored codes; w = stored * scale + offset per (row, group),
-            # offset = -scale * zero (8-bit codes are stored minus 128: + 128 * scale); long inputs unpack the same
-            # codes for one float32 GEMM
+            # quant/qgemv.c: int8 activations times the stored codes (8-bit ones stored minus 128, their zeros too);
+            # w = (stored - zero) * scale per (row, group), or stored * scale + offset with float32 tables; long
+            # inputs unpack the same codes for their GEMM
             kind = "q4" if self.config.bits == 4 else "q8"
             self._fast = {kind: pack_q4(sorted_rows.t()) if kind == "q4" else pack_q8(sorted_rows.t())}
             scales16 = scales.to(torch.float16)

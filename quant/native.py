@@ -107,7 +107,8 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q8(codes: torch.Tensor) -> torch.Tensor:
-    """8-bit codes (out, in), 0..255 -> the kernel's int8 (out, in): code - 128 (offsets then add 128 * scale)."""
+    """8-bit codes (out, in), 0..255 -> the kernel's int8 (out, in): code - 128 (so zeros are stored minus 128 too,
+    or float offsets add 128 * scale)."""
     # code ^ 0x80 read as int8 is code - 128: one byte-wide pass (int16 arithmetic took 4x the bytes at load's peak)
     return torch.bitwise_xor(codes.to(torch.uint8).contiguous(), 128).view(torch.int8)
 
