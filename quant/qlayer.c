@@ -6,7 +6,8 @@
  * (kv_heads, max_len, head_dim) per layer). q/k/v and gate/up are each one fused matrix (rows q, k, v and gate, up).
  * Rotary embedding as Qwen2 (rotate_half): the cos/sin rows of the token's position are passed in. Attention is
  * softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, each query head reading its group's key/value head;
- * key/value heads (and slices of their query heads) are split over OpenMP threads. Built with qgemv.c into one library by quant/native.py. */
+ * key/value heads (and slices of their query heads) are split over OpenMP threads. Built with qgemv.c into one
+ * library by quant/native.py. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
