@@ -93,8 +93,8 @@ static inline __attribute__((always_inline)) float group_scale(const void *s, in
     return half ? _cvtsh_ss(((const uint16_t *)s)[g]) : ((const float *)s)[g];
 }
 
-/* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and `half`): each
- * block of weights is loaded and unpacked once for the n rows. */
+/* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and
+ * `half`): each block of weights is loaded and unpacked once for the n rows. */
 static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const void *s, const void *o,
                                                            int half, Activations a, float *out, int r, int rows,
                                                            int cols, int group, int m0, int n) {

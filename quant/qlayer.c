@@ -194,7 +194,8 @@ static void attend(const float *q, const Layer *layer, const Shape *s, int lengt
         for (int h = first; h < last; h++) {
             __m256 inverse = _mm256_set1_ps(inverse_totals[h - first]);
             for (int i = 0; i < d; i += 8)
-                _mm256_storeu_ps(out + (size_t)h * d + i, _mm256_mul_ps(_mm256_loadu_ps(out + (size_t)h * d + i), inverse));
+                _mm256_storeu_ps(out + (size_t)h * d + i,
+                                 _mm256_mul_ps(_mm256_loadu_ps(out + (size_t)h * d + i), inverse));
         }
     }
 }
