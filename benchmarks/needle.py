@@ -68,8 +68,11 @@ def main() -> None:
     filler = engine.tokenizer.encode_ordinary(text)
     params = SamplingParams(temperature=0, max_tokens=16, repeat_penalty=1.0)
     system = default_system_prompt(engine.tokenizer.chat_template)
-    print(f"device={engine.loaded.device} attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} rope_scaling={engine.config.rope_scaling}")
-    print(f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} {'peak RSS MiB' if engine.loaded.device.type == 'cpu' else 'peak GPU MiB':>13}  answer")
+    on_gpu = engine.loaded.device.type == "cuda"  # there the memory that counts is the GPU's
+    print(f"device={engine.loaded.device} attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} "
+          f"rope_scaling={engine.config.rope_scaling}")
+    print(f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} "
+          f"{'peak GPU MiB' if on_gpu else 'peak RSS MiB':>13}  answer")
     base = encode_chat(engine.tokenizer, [Message("user", "")], default_system=system)
     insert_at = len(base) - 1 - base[::-1].index(engine.tokenizer.token_to_id("<|im_end|>"))  # the user turn's end
     head, foot = base[:insert_at], base[insert_at:]
@@ -95,9 +98,8 @@ def main() -> None:
                 for chunk in generate(engine, ids, params=params, cache=cache):
                     text += chunk.text
             found = ANSWER in text
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            if engine.loaded.device.type == "cuda":  # the memory that counts there: the GPU's
-                rss = torch.cuda.max_memory_allocated(engine.loaded.device) / 2**20
+            rss = (torch.cuda.max_memory_allocated(engine.loaded.device) / 2**20 if on_gpu
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             print(f"{len(ids):>8} {100 * cut / len(hay):>7.0f} {str(found):>6} {rate:>14.1f} {rss:>13.0f}  "
                   f"{text.strip()[:40]!r}", flush=True)
         del cache  # the next length's cache is not allocated beside this one

@@ -254,11 +254,14 @@ class QuantLinear(nn.Module):
             weight = torch.addcmul(fast["offsets32"][start:stop], codes.float(), fast["scales32"][start:stop])
         return weight.view(stop - start, self.in_features)
 
+    def _native_tables(self) -> tuple[str, str]:
+        """The native kernel's per-group tables: float16 scales and int16 zeros, or float32 scales and offsets."""
+        return ("scales16", "zeros16") if "scales16" in self._fast else ("scales32", "offsets32")
+
     def _kernel_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
             fast, kind = self._fast, self.kernel[:2]
-            scales, offsets = (fast["scales16"], fast["zeros16"]) if "scales16" in fast else (fast["scales32"],
-                                                                                            fast["offsets32"])
+            scales, offsets = (fast[key] for key in self._native_tables())
             return native_matmul(self._native, kind, flat.float().contiguous(), fast[kind], scales, offsets,
                                  self.group_size)
         if self.kernel == "int8pack-cpu":
@@ -296,9 +299,9 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
     if first._native is None:  # set for the native kernels only
         return None
     orders = [layer._fast.get("order") for layer in layers]
-    tables = ("scales16", "zeros16") if "scales16" in first._fast else ("scales32", "offsets32")
+    tables = first._native_tables()
     if any(layer.kernel != first.kernel or layer.group_size != first.group_size
-           or layer.in_features != first.in_features or tables[0] not in layer._fast for layer in layers):
+           or layer.in_features != first.in_features or layer._native_tables() != tables for layer in layers):
         return None
     if any((order is None) != (orders[0] is None) or (order is not None and not torch.equal(order, orders[0]))
            for order in orders):
