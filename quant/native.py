@@ -8,6 +8,7 @@ not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -21,24 +22,34 @@ import torch
 SOURCES = [Path(__file__).with_name("qgemv.c"), Path(__file__).with_name("qlayer.c")]  # one library
 HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+# where the CPU has them: two blocks of 32 codes per 512-bit vpdpbusd (qgemv.c's rows_dot512)
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
-_library: ctypes.CDLL | None = None
-_tried = False
+
+
+def native_flags() -> tuple[str, ...]:
+    """The compiler flags for this CPU: AVX2 + FMA + F16C, and AVX-512 BW/VL/VNNI where /proc/cpuinfo lists them
+    (QWEN2_NATIVE_AVX512=0 keeps the AVX2 build)."""
+    vnni = os.environ.get("QWEN2_NATIVE_AVX512") != "0" and _cpu_has_all("avx512f", "avx512bw", "avx512vl",
+                                                                       "avx512_vnni")
+    return tuple(FLAGS + AVX512_FLAGS if vnni else FLAGS)
 
 
 def native_library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first call; None where it cannot run here."""
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
+    """The compiled kernel for this CPU, building it on first call; None where it cannot run here."""
+    return build_library(native_flags())
+
+
+@functools.cache
+def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The kernels compiled with `flags` (cached per flags and source); None where they cannot run here."""
     if os.environ.get("QWEN2_NATIVE") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if compiler is None or not _cpu_has("avx2", "fma", "f16c"):
         return None
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-                            + " ".join(FLAGS).encode()).hexdigest()[:16]
+                            + " ".join(flags).encode()).hexdigest()[:16]
     try:
         # never a shared, guessable directory (another user could plant a library there): the caller's cache, else
         # a private temporary one for this process (a 0.5 s build each time)
@@ -48,7 +59,7 @@ def native_library() -> ctypes.CDLL | None:
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.{os.getpid()}")
-            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)], check=True,
+            subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(partial)], check=True,
                            capture_output=True, timeout=120)
             os.replace(partial, target)  # atomic: another process may be building the same file
         library = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the OpenMP runtime both use
@@ -67,7 +78,6 @@ def native_library() -> ctypes.CDLL | None:
     library.qlayer_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     library.qlayer_decode.restype = None
     library.qlayer_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
-    _library = library
     return library
 
 
@@ -84,6 +94,11 @@ def _cpu_has(*features: str) -> bool:
     """Whether /proc/cpuinfo lists these flags (checked before any AVX2 code is loaded); True where it is absent."""
     flags = _cpu_flags()
     return flags is None or set(features) <= flags
+
+
+def _cpu_has_all(*features: str) -> bool:
+    """Whether /proc/cpuinfo lists all these flags; False where it is absent."""
+    return set(features) <= (_cpu_flags() or set())
 
 
 def cpu_has_any(*features: str) -> bool:
@@ -132,3 +147,4 @@ def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torc
     function(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), x.data_ptr(), out.data_ptr(),
              out_features, in_features, group_size, rows)
     return out
+

@@ -10,8 +10,9 @@
  * q4_gemv_h/q8_gemv_h (quantized checkpoints' layers): scales (rows, groups) float16, as GPTQ and AWQ store them,
  * and zeros (rows, groups) int16: weight = (stored - zero) * scale (q8: the zero minus 128, as the codes); 4 bytes
  * a group instead of 8, exactly the checkpoint's weights. The zero term is then -scale * zero * sum_{i in g} x_i.
- * Built at first use by quant/native.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp; rows are split over OpenMP threads
- * (torch's own runtime once torch is loaded: the same libgomp.so.1). */
+ * Built at first use by quant/native.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp, plus AVX-512 BW/VL/VNNI where the
+ * CPU has them (then two blocks are one 512-bit vpdpbusd: a third of AVX2's instructions per byte of weights); rows
+ * are split over OpenMP threads (torch's own runtime once torch is loaded: the same libgomp.so.1). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -19,10 +20,20 @@
 
 #include "simd.h"
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VNNI512 1
+#else
+#define VNNI512 0
+#endif
+
 int q4_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           (!VNNI512 || (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni")));
 }
+
+int q4_vnni512(void) { return VNNI512; } /* which build this is (tests run both paths where they can) */
 
 /* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) float sums per group. Vectorized: it runs
  * on one thread before each product's parallel rows (scalar lrintf took ~20 us for the 4864 inputs of down_proj);
@@ -65,7 +76,11 @@ static inline __m256i weights_q4(const uint8_t *w, int b) {
 
 static inline __m256i block_dot(__m256i unsigned_w, __m256i signs, int q4, __m256i xv) {
     __m256i x = q4 ? xv : _mm256_sign_epi8(xv, signs);
+#if VNNI512
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned_w, x);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_w, x), _mm256_set1_epi16(1));
+#endif
 }
 
 typedef struct {
@@ -136,10 +151,74 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
     for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = hsum(acc[j]) + zero_terms[j];
 }
 
+#if VNNI512
+/* rows_dot with AVX-512 VNNI, for groups of an even number of blocks: blocks b and b + 1 at once, their 64 codes in
+ * one vector in the activations' order, one vpdpbusd giving each block's 4-byte sums in its own 8 lanes, scaled by
+ * [d_b x 8, d_b+1 x 8]. q4: the 32 bytes of the two blocks go to 128-bit lanes [b, b, b+1, b+1], the second of each
+ * pair shifted right by 4 (its high nibbles). q8: |w| and the activations negated where w < 0 (AVX-512 has no
+ * vpsignb; w = 0 contributes 0 either way). */
+static inline __attribute__((always_inline)) void rows_dot512(const uint8_t *w, int q4, const void *s, const void *o,
+                                                              int half, Activations a, float *out, int r, int rows,
+                                                              int cols, int group, int m0, int n) {
+    int blocks = cols / 32, groups = cols / group, per_group = group / 32;
+    const __m512i spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+    const __m512i nibble_shift = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0, 0,
+                                                  0x0004000400040004, 0x0004000400040004, 0, 0);
+    const __m512i pair_scale = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[4];
+    float zero_terms[4];
+    for (int j = 0; j < n; j++) {
+        acc[j] = _mm512_setzero_ps();
+        zero_terms[j] = 0.f;
+    }
+    for (int g = 0; g < groups; g++) {
+        __m512 group_acc[4];
+        for (int j = 0; j < n; j++) group_acc[j] = _mm512_setzero_ps();
+        for (int k = 0; k < per_group; k += 2) {
+            int b = g * per_group + k;
+            __m512i unsigned_w;
+            __mmask64 negative = 0;
+            if (q4) {
+                __m512i packed = _mm512_permutexvar_epi64(
+                    spread, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + b * 16))));
+                unsigned_w = _mm512_and_si512(_mm512_srlv_epi16(packed, nibble_shift), _mm512_set1_epi8(0x0F));
+            } else {
+                __m512i signed_w = _mm512_loadu_si512(w + b * 32);
+                negative = _mm512_movepi8_mask(signed_w);
+                unsigned_w = _mm512_abs_epi8(signed_w);
+            }
+            for (int j = 0; j < n; j++) {
+                size_t m = (size_t)(m0 + j);
+                __m512i x = _mm512_loadu_si512(a.xq + m * cols + b * 32);
+                if (!q4) x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unsigned_w, x);
+                __m512 d = _mm512_permutexvar_ps(
+                    pair_scale, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(a.d + m * blocks + b)))));
+                group_acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, group_acc[j]);
+            }
+        }
+        float scale = group_scale(s, g, half);
+        float offset = half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
+        for (int j = 0; j < n; j++) {
+            acc[j] = _mm512_fmadd_ps(group_acc[j], _mm512_set1_ps(scale), acc[j]);
+            zero_terms[j] += offset * a.xsum[(size_t)(m0 + j) * groups + g];
+        }
+    }
+    for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = _mm512_reduce_add_ps(acc[j]) + zero_terms[j];
+}
+#endif
+
 static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const void *s, const void *o,
                                                           int half, Activations a, float *out, int r, int rows,
                                                           int cols, int group, int count) {
     int m = 0;
+#if VNNI512
+    if (group % 64 == 0) {
+        for (; m + 4 <= count; m += 4) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
+        for (; m < count; m++) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
+        return;
+    }
+#endif
     for (; m + 4 <= count; m += 4) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
     for (; m < count; m++) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
 }
@@ -164,3 +243,4 @@ DEFINE_GEMV(q4_gemv, 1, cols / 2, 0)
 DEFINE_GEMV(q8_gemv, 0, cols, 0)
 DEFINE_GEMV(q4_gemv_h, 1, cols / 2, 1)
 DEFINE_GEMV(q8_gemv_h, 0, cols, 1)
+

@@ -142,7 +142,9 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, mon
     torch.testing.assert_close(layer(x), reference, atol=0.05 * reference.abs().max().item(), rtol=0.02)
     if bits == 8 or NATIVE or int4pack_cpu_layout_known(out_features, in_features):
         # the unpack-then-GEMM path
-        # float32 throughout, no bfloat16 activations: as close as the order of summation allows
+        # float32 throughout, no bfloat16 activations: as close as the order of summation allows (float32 chosen
+        # here: CPUs with bfloat16 arithmetic take bfloat16 by default)
+        monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
         torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
                                    rtol=1e-4)
         # in bfloat16, as on CPUs that multiply it natively: activations and unpacked weights rounded to 8 bits
@@ -157,10 +159,11 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, mon
 @pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
                     "says why)")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits):
+def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits, monkeypatch):
     """Checkpoints' float16 scales go to the kernel as float16 with int16 zeros (exact); scales float16 cannot hold
     (a float32 checkpoint's) keep float32 scales and offsets, and both compute the layer."""
     torch.manual_seed(0)
+    monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)  # the float32 bound below
     linear = torch.nn.Linear(256, 96, bias=True)
     for widen in (False, True):
         layer = quantize_linear(linear, QuantConfig(method="gptq", bits=bits, group_size=64, sym=False))
@@ -663,15 +666,27 @@ def test_native_exp_is_within_two_ulp_of_exp():
     assert (out[x < -87.3] < 1.3e-38).all() and (out[x > 88.37] > 2e38).all() and torch.isfinite(out).all()
 
 
+def _native_builds() -> list:
+    """The kernel builds this CPU can run: AVX2 always, and the AVX-512 VNNI one where native_flags() adds it."""
+    from quant.native import FLAGS, native_flags
+
+    return [pytest.param(tuple(FLAGS), id="avx2")] + (
+        [pytest.param(native_flags(), id="avx512-vnni")] if native_flags() != tuple(FLAGS) else [])
+
+
+@pytest.mark.parametrize("flags", _native_builds())
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows,in_features,out_features,group", [(1, 96, 40, 32), (3, 384, 24, 128),
-                                                                 (127, 256, 8, 64), (2, 512, 16, 256)])
-def test_native_kernel_within_its_activation_rounding(bits, rows, in_features, out_features, group):
+                                                                 (127, 256, 8, 64), (2, 512, 16, 256),
+                                                                 (5, 224, 8, 224)])
+def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_features, out_features, group):
     """qgemv.c rounds the activations to int8 in blocks of 32 (scale: the block's |x| max / 127): its result may
-    differ from x W^T by at most sum_i |w_i| * (that scale / 2), a bound computed here from x alone."""
-    from quant.native import native_matmul, pack_q4, pack_q8, unpack_q4
+    differ from x W^T by at most sum_i |w_i| * (that scale / 2), a bound computed here from x alone. Each build
+    this CPU runs (the AVX-512 one takes two blocks at a time where a group holds an even number of them: not
+    group 32, nor 224's 7), with float32 tables and with float16 scales and int16 zeros."""
+    from quant.native import build_library, native_matmul, pack_q4, pack_q8, unpack_q4
 
-    library = native_library()
+    library = build_library(flags)
     if library is None:
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
     generator = torch.Generator().manual_seed(rows)
@@ -687,11 +702,18 @@ def test_native_kernel_within_its_activation_rounding(bits, rows, in_features, o
         packed, offsets = pack_q8(codes), scales * (128 - zeros)
         assert torch.equal(packed.long() + 128, codes)
     x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-2, 1, in_features)
-    got = native_matmul(library, f"q{bits}", x.contiguous(), packed, scales.contiguous(), offsets.contiguous(), group)
     expected = x.double() @ weight.double().t()
     step = x.view(rows, -1, 32).abs().amax(dim=-1).repeat_interleave(32, dim=-1) / 127  # (rows, in)
     bound = (step.double() / 2) @ weight.abs().double().t() + 1e-4 * expected.abs().max()
+    got = native_matmul(library, f"q{bits}", x.contiguous(), packed, scales.contiguous(), offsets.contiguous(), group)
     assert bool(((got.double() - expected).abs() <= bound).all())
+    scales16 = scales.squeeze(-1).half()  # the checkpoints' layout: (stored - zero) * scale
+    weight16 = (scales16.double().unsqueeze(-1) * (codes.view(out_features, groups, group) - zeros)).view_as(weight)
+    expected16 = x.double() @ weight16.t()
+    bound16 = (step.double() / 2) @ weight16.abs().t() + 1e-4 * expected16.abs().max()
+    stored_zeros = (zeros.squeeze(-1) - (128 if bits == 8 else 0)).to(torch.int16)
+    got16 = native_matmul(library, f"q{bits}", x.contiguous(), packed, scales16.contiguous(), stored_zeros, group)
+    assert bool(((got16.double() - expected16).abs() <= bound16).all())
 
 
 def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path):
