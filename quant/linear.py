@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .native import cpu_has_any, native_library, native_matmul, pack_q4, pack_q8, unpack_q4
+from .native import cpu_has_any, native_library, native_matmul, native_unpack, pack_q4, pack_q8, unpack_q4
 from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
@@ -230,10 +230,23 @@ class QuantLinear(nn.Module):
         with the float codes beside it 35 MB more at prefill's peak)."""
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype, device=flat.device)
         step = max(32, UNPACK_BLOCK_FLOATS // self.in_features // 32 * 32)  # whole 32-row tiles of int4pack-cpu
+        # the native kernels' codes unpack in C, straight into one reused block in the GEMM's dtype
+        native = self._native is not None and flat.dtype in (torch.float32, torch.bfloat16)
+        block = torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype) if native else None
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            torch.mm(flat, self._float_rows(start, stop).to(flat.dtype).t(), out=out[:, start:stop])
+            if native:
+                rows = self._native_rows(start, stop, block[:stop - start])
+            else:
+                rows = self._float_rows(start, stop).to(flat.dtype)
+            torch.mm(flat, rows.t(), out=out[:, start:stop])
         return out
+
+    def _native_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """`_float_rows` of a native-kernel layer, unpacked by quant/qgemv.c into `out` (float32 or bfloat16)."""
+        fast, kind = self._fast, self.kernel[:2]
+        scales, offsets = (fast[key][start:stop] for key in self._native_tables())
+        return native_unpack(self._native, kind, fast[kind][start:stop], scales, offsets, self.group_size, out)
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the dequantized weight, float32 (stop - start, in), from the fast kernel's tables."""

@@ -72,6 +72,8 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     for function in (library.q4_gemv, library.q8_gemv, library.q4_gemv_h, library.q8_gemv_h):
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+    library.q_unpack.restype = None
+    library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     library.qlayer_work_floats.restype = ctypes.c_long
     library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
     library.qlayer_exp.restype = None
@@ -148,3 +150,15 @@ def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torc
              out_features, in_features, group_size, rows)
     return out
 
+
+def native_unpack(library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """The weight rows `native_matmul` multiplies by, written into `out` (rows, in): float32, or bfloat16 rounded as
+    torch rounds. Tables as native_matmul's, rows matching `packed`'s."""
+    rows, in_features = out.shape
+    if (out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or packed.shape[0] != rows
+            or not (packed.is_contiguous() and scales.is_contiguous() and offsets.is_contiguous())):
+        raise ValueError("native_unpack writes contiguous float32 or bfloat16 rows matching the packed ones")
+    library.q_unpack(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, in_features,
+                     group_size, kind == "q4", scales.dtype == torch.float16, out.dtype == torch.bfloat16)
+    return out

@@ -178,6 +178,31 @@ def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits, monke
                                    rtol=1e-4)
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
+                    "says why)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_unpacking_gives_the_layers_weights(bits):
+    """Long inputs' weight rows unpacked in C (quant/qgemv.c q_unpack) are the layer's dequantized weights: exactly,
+    in float32 and rounded to bfloat16 as torch rounds, from float16 scales and int16 zeros; within float32
+    rounding from float32 tables."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 72, bias=False)
+    for widen in (False, True):
+        layer = quantize_linear(linear, QuantConfig(method="gptq", bits=bits, group_size=64, sym=False))
+        if widen:
+            layer.scales = layer.scales.float() * (1 + 1e-4)  # between float16's steps: float32 tables
+        weight = layer.dequantized_weight()
+        layer.post_load()
+        assert layer._native is not None and ("scales32" in layer._fast) == widen
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = layer._native_rows(8, 40, torch.empty(32, 192, dtype=dtype))
+            if widen:  # stored * scale + offset: a float32 rounding apart (bfloat16: a rounding step at most)
+                torch.testing.assert_close(rows, weight[8:40].to(dtype), atol=1e-6,
+                                           rtol=2**-8 if dtype == torch.bfloat16 else 0)
+            else:
+                assert torch.equal(rows, weight[8:40].to(dtype))
+
+
 @pytest.mark.parametrize("out_features,in_features", [(32, 64), (128, 896), (896, 896), (4864, 896), (896, 4864)])
 def test_int4pack_cpu_layout_read_back(out_features, in_features):
     """The codes come back out of torch's CPU int4 packing (Qwen2-0.5B's shapes among them), so long inputs can
