@@ -34,25 +34,38 @@ def long_input_dtype() -> torch.dtype:
     return torch.bfloat16 if cpu_has_any("amx_bf16", "avx512_bf16") else torch.float32
 
 
-def unpack_int4pack_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Codes (out, in) back from `_convert_weight_to_int4pack_for_cpu`'s uint8 (out, in/2): tiles of 32 output rows
-    by 8 inputs, stored input-major, rows 0-15 of a tile in the low nibbles and 16-31 in the high ones. The layout
-    is torch's, undocumented: `int4pack_cpu_layout_known` checks it before anything relies on it."""
-    tiles = packed.view(out_features // 32, in_features // 8, 8, 16)
+def unpack_int4pack_cpu(packed: torch.Tensor, out_features: int, in_features: int, tile: int = 32) -> torch.Tensor:
+    """Codes (out, in) back from `_convert_weight_to_int4pack_for_cpu`'s uint8 (out, in/2): tiles of `tile` output
+    rows (32 in torch's AVX2 builds, 64 in its AVX-512 ones), stored input-major, the tile's first half of rows in
+    the low nibbles and the second in the high ones. The layout is torch's, undocumented: `int4pack_cpu_tile` finds
+    which tiles this torch uses before anything relies on it."""
+    tiles = packed.view(out_features // tile, in_features // 8, 8, tile // 2)
     nibbles = torch.stack([tiles & 15, tiles >> 4], dim=1)  # (row tile, half, input tile, input, row in half)
     return nibbles.permute(0, 1, 4, 2, 3).reshape(out_features, in_features)
 
 
 @functools.cache
+def int4pack_cpu_tile() -> int | None:
+    """The output rows per tile of torch's CPU int4 packing here (32 or 64), None if it is neither layout."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator("cpu").manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    if packed.shape != (128, 32):
+        return None
+    return next((tile for tile in (32, 64) if torch.equal(unpack_int4pack_cpu(packed, 128, 64, tile).int(), codes)),
+                None)
+
+
+@functools.cache
 def int4pack_cpu_layout_known(out_features: int, in_features: int) -> bool:
     """Whether this torch packs a weight of this shape the way `unpack_int4pack_cpu` reads it (random codes)."""
-    if out_features % 32 or in_features % 8:
+    tile = int4pack_cpu_tile()
+    if tile is None or out_features % tile or in_features % 8:
         return False
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cpu",
                           generator=torch.Generator("cpu").manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     return packed.shape == (out_features, in_features // 2) and torch.equal(
-        unpack_int4pack_cpu(packed, out_features, in_features).int(), codes)
+        unpack_int4pack_cpu(packed, out_features, in_features, tile).int(), codes)
 
 
 def cuda_inner_k_tiles(in_features: int) -> int:
@@ -229,7 +242,8 @@ class QuantLinear(nn.Module):
         result and dropped, so a prompt never holds a whole float copy of the weight (gate/up: 17 MB each in float32,
         with the float codes beside it 35 MB more at prefill's peak)."""
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype, device=flat.device)
-        step = max(32, UNPACK_BLOCK_FLOATS // self.in_features // 32 * 32)  # whole 32-row tiles of int4pack-cpu
+        tile = 64 if self.kernel == "int4pack-cpu" else 32  # whole tiles of its packing (32 or 64 rows)
+        step = max(tile, UNPACK_BLOCK_FLOATS // self.in_features // tile * tile)
         # the native kernels' codes unpack in C, straight into one reused block in the GEMM's dtype
         native = self._native is not None and flat.dtype in (torch.float32, torch.bfloat16)
         block = torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype) if native else None
@@ -257,8 +271,9 @@ class QuantLinear(nn.Module):
             codes = unpack_q4(fast["q4"][start:stop])
         elif self.kernel == "q8-native-cpu":
             codes = fast["q8"][start:stop]
-        else:  # int4pack-cpu: start is a multiple of 32, and stop too unless it is the end
-            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features)
+        else:  # int4pack-cpu: start is a multiple of 64, and stop too unless it is the end
+            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features,
+                                        int4pack_cpu_tile())
         codes = codes.view(stop - start, self.in_features // self.group_size, self.group_size)
         if "scales16" in fast:  # (stored - zero) * scale, as the checkpoint's dequantization computes it
             zeros, scales = (fast[key][start:stop].float().unsqueeze(-1) for key in ("zeros16", "scales16"))
