@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("qgemv.c"), Path(__file__).with_name("qlayer.c")]  # one library
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.c", "qlayer.c", "attention.c")]  # one library
 HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # where the CPU has them: two blocks of 32 codes per 512-bit vpdpbusd (qgemv.c's rows_dot512)
@@ -74,6 +74,10 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     library.q_unpack.restype = None
     library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    library.attention_supported.restype = ctypes.c_int
+    library.attention_prefill.restype = None
+    library.attention_prefill.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] * 3 + [ctypes.c_int]
+                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 5)
     library.qlayer_work_floats.restype = ctypes.c_long
     library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
     library.qlayer_exp.restype = None
@@ -162,3 +166,25 @@ def native_unpack(library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales:
     library.q_unpack(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, in_features,
                      group_size, kind == "q4", scales.dtype == torch.float16, out.dtype == torch.bfloat16)
     return out
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Causal GQA attention of a prompt chunk in C (quant/attention.c, AVX-512 builds): q (heads, length, d) at
+    positions start.., keys/values (kv_heads, >= start + length, d) float32 or bfloat16, each with unit stride in d.
+    Returns float32 (heads, length, d) as a view of a (length, heads, d) tensor (what the output projection reads),
+    or None where the kernel does not run: no AVX-512 build, head_dim not a multiple of 16, other dtypes or
+    devices."""
+    library = native_library()
+    heads, length, d = q.shape
+    kv_heads = keys.shape[0]
+    if (library is None or not library.attention_supported() or d % 16 or heads % kv_heads
+            or q.device.type != "cpu" or keys.dtype != values.dtype or keys.dtype not in (torch.float32, torch.bfloat16)
+            or keys.shape[1] < start + length or any(t.stride(-1) != 1 for t in (keys, values))):
+        return None
+    if q.dtype != torch.float32 or q.stride(-1) != 1:
+        q = q.float().contiguous()
+    out = torch.empty(length, heads, d, dtype=torch.float32)
+    library.attention_prefill(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1),
+                              values.data_ptr(), values.stride(0), values.stride(1), keys.dtype == torch.bfloat16,
+                              out.data_ptr(), d, heads * d, heads, kv_heads, length, start, d)
+    return out.transpose(0, 1)

@@ -1,4 +1,5 @@
-"""The Qwen2 decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or files."""
+"""The Qwen2 decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or files (a prompt
+chunk's attention on CPU may run in quant/attention.c, a plain C kernel)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant.native import prefill_attention
 
 from .config import Qwen2Config
 from .dca import DualChunkConfig, dual_chunk_attention, rotate
@@ -161,6 +164,12 @@ class Attention(nn.Module):
         if dtype == torch.float16:
             q, keys, values = q.float(), keys.float(), values.float()
         key_length = keys.shape[2]
+        if (length > 1 and batch == 1 and q.device.type == "cpu"
+                and (self.sliding_window is None or key_length <= self.sliding_window)):
+            # a prompt chunk on CPU: quant/attention.c where it builds (AVX-512), 2-3x torch's flash attention there
+            out = prefill_attention(q[0], keys[0], values[0], start_pos)
+            if out is not None:
+                return out.to(dtype).unsqueeze(0)
         if length == 1 and (self.sliding_window is None or key_length <= self.sliding_window):
             group = self.num_heads // self.num_kv_heads
             folded = q.reshape(batch, self.num_kv_heads, group, self.head_dim)  # (B, Hkv, group, D)

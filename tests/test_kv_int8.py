@@ -20,9 +20,11 @@ def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
 
 @pytest.mark.real
 def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_float_perplexity):
-    # greedy text in bfloat16, what `--dtype auto` runs for bfloat16 checkpoints (and 2x faster decoding on CPU);
-    # perplexity in float32 (a 2,500-token bfloat16 prefill is 6x slower on CPUs without native bfloat16)
-    greedy = {kind: load_engine(real_model_dir, device="cpu", dtype="bfloat16", kv_cache=kind)
+    # in float32, greedy text and perplexity: the float cache is then exact, and what differs is the int8 cache's
+    # rounding alone (in bfloat16 both caches round, and which near-tie flips over 32 tokens follows every other
+    # rounding too: 5 of 6 with torch's attention for prompts, 3 of 6 with quant/attention.c's float32 one, whose
+    # logits are the closer to float32's)
+    greedy = {kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind)
               for kind in ("float", "int8")}
     prompts = ["def fibonacci(n):", "The three laws of thermodynamics are", "SELECT name FROM users WHERE",
                "请解释什么是递归。", "Once upon a time, in a small village,", "import numpy as np\n\narr = np."]

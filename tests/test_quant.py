@@ -758,3 +758,29 @@ def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path
     broken = _qwen2("run", str(tmp_path / "q"), "hi", "--max-tokens", "2", home=tmp_path)
     assert broken.returncode == 1 and "corrupt or truncated" in broken.stderr and "Traceback" not in broken.stderr
 
+
+@pytest.mark.parametrize("heads,kv_heads,length,start,head_dim,dtype", [
+    (14, 2, 131, 0, 64, torch.float32), (4, 2, 37, 5, 16, torch.float32), (8, 1, 130, 70, 128, torch.bfloat16),
+    (2, 2, 3, 200, 32, torch.bfloat16), (6, 3, 64, 64, 48, torch.float32)])
+def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, length, start, head_dim, dtype):
+    """quant/attention.c (AVX-512 builds) against causal attention written out in float64: chunks at an offset into
+    the cache, row counts not a multiple of its 4-row tiles, keys across several 64-key blocks, bfloat16 caches,
+    head sizes of 16 to 128, a query laid out (length, heads, d) as the projection gives it."""
+    from quant.native import _cpu_has_all, native_library, prefill_attention
+
+    library = native_library()
+    if library is None or not library.attention_supported():
+        assert not _cpu_has_all("avx512f", "avx512bw", "avx512vl", "avx512_vnni") or library is None
+        pytest.skip("no AVX-512 build of the native kernels here: torch's attention is used")
+    generator = torch.Generator().manual_seed(length)
+    keys_total = start + length
+    q = torch.randn(length, heads, head_dim, generator=generator).transpose(0, 1)
+    keys = torch.randn(kv_heads, keys_total + 5, head_dim, generator=generator).to(dtype)  # a longer cache
+    values = torch.randn(kv_heads, keys_total + 5, head_dim, generator=generator).to(dtype)
+    got = prefill_attention(q, keys, values, start)
+    group = heads // kv_heads
+    k, v = (t[:, :keys_total].double().repeat_interleave(group, dim=0) for t in (keys, values))
+    scores = q.double() @ k.transpose(1, 2) / head_dim ** 0.5  # (heads, length, keys)
+    allowed = torch.arange(keys_total)[None, :] <= start + torch.arange(length)[:, None]
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
