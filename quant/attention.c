@@ -70,10 +70,10 @@ static inline __attribute__((always_inline)) void add_pv(float *acc, const float
 }
 
 /* One block of 64 keys (from j0) for 4 query rows: scores, the online softmax's running max m and sum l, and
- * acc += p v. query: 4 rows of d (pre-scaled), acc: 4 rows of d, last: each row's last key; kt: the block's keys
- * transposed (d x 64), v: its value rows. */
-static void tile_step(const float *query, float *acc, float *m, float *l, const int *last, const float *kt,
-                      const float *v, int j0, int d) {
+ * acc += p v. query: each row's query for this block (d, pre-scaled), acc: 4 rows of d, last: each row's last key;
+ * kt: the block's keys transposed (d x 64), v: its value rows. */
+static void tile_step(const float *const query[ROWS], float *acc, float *m, float *l, const int *last,
+                      const float *kt, const float *v, int j0, int d) {
     float p[ROWS][KEY_BLOCK] __attribute__((aligned(64)));
     {
         __m512 s00 = _mm512_setzero_ps(), s01 = s00, s02 = s00, s03 = s00, s10 = s00, s11 = s00, s12 = s00, s13 = s00,
@@ -82,8 +82,8 @@ static void tile_step(const float *query, float *acc, float *m, float *l, const 
             const float *key_row = kt + i * KEY_BLOCK;
             __m512 k0 = _mm512_load_ps(key_row), k1 = _mm512_load_ps(key_row + 16), k2 = _mm512_load_ps(key_row + 32),
                    k3 = _mm512_load_ps(key_row + 48);
-            __m512 q0 = _mm512_set1_ps(query[i]), q1 = _mm512_set1_ps(query[d + i]),
-                   q2 = _mm512_set1_ps(query[2 * d + i]), q3 = _mm512_set1_ps(query[3 * d + i]);
+            __m512 q0 = _mm512_set1_ps(query[0][i]), q1 = _mm512_set1_ps(query[1][i]), q2 = _mm512_set1_ps(query[2][i]),
+                   q3 = _mm512_set1_ps(query[3][i]);
             s00 = _mm512_fmadd_ps(q0, k0, s00), s01 = _mm512_fmadd_ps(q0, k1, s01);
             s02 = _mm512_fmadd_ps(q0, k2, s02), s03 = _mm512_fmadd_ps(q0, k3, s03);
             s10 = _mm512_fmadd_ps(q1, k0, s10), s11 = _mm512_fmadd_ps(q1, k1, s11);
@@ -137,32 +137,48 @@ static void tile_step(const float *query, float *acc, float *m, float *l, const 
 
 /* Query rows r0..r0+QUERY_BLOCK-1 of one head (fewer at the chunk's end): each block of keys is taken by all of
  * their 4-row tiles in turn while it is in cache (a tile alone read every key once per 4 rows: at 32K positions,
- * 16 MB of keys and values per tile). Rows past the chunk repeat its last row; only real rows are written. */
-static void query_block(const float *q, long q_row, float *out, long out_row, const float *kt, const float *v,
-                        int length, int start, int d, int r0) {
+ * 16 MB of keys and values per tile). Rows past the chunk repeat its last row; only real rows are written.
+ * q[0]: the queries; with dual chunk attention (chunk_len > 0, a multiple of 64) q[0..2] are the intra, successive
+ * and inter queries, each row taking the keys of its own chunk with the first, of the chunk before with the second
+ * and all earlier ones with the third (one softmax over all). */
+static void query_block(const float *const q[3], long q_row, float *out, long out_row, const float *kt,
+                        const float *v, int length, int start, int d, int r0, int chunk_len) {
     int rows = length - r0 < QUERY_BLOCK ? length - r0 : QUERY_BLOCK, tiles = (rows + ROWS - 1) / ROWS;
-    float *query = aligned_alloc(64, sizeof(float) * 2 * tiles * ROWS * d), *acc = query + tiles * ROWS * d;
+    int variants = chunk_len ? 3 : 1;
+    size_t table = (size_t)tiles * ROWS * d; /* floats of one variant's rows */
+    float *acc = aligned_alloc(64, sizeof(float) * (1 + variants) * table), *query = acc + table;
     float m[QUERY_BLOCK], l[QUERY_BLOCK];
     int last[QUERY_BLOCK];
     float scale = 1.f / sqrtf((float)d);
     for (int k = 0; k < tiles * ROWS; k++) {
         int row = k < rows ? r0 + k : r0 + rows - 1;
-        for (int i = 0; i < d; i++) query[k * d + i] = q[(size_t)row * q_row + i] * scale;
+        for (int variant = 0; variant < variants; variant++)
+            for (int i = 0; i < d; i++) query[variant * table + k * d + i] = q[variant][(size_t)row * q_row + i] * scale;
         memset(acc + k * d, 0, sizeof(float) * d);
         m[k] = -INFINITY;
         l[k] = 0.f;
         last[k] = start + row;
     }
     for (int j0 = 0; j0 <= last[tiles * ROWS - 1]; j0 += KEY_BLOCK)
-        for (int t = 0; t < tiles; t++)
-            if (last[t * ROWS + ROWS - 1] >= j0) /* the tile takes a key of this block */
-                tile_step(query + t * ROWS * d, acc + t * ROWS * d, m + t * ROWS, l + t * ROWS, last + t * ROWS,
-                          kt + (size_t)j0 * d, v + (size_t)j0 * d, j0, d);
+        for (int t = 0; t < tiles; t++) {
+            if (last[t * ROWS + ROWS - 1] < j0) continue; /* the tile takes no key of this block */
+            const float *rows_query[ROWS];
+            for (int k = 0; k < ROWS; k++) {
+                int variant = 0, at = t * ROWS + k;
+                if (chunk_len) {
+                    int own = last[at] / chunk_len * chunk_len, previous = own - chunk_len;
+                    variant = j0 >= own ? 0 : j0 >= previous ? 1 : 2;
+                }
+                rows_query[k] = query + variant * table + (size_t)at * d;
+            }
+            tile_step(rows_query, acc + t * ROWS * d, m + t * ROWS, l + t * ROWS, last + t * ROWS,
+                      kt + (size_t)j0 * d, v + (size_t)j0 * d, j0, d);
+        }
     for (int k = 0; k < rows; k++) {
         float inverse = 1.f / l[k];
         for (int i = 0; i < d; i++) out[(size_t)(r0 + k) * out_row + i] = acc[k * d + i] * inverse;
     }
-    free(query);
+    free(acc);
 }
 
 int attention_supported(void) {
@@ -170,10 +186,12 @@ int attention_supported(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
-/* d: a multiple of 16. Strides in elements. */
-void attention_prefill(const float *q, long q_head, long q_row, const void *k, long k_head, long k_row, const void *v,
-                       long v_head, long v_row, int kv_bf16, float *out, long out_head, long out_row, int heads,
-                       int kv_heads, int length, int start, int d) {
+/* d: a multiple of 16. Strides in elements. q_successive, q_inter: NULL, or with chunk_len (a multiple of 64) the
+ * dual chunk attention queries, laid out as q. */
+void attention_prefill(const float *q, const float *q_successive, const float *q_inter, long q_head, long q_row,
+                       const void *k, long k_head, long k_row, const void *v, long v_head, long v_row, int kv_bf16,
+                       float *out, long out_head, long out_row, int heads, int kv_heads, int length, int start, int d,
+                       int chunk_len) {
     int keys = start + length, keys_padded = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
     float *kt = aligned_alloc(64, sizeof(float) * (size_t)kv_heads * d * keys_padded);
     float *vf = aligned_alloc(64, sizeof(float) * (size_t)kv_heads * keys_padded * d);
@@ -194,9 +212,10 @@ void attention_prefill(const float *q, long q_head, long q_row, const void *k, l
         /* the dearest blocks (last rows) first; the heads sharing a key/value head next to each other */
         int h = item % heads, b = blocks - 1 - item / heads;
         int kv = h / group;
-        query_block(q + (size_t)h * q_head, q_row, out + (size_t)h * out_head, out_row,
-                    kt + (size_t)kv * d * keys_padded, vf + (size_t)kv * keys_padded * d, length, start, d,
-                    b * QUERY_BLOCK);
+        const float *queries[3] = {q + (size_t)h * q_head, chunk_len ? q_successive + (size_t)h * q_head : NULL,
+                                   chunk_len ? q_inter + (size_t)h * q_head : NULL};
+        query_block(queries, q_row, out + (size_t)h * out_head, out_row, kt + (size_t)kv * d * keys_padded,
+                    vf + (size_t)kv * keys_padded * d, length, start, d, b * QUERY_BLOCK, chunk_len);
     }
     free(kt);
     free(vf);

@@ -76,8 +76,9 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     library.attention_supported.restype = ctypes.c_int
     library.attention_prefill.restype = None
-    library.attention_prefill.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long] * 3 + [ctypes.c_int]
-                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 5)
+    library.attention_prefill.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] * 2 + [ctypes.c_int]
+                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 6)
     library.qlayer_work_floats.restype = ctypes.c_long
     library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
     library.qlayer_exp.restype = None
@@ -168,23 +169,32 @@ def native_unpack(library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales:
     return out
 
 
-def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor | None:
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *,
+                      dual_chunk: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
     """Causal GQA attention of a prompt chunk in C (quant/attention.c, AVX-512 builds): q (heads, length, d) at
     positions start.., keys/values (kv_heads, >= start + length, d) float32 or bfloat16, each with unit stride in d.
-    Returns float32 (heads, length, d) as a view of a (length, heads, d) tensor (what the output projection reads),
-    or None where the kernel does not run: no AVX-512 build, head_dim not a multiple of 16, other dtypes or
-    devices."""
+    `dual_chunk`: (successive queries, inter queries, chunk_len) for dual chunk attention, q then being the intra
+    queries (qwen2cli/dca.py defines it). Returns float32 (heads, length, d) as a view of a (length, heads, d)
+    tensor (what the output projection reads), or None where the kernel does not run: no AVX-512 build, head_dim
+    not a multiple of 16, a chunk length not a multiple of 64, other dtypes or devices."""
     library = native_library()
     heads, length, d = q.shape
     kv_heads = keys.shape[0]
-    if (library is None or not library.attention_supported() or d % 16 or heads % kv_heads
+    queries = [q] if dual_chunk is None else [q, dual_chunk[0], dual_chunk[1]]
+    chunk_len = 0 if dual_chunk is None else dual_chunk[2]
+    if (library is None or not library.attention_supported() or d % 16 or heads % kv_heads or chunk_len % 64
+            or (dual_chunk is not None and chunk_len <= 0)
             or q.device.type != "cpu" or keys.dtype != values.dtype or keys.dtype not in (torch.float32, torch.bfloat16)
             or keys.shape[1] < start + length or any(t.stride(-1) != 1 for t in (keys, values))):
         return None
-    if q.dtype != torch.float32 or q.stride(-1) != 1:
-        q = q.float().contiguous()
+    # float32 with unit stride in d, all variants laid out alike (the kernel takes one set of strides)
+    queries = [query.float().contiguous() for query in queries] if dual_chunk is not None or (
+        q.dtype != torch.float32 or q.stride(-1) != 1) else queries
+    first = queries[0]
+    successive, inter = (queries[1].data_ptr(), queries[2].data_ptr()) if dual_chunk is not None else (None, None)
     out = torch.empty(length, heads, d, dtype=torch.float32)
-    library.attention_prefill(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1),
+    library.attention_prefill(first.data_ptr(), successive, inter, first.stride(0), first.stride(1),
+                              keys.data_ptr(), keys.stride(0), keys.stride(1),
                               values.data_ptr(), values.stride(0), values.stride(1), keys.dtype == torch.bfloat16,
-                              out.data_ptr(), d, heads * d, heads, kv_heads, length, start, d)
+                              out.data_ptr(), d, heads * d, heads, kv_heads, length, start, d, chunk_len)
     return out.transpose(0, 1)

@@ -190,7 +190,13 @@ class Attention(nn.Module):
         grouped = q.view(batch, self.num_kv_heads, group, length, self.head_dim)  # (B, Hkv, group, T, D)
         queries = (rotate(grouped, key_cos, key_sin), rotate(grouped, succ_cos, succ_sin),
                    rotate(grouped, inter_cos, inter_sin))
-        out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=self.dual_chunk)
+        out = None
+        if batch == 1 and q.device.type == "cpu":  # quant/attention.c where it builds (AVX-512, chunks of 64 keys)
+            intra, successive, inter = (query[0].reshape(self.num_heads, length, self.head_dim) for query in queries)
+            out = prefill_attention(intra, keys[0], values[0], start_pos,
+                                    dual_chunk=(successive, inter, self.dual_chunk.chunk_len))
+        if out is None:
+            out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=self.dual_chunk)
         out = out.to(q.dtype).reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 

@@ -66,6 +66,40 @@ def test_matches_reference_across_chunks(chunk_size, local_size, length, start):
         torch.testing.assert_close(got[head], expected[start:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size,local_size,length,start,dtype", [(80, 16, 200, 0, torch.float32),
+                                                                       (96, 32, 150, 70, torch.bfloat16)])
+def test_c_kernel_matches_across_chunks(chunk_size, local_size, length, start, dtype):
+    """quant/attention.c's dual chunk attention (AVX-512 builds; chunks of a multiple of 64 keys) against
+    dual_chunk_attention above and, for the first head, the pair-by-pair reference: several chunks, a chunk of
+    queries starting inside one, a bfloat16 cache."""
+    from quant.native import native_library, prefill_attention
+
+    library = native_library()
+    if library is None or not library.attention_supported():
+        pytest.skip("no AVX-512 build of the native kernels here: dual_chunk_attention runs instead")
+    torch.manual_seed(1)
+    dim, group = 16, 2
+    config = DualChunkConfig(chunk_size=chunk_size, local_size=local_size)
+    cos, sin = rope_angle_tables(dim, chunk_size + 1)
+    q = torch.randn(group, length, dim)
+    k, v = torch.randn(length, dim), torch.randn(length, dim)
+    positions = torch.arange(length)
+    key_pos, succ_pos = config.key_positions(positions), config.successive_positions(positions)
+    inter_pos = torch.full_like(positions, config.inter_position())
+    keys = rotate(k[None, None], cos[key_pos], sin[key_pos]).to(dtype)  # (1, 1, T, D), as the cache holds them
+    values = v[None, None].to(dtype)
+    queries = [rotate(q[None, None, :, start:], c[p[start:]], s[p[start:]])
+               for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))]
+    got = prefill_attention(queries[0][0, 0], keys[0], values[0], start,
+                            dual_chunk=(queries[1][0, 0], queries[2][0, 0], config.chunk_len))
+    assert got is not None
+    expected = dual_chunk_attention(tuple(queries), keys, values, start_pos=start, config=config)[0, 0]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    if dtype == torch.float32:
+        reference = reference_dca(q[0], k, v, chunk_size=chunk_size, local_size=local_size, cos=cos, sin=sin)
+        torch.testing.assert_close(got[0], reference[start:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     plain = write_tiny_checkpoint(tmp_path_factory.mktemp("plain"), with_tokenizer=False)
@@ -73,14 +107,15 @@ def tiny_pair(tmp_path_factory):
     for item in plain.iterdir():
         (dual / item.name).write_bytes(item.read_bytes())
     config = json.loads((dual / "config.json").read_text())
-    config["dual_chunk_attention_config"] = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 64}
+    # chunks of 64 keys: on AVX-512 builds the model's prompts and decoding run quant/attention.c's kernel
+    config["dual_chunk_attention_config"] = {"chunk_size": 72, "local_size": 8, "original_max_position_embeddings": 72}
     (dual / "config.json").write_text(json.dumps(config))
     return load_model(plain, device="cpu", dtype="float32"), load_model(dual, device="cpu", dtype="float32")
 
 
 def test_equals_ordinary_attention_within_one_chunk(tiny_pair):
     plain, dual = tiny_pair
-    ids = torch.randint(0, 500, (1, 50), generator=torch.Generator().manual_seed(4))  # 50 < chunk_len 56
+    ids = torch.randint(0, 500, (1, 50), generator=torch.Generator().manual_seed(4))  # 50 < chunk_len 64
     with torch.no_grad():
         expected = plain.model(ids, KVCache(plain.config, 64), 0)
         got = dual.model(ids, KVCache(dual.config, 64), 0)
@@ -89,7 +124,7 @@ def test_equals_ordinary_attention_within_one_chunk(tiny_pair):
 
 def test_cached_decoding_equals_full_forward_across_chunks(tiny_pair):
     _, dual = tiny_pair
-    ids = torch.randint(0, 500, (1, 150), generator=torch.Generator().manual_seed(5))  # about three chunks
+    ids = torch.randint(0, 500, (1, 150), generator=torch.Generator().manual_seed(5))  # into a third chunk
     with torch.no_grad():
         full = dual.model(ids, KVCache(dual.config, 160), 0)
         cache = KVCache(dual.config, 160)
