@@ -784,3 +784,57 @@ def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, lengt
     allowed = torch.arange(keys_total)[None, :] <= start + torch.arange(length)[:, None]
     expected = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeypatch):
+    """Where the CPU multiplies bfloat16 natively, calibration forwards run under bfloat16 autocast; the Hessians
+    the hooks gather inside them stay float32 sums of the inputs seen (autocast would make x^T x bfloat16, three
+    significant digits), and the layer's output keeps float32 within bfloat16's rounding of the products."""
+    from qwen2cli.config import quantization_for
+    from qwen2cli.generate import load_engine
+    from qwen2cli.quantize import _capture, _gptq_stage, _quantizable, _run_layer
+
+    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    model, config = engine.loaded.model, engine.config
+    layer = model.model.layers[0]
+    quant_config = quantization_for(config, method="gptq", bits=4, group_size=32, sym=True, desc_act=False,
+                                    damp_percent=0.01, mse=0.0, hessian_shrink=None)
+    hidden = torch.randn(3, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rope = model._rope_tables(0, 16, hidden.device)
+    monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
+    with torch.no_grad():
+        exact = _run_layer(layer, hidden, rope, config)
+    monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.bfloat16)
+    seen, collectors = [], []
+    add_batch = GPTQ.add_batch
+
+    def spy(self, inputs):
+        seen.append(inputs.detach().reshape(-1, inputs.shape[-1]).float().clone())
+        collectors.append(self)
+        add_batch(self, inputs)
+
+    monkeypatch.setattr(GPTQ, "add_batch", spy)
+    with torch.no_grad():
+        fast = _run_layer(layer, hidden, rope, config)
+        stage = {name: linear for name, linear in _quantizable(layer).items()
+                 if name.endswith(("gate_proj", "up_proj"))}
+        _gptq_stage(layer, stage, hidden, rope, config, quant_config)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # the products did run in bfloat16
+    torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
+    x = torch.cat(seen)
+    assert collectors and collectors[-1]._sum.dtype == torch.float32
+    torch.testing.assert_close(collectors[-1]._sum, x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+    # AWQ's statistics: the Gram matrix of down_proj's inputs (more tokens than its 128 inputs: a Gram, not rows)
+    name = next(name for name in _quantizable(layer) if name.endswith("down_proj"))
+    inputs = []
+    handle = layer.get_submodule(name).register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone()))
+    more = torch.randn(12, 16, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            stats = _capture(layer, [name], more, rope, config, keep_samples=0)
+    finally:
+        handle.remove()
+    x = torch.cat(inputs)
+    assert x.shape[0] > x.shape[1] and stats.gram[name].dtype == torch.float32
+    torch.testing.assert_close(stats.gram[name], x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
