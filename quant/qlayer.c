@@ -43,28 +43,6 @@ static void gemv(const QMatrix *m, const float *x, float *out) {
     (m->q4 ? q4_gemv_h : q8_gemv_h)(m->weights, m->scales, m->zeros, x, out, m->rows, m->cols, m->group, 1);
 }
 
-/* e^x for 8 floats (Cephes' polynomial on x - n ln 2, then 2^n put into the exponent), within a few ulp of expf
- * on [-87.3, 88.37] and clamped to that range outside it (e^-87.3 ~ 1e-38 stands for 0, e^88.37 ~ 2e38 for
- * overflow: SiLU and softmax take either as expf's 0 and inf). libm's scalar expf was most of the SiLU's and the
- * softmax's time (4864, and heads x positions, of them a layer). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3762626647949f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    /* 2^n: n + 127 into the exponent field; n >= -126 here, so the field is never 0 */
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
 static void rms_norm(const float *x, const float *weight, float *out, int n, float eps) {
     float total = 0.f;
     for (int i = 0; i < n; i++) total += x[i] * x[i];
