@@ -1,5 +1,5 @@
-"""The int4/int8 x float32 row kernels of quant/qgemv.c, and quant/qlayer.c's one-token decoder layer on them,
-compiled with the system's C compiler at first use.
+"""The int4/int8 x float32 row kernels of quant/qgemv.c, quant/qlayer.c's one-token decoder layer on them, and
+quant/attention.c's prompt attention (AVX-512 builds), compiled with the system's C compiler at first use.
 
 torch's CPU int4 and int8 kernels compute bfloat16 products and, on AVX2, stream weights at ~5 and ~8.5 GB/s;
 qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
@@ -88,13 +88,16 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     return library
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read."""
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, read once (every prompt chunk's attention asks for the
+    library); None where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+                          []))
 
 
 def _cpu_has(*features: str) -> bool:
