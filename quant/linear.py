@@ -246,7 +246,8 @@ class QuantLinear(nn.Module):
         step = max(tile, UNPACK_BLOCK_FLOATS // self.in_features // tile * tile)
         # the native kernels' codes unpack in C, straight into one reused block in the GEMM's dtype
         native = self._native is not None and flat.dtype in (torch.float32, torch.bfloat16)
-        block = torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype) if native else None
+        block = (torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype, device=flat.device)
+                 if native else None)
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             if native:

@@ -195,7 +195,7 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         q.dtype != torch.float32 or q.stride(-1) != 1) else queries
     first = queries[0]
     successive, inter = (queries[1].data_ptr(), queries[2].data_ptr()) if dual_chunk is not None else (None, None)
-    out = torch.empty(length, heads, d, dtype=torch.float32)
+    out = torch.empty(length, heads, d, dtype=torch.float32, device=q.device)  # never the default device
     library.attention_prefill(first.data_ptr(), successive, inter, first.stride(0), first.stride(1),
                               keys.data_ptr(), keys.stride(0), keys.stride(1),
                               values.data_ptr(), values.stride(0), values.stride(1), keys.dtype == torch.bfloat16,
