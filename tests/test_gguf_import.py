@@ -60,7 +60,9 @@ def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
     with torch.no_grad():
         expected = reference(ids).logits
         got = engine.loaded.model(ids, KVCache(engine.config, 32), 0)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # 3e-4: on AVX-512 CPUs the prompt's attention runs in quant/attention.c (float32, its own summation order):
+    # one logit of 12,090 lands 2.65e-4 from transformers' here (within 1e-4 with torch's attention)
+    torch.testing.assert_close(got, expected, atol=3e-4, rtol=1e-4)
 
 
 def test_tiny_tokenizer_matches_transformers_gguf_tokenizer(tiny_gguf, imported):
