@@ -108,6 +108,11 @@ static inline __attribute__((always_inline)) float group_scale(const void *s, in
     return half ? _cvtsh_ss(((const uint16_t *)s)[g]) : ((const float *)s)[g];
 }
 
+/* a group's zero term per unit of its activations' sum: the float32 offset, or -scale * zero */
+static inline __attribute__((always_inline)) float group_offset(const void *o, int g, int half, float scale) {
+    return half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
+}
+
 /* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and
  * `half`): each block of weights is loaded and unpacked once for the n rows. */
 static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const void *s, const void *o,
@@ -140,9 +145,7 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
                                                group_acc[j]);
             }
         }
-        float scale = group_scale(s, g, half);
-        /* offset: float, or -scale * zero */
-        float offset = half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
+        float scale = group_scale(s, g, half), offset = group_offset(o, g, half, scale);
         for (int j = 0; j < n; j++) {
             acc[j] = _mm256_fmadd_ps(group_acc[j], _mm256_set1_ps(scale), acc[j]);
             zero_terms[j] += offset * a.xsum[(size_t)(m0 + j) * groups + g];
@@ -197,8 +200,7 @@ static inline __attribute__((always_inline)) void rows_dot512(const uint8_t *w, 
                 group_acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, group_acc[j]);
             }
         }
-        float scale = group_scale(s, g, half);
-        float offset = half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
+        float scale = group_scale(s, g, half), offset = group_offset(o, g, half, scale);
         for (int j = 0; j < n; j++) {
             acc[j] = _mm512_fmadd_ps(group_acc[j], _mm512_set1_ps(scale), acc[j]);
             zero_terms[j] += offset * a.xsum[(size_t)(m0 + j) * groups + g];
