@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .gram import Gram
 from .rtn import dequantize, group_params, quantize, search_group_params
 
 
@@ -49,18 +50,19 @@ class GPTQ:
     """Accumulates H = 2/n sum x x^T over calibration inputs of one Linear, then quantizes its weight."""
 
     def __init__(self, in_features: int, *, device: torch.device | str = "cpu") -> None:
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # sum of x x^T
-        self.samples = 0
+        self.gram = Gram(in_features, device=device)
+
+    @property
+    def samples(self) -> int:
+        return self.gram.count
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Add inputs (..., in_features) seen by the layer."""
-        rows = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.samples += rows.shape[0]
-        self._sum.addmm_(rows.t(), rows)
+        self.gram.add(inputs)
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self._sum * (2 / max(self.samples, 1))
+        return self.gram.full().mul_(2 / max(self.samples, 1))
 
     def shrunk_hessian(self, shrink: float | None = None) -> torch.Tensor:
         """(1 - a) H + a diag(H): the measured Hessian pulled toward its diagonal. With few calibration tokens per
@@ -73,7 +75,7 @@ class GPTQ:
         a = H.shape[0] / (H.shape[0] + self.samples) if shrink is None else shrink
         if not 0 <= a <= 1:
             raise ValueError(f"Hessian shrinkage must be in [0, 1], got {a}")
-        return H.clone() if a == 0 else torch.lerp(H, torch.diag(torch.diag(H)), a)
+        return H if a == 0 else torch.lerp(H, torch.diag(torch.diag(H)), a)
 
     def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
                  static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,

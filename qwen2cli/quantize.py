@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.gram import Gram
+
 from .calibration import calibration_batches, default_calibration_text
 from .config import quantization_for
 from .errors import BadCheckpoint
@@ -153,7 +155,7 @@ class _InputStats:
     (cheaper from there on); the sum of |x| over every calibration token; a sample of inputs for clipping."""
 
     def __init__(self) -> None:
-        self.gram: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, Gram] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
@@ -168,12 +170,12 @@ class _InputStats:
         self.abs_sum[name] += flat.abs().sum(0)
         self.count[name] += flat.shape[0]
         if name in self.gram:
-            self.gram[name].addmm_(flat.t(), flat)
+            self.gram[name].add(flat)
         else:
             self.rows[name].append(flat)
             if self.count[name] > flat.shape[1]:
-                rows = torch.cat(self.rows.pop(name))
-                self.gram[name] = rows.t() @ rows
+                self.gram[name] = Gram(flat.shape[1], device=flat.device)
+                self.gram[name].add(torch.cat(self.rows.pop(name)))
         if keep:
             self.sample[name].append(flat)
 
@@ -182,7 +184,7 @@ class _InputStats:
 
     def inputs(self, name: str) -> dict[str, torch.Tensor]:
         """What `quant.awq.search_scales` measures output error with: `rows=` or `gram=`."""
-        return {"gram": self.gram[name]} if name in self.gram else {"rows": torch.cat(self.rows[name])}
+        return {"gram": self.gram[name].full()} if name in self.gram else {"rows": torch.cat(self.rows[name])}
 
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]

@@ -227,6 +227,28 @@ def test_upper_cholesky_of_inverse(size):
         upper_cholesky_of_inverse(-hessian)
 
 
+@pytest.mark.parametrize("width", [96, 1100])  # one block; three, the last partial
+def test_gram_sums_x_xt_over_every_batch(width):
+    """Gram keeps only the upper triangle, in blocks of columns, under "medium" float32 products: its full() is
+    still the sum of x x^T over every row added, to float32 accuracy, and torch's precision setting is restored."""
+    from quant.gram import Gram
+
+    torch.manual_seed(0)
+    batches = [torch.randn(rows, width) * torch.linspace(0.1, 3, width) for rows in (40, 700, 3)]
+    gram = Gram(width)
+    before = torch.get_float32_matmul_precision()
+    for batch in batches:
+        gram.add(batch.reshape(1, *batch.shape))
+    x = torch.cat(batches).double()
+    exact = x.t() @ x
+    assert gram.count == x.shape[0] and torch.get_float32_matmul_precision() == before
+    full = gram.full()
+    assert torch.equal(full, full.t())
+    torch.testing.assert_close(full.double(), exact, rtol=0, atol=2e-6 * exact.abs().max().item())
+    off = ~torch.eye(width, dtype=torch.bool)  # the small cross terms too, not just the large diagonal
+    assert ((full.double() - exact)[off].norm() / exact[off].norm()).item() < 1e-5
+
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     torch.manual_seed(1)
     inputs = torch.randn(3000, 12) @ torch.randn(12, 128) + 0.05 * torch.randn(3000, 128)
@@ -822,8 +844,8 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # the products did run in bfloat16
     torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
     x = torch.cat(seen)
-    assert collectors and collectors[-1]._sum.dtype == torch.float32
-    torch.testing.assert_close(collectors[-1]._sum, x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+    assert collectors and collectors[-1].gram.full().dtype == torch.float32
+    torch.testing.assert_close(collectors[-1].gram.full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
     # AWQ's statistics: the Gram matrix of down_proj's inputs (more tokens than its 128 inputs: a Gram, not rows)
     name = next(name for name in _quantizable(layer) if name.endswith("down_proj"))
     inputs = []
@@ -836,5 +858,5 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     finally:
         handle.remove()
     x = torch.cat(inputs)
-    assert x.shape[0] > x.shape[1] and stats.gram[name].dtype == torch.float32
-    torch.testing.assert_close(stats.gram[name], x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+    assert x.shape[0] > x.shape[1] and stats.gram[name].full().dtype == torch.float32
+    torch.testing.assert_close(stats.gram[name].full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
