@@ -247,8 +247,9 @@ def quantize(
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
     from .calibration import read_calibration  # torch loads from here on
     from .generate import load_engine
-    from .quantize import quantize_model
+    from .quantize import keep_freed_memory, quantize_model
 
+    keep_freed_memory()
     engine = load_engine(model_dir, device=device, dtype="float32")
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:

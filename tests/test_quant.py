@@ -860,3 +860,28 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     x = torch.cat(inputs)
     assert x.shape[0] > x.shape[1] and stats.gram[name].full().dtype == torch.float32
     torch.testing.assert_close(stats.gram[name].full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_quantize_keeps_freed_memory_for_reuse():
+    """After keep_freed_memory(), allocating and freeing a 64 MB tensor 20 times reuses its pages (glibc here
+    faults them in for the first 5 and then never again); by default each is a fresh mmap faulted in anew."""
+    script = """
+import resource, sys, torch
+from qwen2cli.quantize import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(16 << 20)
+before = faults()
+for _ in range(20):
+    torch.ones(16 << 20)
+print(faults() - before)
+"""
+    pages = 64 << 20 >> 12
+    counts = {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        counts[mode] = int(done.stdout.split()[-1])
+    assert counts["default"] > 15 * pages and counts["keep"] < counts["default"] // 2, counts
