@@ -250,7 +250,10 @@ def quantize(
     from .quantize import keep_freed_memory, quantize_model
 
     keep_freed_memory()
-    engine = load_engine(model_dir, device=device, dtype="float32")
+    # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and
+    # would be 30 GB in float32 (the bar: a 7B quantizes on a 24 GB machine)
+    stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
+    engine = load_engine(model_dir, device=device, dtype=stored)
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:
         def run_quantize(target: Path) -> Path:

@@ -308,6 +308,7 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
             hidden = model.model.embed_tokens(batches.to(engine.loaded.device)).float()
             rope = model._rope_tables(0, seq_len, hidden.device)
         for index, layer in enumerate(model.model.layers):
+            layer.float()  # layers wait in the checkpoint's dtype (views of its files): one float32 layer at a time
             if method == "gptq":
                 packed: dict[str, nn.Module] = {}
                 for stage in _stages(_quantizable(layer)):  # each stage sees the stages before it quantized

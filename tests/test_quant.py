@@ -446,6 +446,47 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
                                        atol=tolerance * reference.abs().max().item())
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny_model, tmp_path, method):
+    """`qwen2 quantize` loads a bfloat16 checkpoint as bfloat16 and makes each layer float32 only in its turn (a 7B
+    in float32 is 30 GB): when a layer is done the layers after it are still bfloat16, and the checkpoint written
+    is the one quantizing its float32 copy writes, tensor for tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen2cli.generate import load_engine
+    from qwen2cli.quantize import quantize_model
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_model, bf16)
+    weights = load_file(bf16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((bf16 / "config.json").read_text())
+    config.pop("dtype", None)
+    (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    options = dict(method=method, bits=4, group_size=32, sym=False, desc_act=False, calibration=None, samples=4,
+                   seq_len=32)
+    later_dtypes = []
+    engine = load_engine(bf16, device="cpu", dtype="bfloat16")
+    layers = engine.loaded.model.model.layers
+
+    def progress(_, done, total):
+        later_dtypes.extend(p.dtype for layer in layers[done:] for p in layer.parameters())
+
+    quantize_model(engine, tmp_path / "from-bf16", progress=progress, **options)
+    quantize_model(load_engine(bf16, device="cpu", dtype="float32"), tmp_path / "from-f32", **options)
+    assert later_dtypes and set(later_dtypes) == {torch.bfloat16}
+    done = _qwen2("quantize", str(bf16), "--method", method, "--bits", "4", "--group-size", "32", "--asym",
+                  "--samples", "4", "--seq-len", "32", "--out", str(tmp_path / "cli"), home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    reference = load_file(tmp_path / "from-f32" / "model.safetensors")
+    for made in ("from-bf16", "cli"):
+        ours = load_file(tmp_path / made / "model.safetensors")
+        assert ours.keys() == reference.keys()
+        for name in ours:
+            assert torch.equal(ours[name], reference[name]), (made, name)
+
+
 def test_quantize_bad_input(tiny_model, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("Only a few words of calibration text.\n")
