@@ -3,17 +3,20 @@ weights cannot be had (a GPU machine with no network): the time a decoder takes 
 
   python benchmarks/shaped_checkpoint.py {0.5b,1.5b,7b} OUT [--device cuda] [--dtype bfloat16]
 
-Weights are drawn as transformers initialises them (normal, std 0.02), saved by transformers in safetensors, with
-the test suite's tiny tokenizer (its ids are all in range; text it decodes is meaningless)."""
+Weights are drawn as transformers initialises them (normal, std 0.02) a tensor at a time and written in safetensors
+shards of 2 GB (a 7B is never whole in memory: 15 GB in bfloat16), with the test suite's tiny tokenizer (its ids
+are all in range; text it decodes is meaningless)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SHARD_BYTES = 2 << 30
 # Qwen2.5's published config.json values that set the shapes and the work per token
 SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     import torch
+    from safetensors import safe_open
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tests.tiny_tokenizer import write_tiny_tokenizer
@@ -40,14 +44,43 @@ def main() -> None:
     config = Qwen2Config(**SHAPES[args.size], max_position_embeddings=32768,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                          rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=[2])
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
+    dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):  # the names and shapes only: a 7B in float32 would not fit a 24 GB machine
+        shapes = {name: tuple(t.shape) for name, t in Qwen2ForCausalLM(config).state_dict().items()
+                  if not (config.tie_word_embeddings and name == "lm_head.weight")}
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
+    config.dtype = args.dtype
+    config.save_pretrained(args.out)
+    generator = torch.Generator(args.device).manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    for name, shape in shapes.items():  # transformers' init: normal(0, 0.02) weights, zero biases, unit norms
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape, dtype=dtype)
+        elif name.endswith("bias"):
+            tensor = torch.zeros(shape, dtype=dtype)
+        else:
+            tensor = torch.randn(shape, generator=generator, device=args.device).mul_(0.02).to("cpu", dtype)
+        if sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > SHARD_BYTES:
+            shards.append({})
+        shards[-1][name] = tensor
+        if len(shards) > 1 and len(shards[-2]):  # a full shard is written and dropped before the next fills
+            _write_shard(args.out, len(shards) - 1, shards[-2])
+            shards[-2] = {}
+    _write_shard(args.out, len(shards), shards[-1])
+    names = [f"model-{i:05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map = {}
+    for index, name in enumerate(names):
+        with safe_open(str(args.out / name), framework="pt") as handle:
+            weight_map.update((tensor, name) for tensor in handle.keys())
+    (args.out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tiny_tokenizer(args.out)
     print(args.out)
 
+
+def _write_shard(out: Path, index: int, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / f"model-{index:05d}.safetensors"), metadata={"format": "pt"})
 
 if __name__ == "__main__":
     main()
