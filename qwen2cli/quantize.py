@@ -29,9 +29,13 @@ def keep_freed_memory() -> bool:
     mmap whose pages faulted in zeroed (17.8 million page faults in a 32 x 512 GPTQ run, 31 s of system time).
     For this process only (the quantize command); False where the C library has no mallopt (not glibc)."""
     import ctypes
+    import sys
 
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
