@@ -36,7 +36,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     import torch
-    from safetensors import safe_open
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tests.tiny_tokenizer import write_tiny_tokenizer
@@ -52,7 +51,8 @@ def main() -> None:
     config.dtype = args.dtype
     config.save_pretrained(args.out)
     generator = torch.Generator(args.device).manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
     for name, shape in shapes.items():  # transformers' init: normal(0, 0.02) weights, zero biases, unit norms
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=dtype)
@@ -60,27 +60,23 @@ def main() -> None:
             tensor = torch.zeros(shape, dtype=dtype)
         else:
             tensor = torch.randn(shape, generator=generator, device=args.device).mul_(0.02).to("cpu", dtype)
-        if sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > SHARD_BYTES:
-            shards.append({})
-        shards[-1][name] = tensor
-        if len(shards) > 1 and len(shards[-2]):  # a full shard is written and dropped before the next fills
-            _write_shard(args.out, len(shards) - 1, shards[-2])
-            shards[-2] = {}
-    _write_shard(args.out, len(shards), shards[-1])
-    names = [f"model-{i:05d}.safetensors" for i in range(1, len(shards) + 1)]
-    weight_map = {}
-    for index, name in enumerate(names):
-        with safe_open(str(args.out / name), framework="pt") as handle:
-            weight_map.update((tensor, name) for tensor in handle.keys())
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > SHARD_BYTES:
+            _write_shard(args.out, shard, weight_map)  # written and dropped before the next one fills
+            shard = {}
+        shard[name] = tensor
+    _write_shard(args.out, shard, weight_map)
     (args.out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tiny_tokenizer(args.out)
     print(args.out)
 
 
-def _write_shard(out: Path, index: int, tensors: dict) -> None:
+def _write_shard(out: Path, tensors: dict, weight_map: dict[str, str]) -> None:
+    """The next numbered shard; its tensors' names go into the index's weight_map."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(out / f"model-{index:05d}.safetensors"), metadata={"format": "pt"})
+    name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
 
 if __name__ == "__main__":
     main()
