@@ -247,7 +247,8 @@ def quantize(
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
     from .calibration import read_calibration  # torch loads from here on
     from .generate import load_engine
-    from .quantize import keep_freed_memory, quantize_model
+    from .checkpoint import keep_freed_memory
+    from .quantize import quantize_model
 
     keep_freed_memory()
     # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and

@@ -23,24 +23,6 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges
                 "generation_config.json", "LICENSE")
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it: calibration forwards allocate and free
-    tensors of tens of MB per batch, each above malloc's mmap threshold (32 MB at most), so every one was a fresh
-    mmap whose pages faulted in zeroed (17.8 million page faults in a 32 x 512 GPTQ run, 31 s of system time).
-    For this process only (the quantize command); False where the C library has no mallopt (not glibc)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def _quantizable(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in layer.named_modules()
             if isinstance(module, nn.Linear) and not keeps_float(name)}
