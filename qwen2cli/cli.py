@@ -219,6 +219,7 @@ def quantize(
     bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="32, 64, 128, 256 or -1 (per channel). Default: 128 at 4 bits, -1 at 8.")] = None,
     desc_act: Annotated[bool, typer.Option("--desc-act", help="GPTQ act-order.")] = False,
+    static_groups: Annotated[bool, typer.Option("--static-groups", help="GPTQ: each group's scale and zero from the weights before any update, groups kept contiguous under --desc-act.")] = False,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric zero points.")] = True,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text or JSONL file.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
@@ -242,7 +243,7 @@ def quantize(
     model_dir, config = _resolve_config(model)
     # options that do not fit the model are refused from its config.json, before torch and the weights load
     quantization_for(config, method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
-                     damp_percent=damp, hessian_shrink=hessian_shrink)
+                     static_groups=static_groups, damp_percent=damp, hessian_shrink=hessian_shrink)
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
     from .calibration import read_calibration  # torch loads from here on
@@ -259,7 +260,8 @@ def quantize(
     with ProgressBars() as bars:
         def run_quantize(target: Path) -> Path:
             return quantize_model(engine, target, method=method, bits=bits, group_size=group, sym=sym,
-                                  desc_act=desc_act, calibration=text, samples=samples, seq_len=seq_len,
+                                  desc_act=desc_act, static_groups=static_groups, calibration=text,
+                                  samples=samples, seq_len=seq_len,
                                   damp_percent=damp, hessian_shrink=hessian_shrink, progress=bars.update)
 
         if out:

@@ -208,8 +208,8 @@ def quantization_for(config: Qwen2Config, **options: Any):
         raise BadInput("this model is already quantized; quantize the original checkpoint instead")
     try:
         quant = QuantConfig(**options)
-        if quant.method == "awq" and (quant.desc_act or quant.group_size == -1):
-            raise ValueError("AWQ has no act-order and needs a group size (32, 64, 128 or 256)")
+        if quant.method == "awq" and (quant.desc_act or quant.static_groups or quant.group_size == -1):
+            raise ValueError("AWQ has no act-order or static groups and needs a group size (32, 64, 128 or 256)")
         for size in sorted(config.linear_input_sizes()):
             quant.group_size_for(size)
     except ValueError as exc:

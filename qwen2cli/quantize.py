@@ -275,14 +275,15 @@ def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
 
 
 def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
-                   desc_act: bool, calibration: str | None, samples: int, seq_len: int,
+                   desc_act: bool, calibration: str | None, samples: int, seq_len: int, static_groups: bool = False,
                    damp_percent: float = 0.01, mse: float = 0.0, hessian_shrink: float | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from quant.linear import quantize_linear
 
     quant_config = quantization_for(engine.config, method=method, bits=bits, group_size=group_size, sym=sym,
-                                    desc_act=desc_act, damp_percent=damp_percent, mse=mse if method == "gptq" else 0.0,
+                                    desc_act=desc_act, static_groups=static_groups, damp_percent=damp_percent,
+                                    mse=mse if method == "gptq" else 0.0,
                                     hessian_shrink=hessian_shrink)
     model = engine.loaded.model
     config = engine.config

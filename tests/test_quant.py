@@ -267,6 +267,34 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     assert gptq_error < 0.5 * rtn_error
 
 
+def test_static_groups_keep_contiguous_groups_under_act_order():
+    """--desc-act --static-groups: columns are quantized in act-order, but each group is the contiguous one and its
+    scale and zero come from the weights before any GPTQ update (so g_idx needs no reordering at load); on inputs
+    whose channels differ in scale, it beats round-to-nearest on held-out inputs."""
+    from quant.rtn import group_params
+
+    torch.manual_seed(3)
+    inputs = (torch.randn(3000, 12) @ torch.randn(12, 128) + 0.05 * torch.randn(3000, 128)) * torch.rand(128) * 3
+    weight = torch.randn(64, 128) * 0.1
+    hessian = GPTQ(128)
+    hessian.add_batch(inputs[:2000])
+    result = hessian.quantize(weight, bits=4, group_size=32, sym=False, desc_act=True, static_groups=True)
+    assert torch.equal(result.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    for group in range(4):
+        scale, zero = group_params(weight[:, group * 32:(group + 1) * 32], bits=4, sym=False)
+        assert torch.equal(result.scales[group], scale[:, 0]) and torch.equal(result.zeros[group], zero[:, 0].int())
+    plain_order = hessian.quantize(weight, bits=4, group_size=32, sym=False, static_groups=True)
+    assert not torch.equal(result.codes, plain_order.codes)  # act-order changed the order of the updates
+    held_out = inputs[2000:]
+
+    def error(codes, scales, zeros, g_idx):
+        dequantized = (codes - zeros[g_idx.long()].t()) * scales[g_idx.long()].t()
+        return float((held_out @ (dequantized - weight).t()).pow(2).mean())
+
+    rtn = error(*quantize_rtn(weight, bits=4, group_size=32, sym=False), torch.arange(128) // 32)
+    assert error(result.codes, result.scales, result.zeros, result.g_idx) < 0.5 * rtn
+
+
 def test_hessian_shrinkage_keeps_gptq_from_overfitting_few_tokens():
     """With fewer calibration tokens than input channels, plain GPTQ does worse than round-to-nearest on other
     inputs from the same distribution (it pushes errors into directions the calibration never saw); the default
@@ -446,6 +474,22 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
                                        atol=tolerance * reference.abs().max().item())
 
 
+def test_static_groups_through_the_command(tiny_model, tmp_path):
+    """`--desc-act --static-groups` is written to quantization_config, every g_idx on disk is the contiguous one
+    (nothing to reorder at load), and the checkpoint answers."""
+    from safetensors.torch import load_file
+
+    done = _qwen2("quantize", str(tiny_model), "--desc-act", "--static-groups", "--group-size", "32", "--asym",
+                  "--samples", "8", "--seq-len", "64", "--out", str(tmp_path / "q"), home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["desc_act"] is True and config["static_groups"] is True
+    g_idx = {name: t for name, t in load_file(tmp_path / "q" / "model.safetensors").items() if name.endswith("g_idx")}
+    assert g_idx and all(torch.equal(t, torch.arange(len(t), dtype=torch.int32) // 32) for t in g_idx.values())
+    answer = _qwen2("run", str(tmp_path / "q"), "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
+    assert answer.returncode == 0, answer.stderr
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
 def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny_model, tmp_path, method):
     """`qwen2 quantize` loads a bfloat16 checkpoint as bfloat16 and makes each layer float32 only in its turn (a 7B
@@ -493,7 +537,8 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     cases = [(["--method", "hqq"], "unknown --method"), (["--method", "awq", "--bits", "8"], "4-bit only"),
              (["--group-size", "256"], "does not divide"),
              (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be"),
-             (["--shrink", "1.5"], "shrinkage must be in [0, 1]"), (["--shrink", "x"], "--shrink must be")]
+             (["--shrink", "1.5"], "shrinkage must be in [0, 1]"), (["--shrink", "x"], "--shrink must be"),
+             (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups")]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
