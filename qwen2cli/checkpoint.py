@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import Qwen2Config, load_config
 from .errors import BadCheckpoint, BadInput
@@ -262,8 +261,33 @@ def _shape_of(model: torch.nn.Module, name: str) -> tuple[int, ...]:
     return tuple(getattr(model.get_submodule(module_name), attribute).shape)
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors as safetensors atomically (temporary file, then rename)."""
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: torch.dtype | None = None) -> None:
+    """Write tensors as safetensors atomically (temporary file, then rename), one tensor at a time: the header
+    first (from shapes and dtypes alone), then each tensor's bytes, floating tensors cast to `float_dtype` as they
+    are written. safetensors' save_file serialises the whole file in memory first, a second copy of the model (a
+    7B's int4 output is 5 GB)."""
+    def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+        return float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * stored_dtype(tensor).itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[stored_dtype(tensor)], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
     temporary = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(temporary), metadata={"format": "pt"})
+    with open(temporary, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in state.values():
+            data = tensor.detach().to("cpu", stored_dtype(tensor)).contiguous().reshape(-1)
+            handle.write(data.view(torch.uint8).numpy().data)
     temporary.replace(path)

@@ -326,11 +326,10 @@ def save_quantized(engine: Engine, out_dir: Path, quant_config) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        state = {name: (t.to(torch.float16) if t.is_floating_point() else t)
-                 for name, t in engine.loaded.model.state_dict().items()}
+        state = engine.loaded.model.state_dict()  # the tensors themselves: each is made float16 as it is written
         if engine.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_weights(state, staging / "model.safetensors")
+        save_weights(state, staging / "model.safetensors", float_dtype=torch.float16)
         raw = json.loads((engine.model_dir / "config.json").read_text())
         raw.update(quantization_config=quant_config.to_hf(), torch_dtype="float16")
         raw.pop("dtype", None)

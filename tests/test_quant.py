@@ -531,6 +531,38 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
             assert torch.equal(ours[name], reference[name]), (made, name)
 
 
+@pytest.mark.parametrize("float_dtype", [None, torch.float16])
+def test_save_weights_writes_what_safetensors_writes(tmp_path, float_dtype):
+    """Our tensor-at-a-time safetensors writer and safetensors' own save_file give files that safetensors reads
+    back to the same tensors, dtypes, shapes and metadata (every dtype a checkpoint holds, a non-contiguous view,
+    a scalar and an empty tensor); floating tensors are cast on the way when asked."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qwen2cli.checkpoint import save_weights
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"w.f32": torch.randn(5, 7, generator=generator), "w.bf16": torch.randn(3, 8).bfloat16(),
+             "w.f16": torch.randn(9).half(), "q.i32": torch.randint(-2**31, 2**31 - 1, (4, 6), dtype=torch.int32),
+             "q.i8": torch.randint(-128, 127, (11,), dtype=torch.int8), "mask": torch.rand(6) > 0.5,
+             "view": torch.randn(6, 4).t(), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+             "ids": torch.arange(5)}
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(float_dtype) if float_dtype is not None and tensor.is_floating_point() else tensor
+
+    save_weights(state, tmp_path / "ours.safetensors", float_dtype=float_dtype)
+    save_file({k: cast(v).contiguous() for k, v in state.items()}, tmp_path / "theirs.safetensors",
+              metadata={"format": "pt"})
+    with safe_open(tmp_path / "ours.safetensors", "pt") as ours, safe_open(tmp_path / "theirs.safetensors", "pt") as theirs:
+        assert sorted(ours.keys()) == sorted(theirs.keys()) == sorted(state)
+        assert ours.metadata() == theirs.metadata()
+        for name in state:
+            mine, reference = ours.get_tensor(name), theirs.get_tensor(name)
+            assert mine.dtype == reference.dtype == cast(state[name]).dtype and torch.equal(mine, reference), name
+    assert not (tmp_path / "ours.safetensors.partial").exists()
+
+
 def test_quantize_bad_input(tiny_model, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("Only a few words of calibration text.\n")
