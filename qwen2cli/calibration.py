@@ -12,10 +12,16 @@ from .errors import BadInput
 from .generate import Engine
 
 
+# Languages of the multilingual part: Qwen2's most used, in several scripts
+CALIBRATION_LANGUAGES = ("zh_CN", "ja", "ko", "de", "fr", "es", "ru", "pt_BR", "it", "ar", "vi")
+LOCALE_DIR = Path("/usr/share/locale")
+
+
 def default_calibration_text() -> str:
     """Real text every CPython install carries, under the Python Software Foundation License (see README):
     the language reference's topics from pydoc_data (English prose with code examples), standard-library
-    docstrings (prose) and source (code), and some of that prose as ChatML question/answer turns."""
+    docstrings (prose) and source (code), and some of that prose as ChatML question/answer turns; then, where
+    the system has them, human translations in other languages from its gettext catalogues (`translations`)."""
     import argparse, collections, csv, datetime, email, http.client, json as json_module, logging  # noqa: E401
     import pathlib, subprocess, textwrap, threading, unittest, urllib.request  # noqa: E401
 
@@ -33,7 +39,58 @@ def default_calibration_text() -> str:
             for name, text in (sorted(topics.items())[::3] if reference else [])]
     chat += [f"<|im_start|>user\nExplain this module.<|im_end|>\n<|im_start|>assistant\n{p}<|im_end|>\n"
              for p in prose]
-    return "\n\n".join(reference + prose + code + chat)
+    return "\n\n".join(reference + prose + code + chat + translations())
+
+
+def translations(languages: tuple[str, ...] = CALIBRATION_LANGUAGES, *, locale_dir: Path = LOCALE_DIR,
+                 chars_per_language: int = 12_000) -> list[str]:
+    """Multilingual prose for calibration: the translated messages (sentences of 30 characters or more) of the
+    gettext catalogues under /usr/share/locale, up to `chars_per_language` per language, catalogues in name
+    order; each text is under its own package's licence, read where it is installed and never shipped. Empty
+    where the system has no catalogues (macOS, Windows, images stripped of locales)."""
+    texts = []
+    for language in languages:
+        kept: dict[str, None] = {}  # insertion-ordered: the same text on every run
+        size = 0
+        for catalogue in sorted((locale_dir / language / "LC_MESSAGES").glob("*.mo")):
+            for message in mo_translations(catalogue):
+                if size >= chars_per_language:
+                    break
+                if len(message) >= 30 and message not in kept:
+                    kept[message] = None
+                    size += len(message) + 1
+        if kept:
+            texts.append("\n".join(kept)[:chars_per_language])
+    return texts
+
+
+def mo_translations(path: Path) -> list[str]:
+    """The translated strings of a GNU gettext .mo catalogue (plural forms each), header excluded; [] for a file
+    that is not one or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    for order in ("little", "big"):
+        if len(data) >= 20 and int.from_bytes(data[:4], order) == 0x950412DE:
+            break
+    else:
+        return []
+
+    def word(offset: int) -> int:
+        return int.from_bytes(data[offset:offset + 4], order)
+
+    count, originals, translated = word(8), word(12), word(16)
+    messages = []
+    try:
+        for index in range(count):
+            if word(originals + 8 * index) == 0:  # the empty msgid: the catalogue's header
+                continue
+            length, offset = word(translated + 8 * index), word(translated + 8 * index + 4)
+            messages += [m for m in data[offset:offset + length].decode("utf-8").split("\x00") if m]
+    except (UnicodeDecodeError, IndexError):
+        return []
+    return messages
 
 
 def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -1003,3 +1004,44 @@ print(faults() - before)
         done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
         counts[mode] = int(done.stdout.split()[-1])
     assert counts["default"] > 15 * pages and counts["keep"] < counts["default"] // 2, counts
+
+
+def test_mo_catalogues_read_as_gettext_reads_them():
+    """Our .mo reader (the calibration's multilingual part) gives the translated strings the standard library's
+    gettext reader gives, header excluded, for catalogues of several languages on this machine."""
+    import gettext
+
+    from qwen2cli.calibration import CALIBRATION_LANGUAGES, LOCALE_DIR, mo_translations
+
+    catalogues = [sorted((LOCALE_DIR / language / "LC_MESSAGES").glob("*.mo"))[:3] for language in ("zh_CN", "ar", "de")]
+    assert all(catalogues), f"no gettext catalogues under {LOCALE_DIR}: install a system with locales"
+    for path in sum(catalogues, []):
+        with path.open("rb") as handle:
+            reference = gettext.GNUTranslations(handle)._catalog
+        expected = sorted(v for k, v in reference.items() if (k[0] if isinstance(k, tuple) else k) and v)
+        assert sorted(mo_translations(path)) == expected, path
+    assert len(CALIBRATION_LANGUAGES) >= 10
+    assert mo_translations(LOCALE_DIR / "no-such.mo") == [] and mo_translations(Path(__file__)) == []
+
+
+def test_default_calibration_is_multilingual_and_the_same_on_every_run(tmp_path):
+    """The default calibration text carries each calibration language's translations, is the same text whatever
+    the hash seed (sets must not order it), and is the English and code parts alone where the system has no
+    catalogues."""
+    import hashlib
+
+    from qwen2cli.calibration import CALIBRATION_LANGUAGES, default_calibration_text, translations
+
+    parts = translations()
+    assert len(parts) == len(CALIBRATION_LANGUAGES), "gettext catalogues missing for some calibration languages"
+    text = default_calibration_text()
+    assert all(part in text for part in parts)
+    assert any("\u4e00" <= c <= "\u9fff" for c in parts[0]) and any("\u0600" <= c <= "\u06ff" for c in parts[9])
+    assert translations(locale_dir=tmp_path) == []
+    digests = set()
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", "from qwen2cli.calibration import default_calibration_text as t;"
+                               "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        digests.add(done.stdout.strip())
+    assert digests == {hashlib.sha256(text.encode()).hexdigest()}
