@@ -53,10 +53,10 @@ def translations(languages: tuple[str, ...] = CALIBRATION_LANGUAGES, *, locale_d
         kept: dict[str, None] = {}  # insertion-ordered: the same text on every run
         size = 0
         for catalogue in sorted((locale_dir / language / "LC_MESSAGES").glob("*.mo")):
+            if size >= chars_per_language:  # enough: the remaining catalogues are not read
+                break
             for message in mo_translations(catalogue):
-                if size >= chars_per_language:
-                    break
-                if len(message) >= 30 and message not in kept:
+                if len(message) >= 30 and message not in kept and size < chars_per_language:
                     kept[message] = None
                     size += len(message) + 1
         if kept:
