@@ -476,11 +476,16 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
 
 
 def test_static_groups_through_the_command(tiny_model, tmp_path):
-    """`--desc-act --static-groups` is written to quantization_config, every g_idx on disk is the contiguous one
-    (nothing to reorder at load), and the checkpoint answers."""
+    """GPTQ's default, act-order with static groups, is written to quantization_config, every g_idx on disk is the
+    contiguous one (nothing to reorder at load), and the checkpoint answers; --no-desc-act turns both off."""
     from safetensors.torch import load_file
 
-    done = _qwen2("quantize", str(tiny_model), "--desc-act", "--static-groups", "--group-size", "32", "--asym",
+    plain = _qwen2("quantize", str(tiny_model), "--no-desc-act", "--group-size", "32", "--samples", "4",
+                   "--seq-len", "32", "--out", str(tmp_path / "plain"), home=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
+    assert config["desc_act"] is False and config["static_groups"] is False
+    done = _qwen2("quantize", str(tiny_model), "--group-size", "32", "--asym",
                   "--samples", "8", "--seq-len", "64", "--out", str(tmp_path / "q"), home=tmp_path)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
