@@ -7,7 +7,7 @@ Model-agnostic: the caller says which Linears share a scaling (a scale group) an
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +59,21 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, *, gram: tor
 
 
 def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, gram: torch.Tensor | None = None,
-                  rows: torch.Tensor | None = None, bits: int, group_size: int, sym: bool, grid: int = 20
-                  ) -> ScaleSearch:
-    """AWQ's objective |Q(W diag(s)) diag(s)^-1 X - W X|^2 summed over the Linears of a scale group (which share
-    their input X), for no scaling and `grid` strengths; exact over every calibration token, through X itself
-    (`rows`) or its Gram matrix (`gram`), at one (out x in x min(N, in)) product per candidate."""
-    inputs = {"gram": gram.float()} if rows is None else {"rows": rows.float()}
-    total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), **inputs) for w in weights) or 1.0
+                  rows: torch.Tensor | None = None,
+                  measure: Callable[[list[torch.Tensor]], float] | None = None,
+                  bits: int, group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
+    """AWQ's grid search over no scaling and `grid` strengths of the scales. By default the objective is
+    |Q(W diag(s)) diag(s)^-1 X - W X|^2 summed over the Linears of a scale group (which share their input X), exact
+    over every calibration token through X itself (`rows`) or its Gram matrix (`gram`), relative to |W X|^2.
+    `measure`, where the group's Linears feed a larger module (attention, an MLP), replaces it: given the Linears'
+    effective weights Q(W diag(s)) diag(s)^-1, the module's relative output error (AutoAWQ's objective)."""
+    if measure is None:
+        inputs = {"gram": gram.float()} if rows is None else {"rows": rows.float()}
+        total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), **inputs) for w in weights) or 1.0
+
+        def measure(approximations: list[torch.Tensor]) -> float:
+            return sum(output_error(w, a, **inputs) for w, a in zip(weights, approximations)) / total
+
     best: ScaleSearch | None = None
     for step in [None, *range(grid)]:
         ratio = None if step is None else step / grid
@@ -73,8 +81,8 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, 
             scales = torch.ones_like(x_abs_mean, dtype=torch.float32)
         else:
             scales = candidate_scales(x_abs_mean, weights, ratio, group_size=group_size)
-        loss = sum(output_error(w, fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym)
-                                / scales, **inputs) for w in weights) / total
+        loss = measure([fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym) / scales
+                        for w in weights])
         if best is None:
             best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
         elif loss < best.loss:
@@ -83,21 +91,20 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, 
     return best
 
 
-def search_clip(weight: torch.Tensor, inputs: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                grid: int = 20, max_shrink: float = 0.5, tokens: int = 512, rows_per_chunk: int = 256
-                ) -> torch.Tensor:
+def search_clip(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int, sym: bool,
+                grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 256) -> torch.Tensor:
     """Per (row, group) clipping bound |w| <= bound that minimises the group's contribution to the output error
-    on (a sample of) the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink.
+    over the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink.
 
-    A group's error over the tokens, mean_n (x_n . (q - w))^2, is d^T G d with d = q - w and G the group's
-    (group_size x group_size) mean of x x^T: one small product per weight instead of one per weight and token."""
+    A group's error over the tokens, sum_n (x_n . (q - w))^2, is d^T G d with d = q - w and G the group's
+    (group_size x group_size) diagonal block of `gram`, the inputs' sum of x x^T: exact over every calibration
+    token at one small product per weight (AutoAWQ measures it on 512 tokens sampled from them)."""
     out_features, in_features = weight.shape
     groups = in_features // group_size
-    x = inputs.reshape(-1, in_features).float()
-    if x.shape[0] > tokens:
-        x = x[torch.linspace(0, x.shape[0] - 1, tokens, device=x.device).long()]
-    x = x.reshape(-1, groups, group_size).transpose(0, 1)  # (G, N, g)
-    gram = x.transpose(1, 2) @ x / x.shape[1]  # (G, g, g)
+    blocks = gram.float().reshape(groups, group_size, groups, group_size)
+    index = torch.arange(groups, device=gram.device)
+    gram = blocks[index, :, index, :]  # (G, g, g): each group's own block
+    gram = gram / gram.diagonal(dim1=1, dim2=2).mean().clamp(min=1e-30)  # scale-free: only the argmin matters
     bounds = []
     for begin in range(0, out_features, rows_per_chunk):
         w = weight[begin:begin + rows_per_chunk].float().reshape(-1, groups, group_size)  # (R, G, g)

@@ -86,8 +86,10 @@ def test_greedy_64_tokens_identical(pair):
     assert got == expected
 
 
-def test_quantized_tiny_moe_loads_and_runs(tmp_path):
-    """GPTQ over every expert (experts few tokens reach fall back to an identity Hessian), saved, loaded, run."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
+    """GPTQ over every expert (experts few tokens reach fall back to an identity Hessian), saved, loaded, run; AWQ
+    likewise (its gate/up scales scored on the whole MoE block's output, each expert clipped on its routed tokens)."""
     from qwen2cli.generate import load_engine
     from qwen2cli.quantize import quantize_model
     from quant.linear import QuantLinear
@@ -98,7 +100,7 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path):
     write_tiny_tokenizer(source)
     reference = load_engine(source, device="cpu", dtype="float32")
     engine = load_engine(source, device="cpu", dtype="float32")  # quantize_model swaps its Linears in place
-    out = quantize_model(engine, tmp_path / "moe-gptq", method="gptq", bits=4, group_size=32, sym=True,
+    out = quantize_model(engine, tmp_path / f"moe-{method}", method=method, bits=4, group_size=32, sym=method == "gptq",
                          desc_act=False, calibration=None, samples=8, seq_len=32)
     quantized = load_engine(out, device="cpu", dtype="float32")
     experts = quantized.loaded.model.model.layers[0].mlp.experts

@@ -383,13 +383,92 @@ def test_awq_clip_search_lowers_output_error():
     x = torch.randn(4096, 128)
     weight = torch.randn(48, 128)
     weight[:, ::16] *= 6  # heavy tails: a tighter range helps the many small weights
-    bounds = search_clip(weight, x[:2048], bits=4, group_size=32, sym=False)
+    bounds = search_clip(weight, x[:2048].t() @ x[:2048], bits=4, group_size=32, sym=False)
     assert bounds.shape == (48, 4) and (bounds <= weight.abs().reshape(48, 4, 32).amax(-1) + 1e-6).all()
     held_out = x[2048:]
     clipped = fake_quantize(apply_clip(weight, bounds, group_size=32), bits=4, group_size=32, sym=False)
     plain = fake_quantize(weight, bits=4, group_size=32, sym=False)
     target = held_out @ weight.t()
     assert (held_out @ clipped.t() - target).pow(2).mean() < (held_out @ plain.t() - target).pow(2).mean()
+
+
+def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypatch):
+    """The clipping search reads every calibration token through each Linear's input Gram matrix, derived from
+    the statistics taken before scaling (D G D, D = diag(1/scales)): it must equal the Gram matrix of the inputs
+    the scaled layer actually feeds that Linear, measured here by hooks on the Linears themselves."""
+    import quant.awq
+    from qwen2cli.config import quantization_for
+    from qwen2cli.generate import load_engine
+    from qwen2cli.quantize import _awq_layer, _quantizable, _run_layer
+
+    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    model, config = engine.loaded.model, engine.config
+    layer = model.model.layers[0]
+    quant_config = quantization_for(config, method="awq", bits=4, group_size=32, sym=False, desc_act=False,
+                                    damp_percent=0.01, mse=0.0, hessian_shrink=None)
+    hidden = torch.randn(4, 16, config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
+    rope = model._rope_tables(0, 16, hidden.device)
+    monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
+    grams, search_clip = {}, quant.awq.search_clip
+
+    def spy(weight, gram, **kwargs):
+        grams[weight.data_ptr()] = gram.clone()
+        return search_clip(weight, gram, **kwargs)
+
+    monkeypatch.setattr(quant.awq, "search_clip", spy)
+    with torch.no_grad():
+        before = _run_layer(layer, hidden, rope, config)
+        _awq_layer(layer, hidden, rope, config, quant_config)
+        linears = _quantizable(layer)
+        seen = {name: [] for name in linears}
+        handles = [linear.register_forward_pre_hook(
+            lambda module, args, n=name: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+            for name, linear in linears.items()]
+        try:
+            after = _run_layer(layer, hidden, rope, config)  # the scaled float layer, not yet quantized
+        finally:
+            for handle in handles:
+                handle.remove()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # scaling keeps the float function
+    clipped = {name for name, linear in linears.items() if linear.weight.data_ptr() in grams}
+    assert clipped == {name for name in linears if not name.endswith(("q_proj", "k_proj"))}
+    for name in clipped:
+        x = torch.cat(seen[name])
+        expected = x.t() @ x
+        torch.testing.assert_close(grams[linears[name].weight.data_ptr()], expected, rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
+
+
+def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
+    """The q/k/v scale search's objective is the attention block's relative output error: zero with the Linears'
+    own weights; with v_proj's weight zeroed every value is v_proj's bias, so every output is o_proj of it, whatever
+    the attention weights; a partial error for a change to q; the Linears keep their own weights afterwards."""
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.generate import load_engine
+    from qwen2cli.quantize import _module_error
+
+    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    model, config = engine.loaded.model, engine.config
+    attention = model.model.layers[0].self_attn
+    linears = [attention.q_proj, attention.k_proj, attention.v_proj]
+    own = [linear.weight.detach().clone() for linear in linears]
+    inputs = [torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rope = model._rope_tables(0, 16, inputs[0].device)
+    with torch.no_grad():
+        error = _module_error(attention, linears, inputs, rope, config)
+        assert error(own) == 0
+        references = [attention(x, rope, KVCache(config, 16, batch_size=2, dtype=x.dtype, device=x.device), 0)
+                      for x in inputs]
+        group = attention.num_heads // attention.num_kv_heads
+        values = attention.v_proj.bias.view(attention.num_kv_heads, -1).repeat_interleave(group, 0).reshape(-1)
+        constant = attention.o_proj(values)  # every token's output when each value is the bias
+        expected = sum((r - constant).pow(2).sum() for r in references) / sum(r.pow(2).sum() for r in references)
+        assert error([own[0], own[1], torch.zeros_like(own[2])]) == pytest.approx(expected.item(), rel=1e-2)
+        q_error = error([own[0] * 1.5, own[1], own[2]])  # sharper attention: a real, partial change
+        assert 0 < q_error < 1
+        assert error([own[0] * 1.5, own[1], own[2]]) == q_error
+    for linear, weight in zip(linears, own):
+        assert torch.equal(linear.weight, weight)
 
 
 def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
@@ -978,7 +1057,7 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     more = torch.randn(12, 16, config.hidden_size, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
-            stats = _capture(layer, [name], more, rope, config, keep_samples=0)
+            stats = _capture(layer, [name], more, rope, config)
     finally:
         handle.remove()
     x = torch.cat(inputs)
