@@ -256,9 +256,9 @@ def _module_error(module: nn.Module, linears: list[nn.Linear], inputs: list[torc
     return error
 
 
-def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, module_samples: int = 16
-               ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """Scale each group, clip each Linear (but q/k, whose errors softmax amplifies), then round to nearest.
+def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, module_samples: int = 16,
+               clip: bool = False) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Scale each group; with `clip`, clip each Linear (but q/k, whose errors softmax amplifies); round to nearest.
     Returns the packed QuantLinears and float stand-ins with the same dequantized weights.
 
     One pass over the calibration data serves both searches: a scale group's Linears read its reader's input
@@ -306,7 +306,7 @@ def _awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_confi
     packed, simulated = {}, {}
     for name, linear in quantizable.items():
         weight = linear.weight.detach().float()
-        if stats.seen(source[name]) and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
+        if clip and stats.seen(source[name]) and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
             gram = stats.full_gram(source[name])
             if name in input_scales:
                 inverse = 1 / input_scales[name].to(gram.device)
@@ -333,7 +333,7 @@ def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
 def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
                    desc_act: bool, calibration: str | None, samples: int, seq_len: int, static_groups: bool = False,
                    damp_percent: float = 0.01, mse: float = 0.0, hessian_shrink: float | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> Path:
+                   awq_clip: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from quant.linear import quantize_linear
 
@@ -361,7 +361,7 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
                 hidden = _run_layer(layer, hidden, rope, config)  # the next layer sees quantized outputs
                 _replace(layer, packed)
             elif method == "awq":
-                packed, simulated = _awq_layer(layer, hidden, rope, config, quant_config)
+                packed, simulated = _awq_layer(layer, hidden, rope, config, quant_config, clip=awq_clip)
                 _replace(layer, simulated)
                 hidden = _run_layer(layer, hidden, rope, config)
                 _replace(layer, packed)

@@ -418,7 +418,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     monkeypatch.setattr(quant.awq, "search_clip", spy)
     with torch.no_grad():
         before = _run_layer(layer, hidden, rope, config)
-        _awq_layer(layer, hidden, rope, config, quant_config)
+        _awq_layer(layer, hidden, rope, config, quant_config, clip=True)
         linears = _quantizable(layer)
         seen = {name: [] for name in linears}
         handles = [linear.register_forward_pre_hook(
@@ -430,6 +430,10 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
             for handle in handles:
                 handle.remove()
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # scaling keeps the float function
+    calls = len(grams)
+    with torch.no_grad():  # by default (no --clip) no Linear is clipped
+        _awq_layer(engine.loaded.model.model.layers[1], hidden, rope, config, quant_config)
+    assert len(grams) == calls
     clipped = {name for name, linear in linears.items() if linear.weight.data_ptr() in grams}
     assert clipped == {name for name in linears if not name.endswith(("q_proj", "k_proj"))}
     for name in clipped:
@@ -554,6 +558,24 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
                                        atol=tolerance * reference.abs().max().item())
 
 
+def test_awq_clip_through_the_command(tiny_model, tmp_path):
+    """`qwen2 quantize --method awq --clip` searches clipping ranges: its checkpoint differs from the default's,
+    both load and answer."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for extra in ([], ["--clip"]):
+        out = tmp_path / ("clip" if extra else "plain")
+        done = _qwen2("quantize", str(tiny_model), "--method", "awq", "--group-size", "32", "--samples", "8",
+                      "--seq-len", "64", *extra, "--out", str(out), home=tmp_path)
+        assert done.returncode == 0, done.stderr
+        tensors[bool(extra)] = load_file(out / "model.safetensors")
+        answer = _qwen2("run", str(out), "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
+        assert answer.returncode == 0, answer.stderr
+    assert any(not torch.equal(tensors[True][name], tensors[False][name]) for name in tensors[False]
+               if name.endswith("qweight"))
+
+
 def test_static_groups_through_the_command(tiny_model, tmp_path):
     """GPTQ's default, act-order with static groups, is written to quantization_config, every g_idx on disk is the
     contiguous one (nothing to reorder at load), and the checkpoint answers; --no-desc-act turns both off."""
@@ -655,7 +677,8 @@ def test_quantize_bad_input(tiny_model, tmp_path):
              (["--group-size", "256"], "does not divide"),
              (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be"),
              (["--shrink", "1.5"], "shrinkage must be in [0, 1]"), (["--shrink", "x"], "--shrink must be"),
-             (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups")]
+             (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups"),
+             (["--clip"], "--clip is an AWQ option")]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
