@@ -399,7 +399,8 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     import quant.awq
     from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import _awq_layer, _quantizable, _run_layer
+    from qwen2cli.quantize import _quantizable, _run_layer
+    from qwen2cli.quantize_awq import awq_layer
 
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
     model, config = engine.loaded.model, engine.config
@@ -418,7 +419,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     monkeypatch.setattr(quant.awq, "search_clip", spy)
     with torch.no_grad():
         before = _run_layer(layer, hidden, rope, config)
-        _awq_layer(layer, hidden, rope, config, quant_config, clip=True)
+        awq_layer(layer, hidden, rope, config, quant_config, clip=True)
         linears = _quantizable(layer)
         seen = {name: [] for name in linears}
         handles = [linear.register_forward_pre_hook(
@@ -432,7 +433,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # scaling keeps the float function
     calls = len(grams)
     with torch.no_grad():  # by default (no --clip) no Linear is clipped
-        _awq_layer(engine.loaded.model.model.layers[1], hidden, rope, config, quant_config)
+        awq_layer(engine.loaded.model.model.layers[1], hidden, rope, config, quant_config)
     assert len(grams) == calls
     clipped = {name for name, linear in linears.items() if linear.weight.data_ptr() in grams}
     assert clipped == {name for name in linears if not name.endswith(("q_proj", "k_proj"))}
@@ -449,7 +450,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     the attention weights; a partial error for a change to q; the Linears keep their own weights afterwards."""
     from qwen2cli.kv_cache import KVCache
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import _module_error
+    from qwen2cli.quantize_awq import module_error
 
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
     model, config = engine.loaded.model, engine.config
@@ -459,7 +460,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     inputs = [torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     rope = model._rope_tables(0, 16, inputs[0].device)
     with torch.no_grad():
-        error = _module_error(attention, linears, inputs, rope, config)
+        error = module_error(attention, linears, inputs, rope, config)
         assert error(own) == 0
         references = [attention(x, rope, KVCache(config, 16, batch_size=2, dtype=x.dtype, device=x.device), 0)
                       for x in inputs]
@@ -479,7 +480,7 @@ def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
     """v_proj -> o_proj is a scale group only when v_proj's outputs are o_proj's inputs (no GQA)."""
     from tests.conftest import write_tiny_checkpoint
     from qwen2cli.checkpoint import load_model
-    from qwen2cli.quantize import scale_groups
+    from qwen2cli.quantize_awq import scale_groups
 
     for kv_heads, expected in ((2, False), (4, True)):
         directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
@@ -1040,7 +1041,8 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     significant digits), and the layer's output keeps float32 within bfloat16's rounding of the products."""
     from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import _capture, _gptq_stage, _quantizable, _run_layer
+    from qwen2cli.quantize import _gptq_stage, _quantizable, _run_layer
+    from qwen2cli.quantize_awq import capture_inputs
 
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
     model, config = engine.loaded.model, engine.config
@@ -1080,7 +1082,7 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     more = torch.randn(12, 16, config.hidden_size, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
-            stats = _capture(layer, [name], more, rope, config)
+            stats = capture_inputs(layer, [name], more, rope, config)
     finally:
         handle.remove()
     x = torch.cat(inputs)
