@@ -84,7 +84,7 @@ class InputStats:
 
 
 def capture_inputs(layer: nn.Module, names: list[str], hidden: torch.Tensor, rope, config, *,
-             keep: Collection[str] = (), keep_samples: int = 0) -> InputStats:
+                   keep: Collection[str] = (), keep_samples: int = 0) -> InputStats:
     """Run the layer over every sample, gathering the statistics of the named modules' inputs (MoE experts: only
     the tokens routed to them); the inputs themselves of the modules in `keep`, for the first `keep_samples`
     samples, go to `stats.kept`."""
@@ -110,7 +110,7 @@ def capture_inputs(layer: nn.Module, names: list[str], hidden: torch.Tensor, rop
 
 
 def module_error(module: nn.Module, linears: list[nn.Linear], inputs: list[torch.Tensor], rope, config
-                  ) -> Callable[[list[torch.Tensor]], float]:
+                 ) -> Callable[[list[torch.Tensor]], float]:
     """The relative output error of `module` (an attention block or an MLP) over `inputs` when `linears`, inside
     it, compute with the given weights instead of their own: AWQ's scale-search objective for the Linears that
     feed a larger module. Through attention, q/k errors weigh as much as they move the softmax; summing the
@@ -141,7 +141,7 @@ def module_error(module: nn.Module, linears: list[nn.Linear], inputs: list[torch
 
 
 def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, module_samples: int = 16,
-               clip: bool = False) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+              clip: bool = False) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Scale each group; with `clip`, clip each Linear (but q/k, whose errors softmax amplifies); round to nearest.
     Returns the packed QuantLinears and float stand-ins with the same dequantized weights.
 
@@ -161,8 +161,9 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config
                          name) for name in quantizable}
     # groups feeding a module (attention, MLP) are scored on its output, over the first `module_samples` samples
     modules = {g.reads for g in groups if not isinstance(layer.get_submodule(g.reads), nn.Linear)}
-    stats = capture_inputs(layer, sorted({*(g.reads for g in groups), *source.values()}), hidden, rope, config,
-                     keep=modules, keep_samples=module_samples)
+    # the clipping search reads each Linear's own input: those statistics are gathered only when it runs
+    read = {g.reads for g in groups} | (set(source.values()) if clip else set())
+    stats = capture_inputs(layer, sorted(read), hidden, rope, config, keep=modules, keep_samples=module_samples)
     input_scales: dict[str, torch.Tensor] = {}
     for group in groups:
         if not stats.seen(group.reads):  # an expert no calibration token reached: leave it unscaled
@@ -171,7 +172,7 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config
         weights = [quantizable[n].weight for n in names]
         if group.reads in stats.kept:
             measured = {"measure": module_error(layer.get_submodule(group.reads), [quantizable[n] for n in names],
-                                                 stats.kept.pop(group.reads), rope, config)}
+                                                stats.kept.pop(group.reads), rope, config)}
         else:
             measured = stats.inputs(group.reads)
         scales = search_scales(stats.mean_abs(group.reads), weights, **measured, bits=bits,
