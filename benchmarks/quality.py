@@ -4,7 +4,7 @@
                                [--calib FILE] [--text-chars 40000] [--work DIR]
 
 Each configuration is `METHOD BITS - g GROUP` (rtn4-g128, gptq4-g32, awq4-g128, gptq8, rtn8; GPTQ with the
-command's defaults: no act-order, `--shrink auto`) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
+command's defaults: act-order with static groups, `--shrink auto`) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
 time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation text the tests assemble
 (tests.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
 float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
