@@ -31,7 +31,10 @@ def dequantized_weights(directory: Path) -> dict[str, "torch.Tensor"]:
 
     from quant.packing import dequantize_gptq
 
-    config = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    try:
+        config = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{directory}: not a model directory ({exc})") from None
     if config.get("quant_method") != "gptq":
         raise SystemExit(f"{directory}: not a GPTQ-format checkpoint (quant_method {config.get('quant_method')!r})")
     version = 2 if config.get("checkpoint_format") == "gptq_v2" else 1
