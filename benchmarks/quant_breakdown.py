@@ -50,6 +50,17 @@ def dequantized_weights(directory: Path) -> dict[str, "torch.Tensor"]:
     return weights
 
 
+def named_checkpoints(items: list[str]) -> list[tuple[str, Path]]:
+    """NAME=DIR arguments -> [(NAME, DIR)]; anything else is a one-line error."""
+    pairs = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected NAME=DIR, got {item!r}")
+        pairs.append((name, Path(directory)))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="NAME=DIR")
@@ -65,12 +76,7 @@ def main() -> None:
     from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
-    checkpoints = {}
-    for item in args.checkpoints:
-        name, sep, directory = item.partition("=")
-        if not sep:
-            raise SystemExit(f"expected NAME=DIR, got {item!r}")
-        checkpoints[name] = dequantized_weights(Path(directory))
+    checkpoints = {name: dequantized_weights(directory) for name, directory in named_checkpoints(args.checkpoints)}
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
     model = engine.loaded.model
     text = documentation_text(args.text_chars)

@@ -54,17 +54,15 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.quant_breakdown import dequantized_weights
+    from benchmarks.quant_breakdown import dequantized_weights, named_checkpoints
     from qwen2cli.generate import load_engine
     from qwen2cli.kv_cache import KVCache
     from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
-    named = [item.partition("=") for item in args.checkpoints]
-    if any(not sep for _, sep, _ in named):
-        raise SystemExit("expected NAME=DIR NAME=DIR")
-    weights = {name: dequantized_weights(Path(directory)) for name, _, directory in named}
-    (base, _, _), (other, _, _) = named
+    named = named_checkpoints(args.checkpoints)
+    weights = {name: dequantized_weights(directory) for name, directory in named}
+    (base, _), (other, _) = named
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
     model = engine.loaded.model
     linears = sorted((name for name in weights[base] if name.endswith(f".{args.linear}")),
