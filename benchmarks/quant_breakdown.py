@@ -80,7 +80,7 @@ def main() -> None:
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
     model = engine.loaded.model
     text = documentation_text(args.text_chars)
-    linears = [name for name in next(iter(checkpoints.values()))]
+    linears = list(next(iter(checkpoints.values())))
     original = {name: model.get_submodule(name).weight.detach().clone() for name in linears}
 
     def log_ppl() -> float:
