@@ -40,7 +40,10 @@ def windows(tokenizer, source: str) -> list[list[int]]:
 
         text = documentation_text(40_000)
     else:
-        text = Path(source).read_text(encoding="utf-8", errors="replace")
+        try:
+            text = Path(source).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise SystemExit(f"--text {source}: not licence, calib or a readable file ({exc.strerror or exc})") from None
     ids = tokenizer.encode(text)
     return [ids[b:b + WINDOW] for b in range(0, len(ids) - WINDOW + 1, WINDOW)]
 
