@@ -31,10 +31,9 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.quant_layer_error import WINDOW, windows
+    from benchmarks.quant_layer_error import WINDOW, run_with_input_hooks, windows
     from qwen2cli.calibration import calibration_batches, default_calibration_text
     from qwen2cli.generate import load_engine
-    from qwen2cli.kv_cache import KVCache
     from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
@@ -49,21 +48,17 @@ def main() -> None:
         """{Linear name: mean squared input per channel}, sink tokens left out."""
         sums: dict[str, torch.Tensor] = {}
 
-        def hook(name: str):
-            def record(module, inputs) -> None:
-                sums[name] = sums.get(name, 0) + inputs[0][:, 1:].float().pow(2).sum((0, 1))
+        def summer(name: str):
+            def record(x: torch.Tensor) -> None:
+                sums[name] = sums.get(name, 0) + x[:, 1:].float().pow(2).sum((0, 1))
             return record
 
-        hooks = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-        tokens = 0
-        with torch.inference_mode():
-            for batch in batches:
-                cache = KVCache(engine.config, batch.shape[1], batch_size=batch.shape[0], device="cpu")
-                model(batch, cache, 0)
-                tokens += batch.shape[0] * (batch.shape[1] - 1)
-        for handle in hooks:
-            handle.remove()
+        run_with_input_hooks(engine, batches, {name: summer(name) for name in names})
+        tokens = sum(batch.shape[0] * (batch.shape[1] - 1) for batch in batches)
         return {name: total / tokens for name, total in sums.items()}
+
+    def share(table: torch.Tensor, channels: torch.Tensor) -> float:
+        return float(table[channels].sum() / table.sum())
 
     calibration = calibration_batches(engine, default_calibration_text(), samples=args.samples, seq_len=WINDOW)
     calibrated = energy(list(calibration.split(4)))
@@ -73,10 +68,6 @@ def main() -> None:
     for name in names:
         quiet = torch.argsort(calibrated[name])
         half, tenth = quiet[: len(quiet) // 2], quiet[: len(quiet) // 10]
-
-        def share(table: torch.Tensor, channels: torch.Tensor) -> float:
-            return float(table[channels].sum() / table.sum())
-
         ratio = (text[name] / calibrated[name].clamp(min=1e-12)).median()
         print(f"{name}: half {share(text[name], half):.3f} ({share(calibrated[name], half):.3f})  "
               f"tenth {share(text[name], tenth):.4f} ({share(calibrated[name], tenth):.4f})  median ratio {ratio:.2f}")

@@ -48,6 +48,24 @@ def windows(tokenizer, source: str) -> list[list[int]]:
     return [ids[b:b + WINDOW] for b in range(0, len(ids) - WINDOW + 1, WINDOW)]
 
 
+def run_with_input_hooks(engine, batches, hooks: dict) -> None:
+    """The float model over each (B, T) batch of token ids, hooks[name](input) seeing each named Linear's input."""
+    import torch
+
+    from qwen2cli.kv_cache import KVCache
+
+    model = engine.loaded.model
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _, inputs, record=record: record(inputs[0]))
+               for name, record in hooks.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch, KVCache(engine.config, batch.shape[1], batch_size=batch.shape[0], device="cpu"), 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs=2, metavar="NAME=DIR")
@@ -59,7 +77,6 @@ def main() -> None:
 
     from benchmarks.quant_breakdown import dequantized_weights, named_checkpoints
     from qwen2cli.generate import load_engine
-    from qwen2cli.kv_cache import KVCache
     from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
@@ -73,23 +90,20 @@ def main() -> None:
     if not linears:
         raise SystemExit(f"no Linear named *.{args.linear} in the checkpoints")
     errors = {name: {checkpoint: [0.0, 0.0] for checkpoint in weights} for name in linears}
+    # float weight minus each checkpoint's, once per Linear rather than once per window
+    deltas = {name: {checkpoint: (model.get_submodule(name).weight.detach().float() - table[name]).t()
+                     for checkpoint, table in weights.items()} for name in linears}
 
     def measure(name: str):
-        def hook(module, inputs) -> None:
-            x = inputs[0].float()
-            for checkpoint, table in weights.items():
-                squared = (x @ (module.weight.float() - table[name]).t()).pow(2).sum(-1)  # (B, T)
+        def record(x) -> None:
+            for checkpoint, delta in deltas[name].items():
+                squared = (x.float() @ delta).pow(2).sum(-1)  # (B, T)
                 errors[name][checkpoint][0] += squared[:, 0].sum().item()
                 errors[name][checkpoint][1] += squared[:, 1:].sum().item()
-        return hook
+        return record
 
-    hooks = [model.get_submodule(name).register_forward_pre_hook(measure(name)) for name in linears]
-    with torch.inference_mode():
-        for window in windows(engine.tokenizer, args.text):
-            cache = KVCache(engine.config, WINDOW, batch_size=1, dtype=torch.float32, device="cpu")
-            model(torch.tensor([window]), cache, 0)
-    for hook in hooks:
-        hook.remove()
+    run_with_input_hooks(engine, [torch.tensor([window]) for window in windows(engine.tokenizer, args.text)],
+                         {name: measure(name) for name in linears})
     print(f"{args.linear} on {args.text}: {other} / {base} output error per layer")
     for name in linears:
         (base_sink, base_rest), (other_sink, other_rest) = errors[name][base], errors[name][other]
