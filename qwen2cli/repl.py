@@ -1,6 +1,7 @@
 """The chat REPL: a prompt-toolkit loop and slash commands driving a ChatSession; plain line mode for pipes."""
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -172,6 +173,9 @@ class Repl:
         def _newline(event) -> None:  # Alt-Enter: a new line in the same message
             event.current_buffer.insert_text("\n")
 
+        # Ctrl-C is how an answer is stopped; a background job of a script inherits SIGINT ignored, which would leave
+        # the key dead while an answer streams
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         history_path = paths.history_file()
         history_path.parent.mkdir(parents=True, exist_ok=True)
         prompt = PromptSession(history=FileHistory(str(history_path)), key_bindings=bindings,

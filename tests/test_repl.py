@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -11,11 +12,17 @@ import pytest
 PROMPT = ">>> "
 
 
+def ignore_interrupts() -> None:
+    """Start the chat as a script's background job would (`cmd &` leaves SIGINT ignored), the hardest case for
+    Ctrl-C: the REPL must take the key back itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def spawn(model_dir, tmp_path, *extra: str) -> pexpect.spawn:
     env = {"QWEN2_HOME": str(tmp_path / "home"), "TERM": "dumb", "NO_COLOR": "1", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
     child = pexpect.spawn(sys.executable, ["-m", "qwen2cli", "chat", str(model_dir), *extra], env=env,
-                          encoding="utf-8", timeout=180, dimensions=(50, 200))
+                          encoding="utf-8", timeout=180, dimensions=(50, 200), preexec_fn=ignore_interrupts)
     child.expect_exact(PROMPT)
     return child
 
