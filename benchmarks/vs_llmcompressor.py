@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,13 +40,14 @@ def ensure_venv() -> Path:
 
     python = VENV / "bin" / "python"
     marker = VENV / "requirements.txt"
-    wanted = "\n".join(REQUIREMENTS + [f"torch=={torch.__version__.split('+')[0]}"])
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # keep this environment's torch, never a CUDA build
+    wanted = "\n".join(REQUIREMENTS + [torch_pin])
     if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
     print(f"installing {', '.join(REQUIREMENTS)} into {VENV}...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True)
     constraints = VENV / "constraints.txt"
-    constraints.write_text(wanted.splitlines()[-1] + "\n")  # keep this environment's torch, never a CUDA build
+    constraints.write_text(torch_pin + "\n")
     done = subprocess.run([python, "-m", "pip", "install", "-q", "-c", str(constraints), *REQUIREMENTS],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -107,7 +109,7 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     cache.IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # pins to a device; fails without one
-    engine = type("Tokenized", (), {"tokenizer": type("T", (), {"encode": lambda self, s: tokenizer(s)["input_ids"]})()})
+    engine = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: tokenizer(text)["input_ids"]))
     batches = calibration_batches(engine, default_calibration_text(), samples=samples, seq_len=seq_len)
     data = Dataset.from_dict({"input_ids": batches.tolist(), "attention_mask": torch.ones_like(batches).tolist()})
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
@@ -131,7 +133,7 @@ def reference(python: Path, method: str, args: argparse.Namespace) -> dict[str, 
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def ours(method: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
+def ours(method: str, work: Path, scored: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     from benchmarks.quality import quantize
     from qwen2cli.generate import load_engine
     from qwen2cli.perplexity import perplexity
@@ -144,7 +146,7 @@ def ours(method: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
                                                                     calib=None))
         source = out
     engine = load_engine(source, device="cpu", dtype="float32")
-    return {name: perplexity(engine, text, ctx=512).ppl for name, text in texts(args.text).items()}
+    return {name: perplexity(engine, text, ctx=512).ppl for name, text in scored.items()}
 
 
 def main() -> None:
@@ -161,7 +163,7 @@ def main() -> None:
     if unknown := [m for m in methods if m not in METHODS]:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     methods = ["float"] + (["rtn"] if "rtn" not in methods else []) + methods
-    texts(args.text)  # a bad --text fails now, not after an hour
+    scored = texts(args.text)  # a bad --text fails now, not after an hour
     import torch
 
     torch.set_num_threads(2)
@@ -169,7 +171,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="vs-llmcompressor-") as work:
         for method in methods:
-            results[method] = {"ours": ours(method, Path(work), args), "llm-compressor": reference(python, method, args)}
+            results[method] = {"ours": ours(method, Path(work), scored, args),
+                               "llm-compressor": reference(python, method, args)}
             print(method, json.dumps(results[method]), file=sys.stderr, flush=True)
     print(f"int4 asym g128; calibration {args.samples} x {args.seq_len} (default text); perplexity, recovery of "
           "the same side's RTN loss in brackets")
