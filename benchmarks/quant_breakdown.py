@@ -29,7 +29,7 @@ def dequantized_weights(directory: Path) -> dict[str, "torch.Tensor"]:
     """{Linear name: float weight (out, in)} of a GPTQ-format checkpoint, decoded by quant.packing."""
     from safetensors.torch import load_file
 
-    from quant.packing import dequantize_gptq
+    from qwen2cli.quant.packing import dequantize_gptq
 
     try:
         config = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}

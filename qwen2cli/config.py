@@ -202,7 +202,7 @@ def load_config(model_dir: Path) -> Qwen2Config:
 def quantization_for(config: Qwen2Config, **options: Any):
     """The quant.config.QuantConfig that `qwen2 quantize` would write for this model, checked against it before
     anything heavy loads: BadInput when the model is quantized already or the options do not fit it."""
-    from quant.config import QuantConfig
+    from .quant.config import QuantConfig
 
     if config.quantization_config is not None:
         raise BadInput("this model is already quantized; quantize the original checkpoint instead")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.native import prefill_attention
+from .quant.native import prefill_attention
 
 from .config import Qwen2Config
 from .dca import DualChunkConfig, dual_chunk_attention, rotate

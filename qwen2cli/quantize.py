@@ -27,7 +27,7 @@ def _quantizable(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def _forward_precision(device: torch.device):
     """bfloat16 autocast for calibration forwards on CPUs that multiply bfloat16 natively (see _run_layer)."""
-    from quant.linear import long_input_dtype
+    from .quant.linear import long_input_dtype
 
     fast = device.type == "cpu" and long_input_dtype() == torch.bfloat16
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast)
@@ -67,8 +67,8 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
     """Collect the Hessians of these Linears over the calibration inputs, then GPTQ each of them. Returns the
     packed QuantLinears, and float Linears holding the same dequantized weights for the later stages to run on
     (the same function, without unpacking on every call)."""
-    from quant.gptq import GPTQ
-    from quant.linear import QuantLinear
+    from .quant.gptq import GPTQ
+    from .quant.linear import QuantLinear
 
     # Linears under one parent in one stage read the same input (q/k/v; gate/up): one Hessian serves them all
     collectors: dict[str, GPTQ] = {}
@@ -142,7 +142,7 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
                    damp_percent: float = 0.01, mse: float = 0.0, hessian_shrink: float | None = None,
                    awq_clip: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
-    from quant.linear import quantize_linear
+    from .quant.linear import quantize_linear
 
     quant_config = quantization_for(engine.config, method=method, bits=bits, group_size=group_size, sym=sym,
                                     desc_act=desc_act, static_groups=static_groups, damp_percent=damp_percent,

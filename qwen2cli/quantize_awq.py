@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.gram import Gram
+from .quant.gram import Gram
 
 from .kv_cache import KVCache
 from .quantize import _forward_precision, _quantizable, _run_layer, _stand_in
@@ -148,9 +148,9 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config
     One pass over the calibration data serves both searches: a scale group's Linears read its reader's input
     divided by the group's scales, so their inputs' Gram matrix after scaling is D G D with D = diag(1/scales), and
     the clipping search runs on every calibration token instead of a sample of them."""
-    from quant.awq import apply_clip, search_clip, search_scales
-    from quant.linear import QuantLinear
-    from quant.rtn import quantize_rtn
+    from .quant.awq import apply_clip, search_clip, search_scales
+    from .quant.linear import QuantLinear
+    from .quant.rtn import quantize_rtn
 
     bits, group_size, sym = quant_config.bits, quant_config.group_size, quant_config.sym
     quantizable = _quantizable(layer)

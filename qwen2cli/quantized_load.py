@@ -22,8 +22,8 @@ def keeps_float(name: str) -> bool:
 
 def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torch.dtype) -> None:
     """Replace every quantized Linear (all but the head, embeddings and routers) with the checkpoint's QuantLinear."""
-    from quant.config import QuantConfig
-    from quant.linear import replace_linears
+    from .quant.config import QuantConfig
+    from .quant.linear import replace_linears
 
     try:
         quant_config = QuantConfig.from_hf(config.quantization_config or {})
@@ -40,12 +40,12 @@ RELEASE_EVERY = 8
 
 def use_kernel_cache() -> None:
     """Native kernels (quant/native.py) build into the store's cache, once per source version."""
-    import quant.native
+    from .quant import native as quant_native
 
     from .paths import kernel_cache_dir
 
-    if quant.native.cache_dir is None:
-        quant.native.cache_dir = kernel_cache_dir()
+    if quant_native.cache_dir is None:
+        quant_native.cache_dir = kernel_cache_dir()
 
 
 def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = None) -> None:
@@ -55,7 +55,7 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
     for this through mappings of their own, dropped every RELEASE_EVERY Linears: the modules' buffers (memory-mapped
     views, kept for the reference path and for saving) are then never read, and stay out of resident memory beside
     the kernels' copy."""
-    from quant.linear import QuantLinear
+    from .quant.linear import QuantLinear
     from safetensors import safe_open
 
     from .checkpoint import release_freed_memory
@@ -81,7 +81,7 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
 
 def fuse_projections(model: nn.Module) -> None:
     """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.linear.fuse_native)."""
-    from quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
+    from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
 
     from .checkpoint import release_freed_memory
     from .model import MLP, Attention, Fused
@@ -109,7 +109,7 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Pat
     """The head as int8 rows quantized straight from the file's rows (quant.head), serving the embedding's lookups
     too when tied; the float table is never whole in memory. Returns the stored tensors it stands for (the head's,
     and with tied weights the embedding's), which loading then need not read."""
-    from quant.head import Int8Lookup, Int8Rows
+    from .quant.head import Int8Lookup, Int8Rows
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import corrupt
@@ -152,8 +152,8 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
         raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
     if device.type == "cuda":
         return _bitsandbytes(model, load_in, keeps_float)
-    from quant.config import QuantConfig
-    from quant.linear import quantize_linear
+    from .quant.config import QuantConfig
+    from .quant.linear import quantize_linear
 
     from .checkpoint import release_freed_memory
 

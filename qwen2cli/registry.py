@@ -53,9 +53,9 @@ class Catalog:
 
 
 def catalog_path() -> Path:
-    """models.toml: QWEN2_CATALOG, else the one at the top of the source tree."""
+    """models.toml: QWEN2_CATALOG, else the catalogue shipped inside the package."""
     configured = os.environ.get("QWEN2_CATALOG")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "models.toml"
+    return Path(configured) if configured else Path(__file__).with_name("models.toml")
 
 
 def load_catalog(path: Path | None = None) -> Catalog:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from quant.linear import QuantLinear
+from qwen2cli.quant.linear import QuantLinear
 from qwen2cli.model import MLP, Attention
 
 

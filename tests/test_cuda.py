@@ -132,9 +132,9 @@ INT4_KERNEL = "int4pack-cuda" if ON_CUDA else __import__("tests.test_quant").tes
     ((64, 128), 32, "gptq", False), ((896, 128), 128, "gptq", True), ((256, 96), 64, "awq", False),
     ((4864, 896), 128, "gptq", False), ((96, 64), 32, "gptq", False)])
 def test_int4_kernel_equals_the_reference_path(shape, group, method, act_order):
-    from quant.config import QuantConfig
-    from quant.gptq import GPTQ
-    from quant.linear import QuantLinear, quantize_linear
+    from qwen2cli.quant.config import QuantConfig
+    from qwen2cli.quant.gptq import GPTQ
+    from qwen2cli.quant.linear import QuantLinear, quantize_linear
 
     torch.manual_seed(0)
     in_features, out_features = shape
@@ -168,7 +168,7 @@ def _qwen2(*args: str, home: Path) -> subprocess.CompletedProcess:
 def test_quantize_on_the_device_then_load_anywhere(checkpoints, tmp_path, method, bits, group):
     """`qwen2 quantize --device`: the checkpoint made on the device loads on the CPU and on the device, both
     computing the same logits, within the CPU suite's bounds of the float model."""
-    from quant.linear import QuantLinear
+    from qwen2cli.quant.linear import QuantLinear
 
     done = _qwen2("quantize", str(checkpoints["untied"]), "--method", method, "--bits", str(bits), "--group-size",
                   str(group), "--samples", "8", "--seq-len", "64", "--device", DEVICE, "--out", str(tmp_path / "q"),
@@ -193,7 +193,7 @@ def test_quantize_on_the_device_then_load_anywhere(checkpoints, tmp_path, method
 @pytest.mark.parametrize("load_in,bound", [("8bit", 0.05), ("4bit", 0.25)])
 def test_load_in_quantizes_on_the_device(checkpoints, load_in, bound):
     """`--load-in` on CUDA is bitsandbytes (LLM.int8, NF4); on the CPU, our round-to-nearest kernels."""
-    from quant.linear import QuantLinear
+    from qwen2cli.quant.linear import QuantLinear
 
     directory = checkpoints["untied"]
     original = load_model(directory, device=DEVICE, dtype="bfloat16")

@@ -72,7 +72,7 @@ def test_c_kernel_matches_across_chunks(chunk_size, local_size, length, start, d
     """quant/attention.c's dual chunk attention (AVX-512 builds; chunks of a multiple of 64 keys) against
     dual_chunk_attention above and, for the first head, the pair-by-pair reference: several chunks, a chunk of
     queries starting inside one, a bfloat16 cache."""
-    from quant.native import native_library, prefill_attention
+    from qwen2cli.quant.native import native_library, prefill_attention
 
     library = native_library()
     if library is None or not library.attention_supported():

@@ -92,7 +92,7 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     likewise (its gate/up scales scored on the whole MoE block's output; no clipping, AWQ's default)."""
     from qwen2cli.generate import load_engine
     from qwen2cli.quantize import quantize_model
-    from quant.linear import QuantLinear
+    from qwen2cli.quant.linear import QuantLinear
     from tests.tiny_tokenizer import write_tiny_tokenizer
 
     source = tmp_path / "moe"

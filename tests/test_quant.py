@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import quant.linear
-from quant.config import QuantConfig
-from quant.gptq import GPTQ, upper_cholesky_of_inverse
-from quant.linear import (DEQUANT_MIN_ROWS, QuantLinear, int4pack_cpu_layout_known, int4pack_cpu_tile,
+import qwen2cli.quant.linear
+from qwen2cli import quant
+from qwen2cli.quant.config import QuantConfig
+from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
+from qwen2cli.quant.linear import (DEQUANT_MIN_ROWS, QuantLinear, int4pack_cpu_layout_known, int4pack_cpu_tile,
                           quantize_linear, unpack_int4pack_cpu)
-from quant.native import native_library
-from quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
-from quant.rtn import quantize_rtn
+from qwen2cli.quant.native import native_library
+from qwen2cli.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from qwen2cli.quant.rtn import quantize_rtn
 
 
 # CPU int4/int8: quant/qgemv.c where it builds (test_native_kernel_builds_where_it_can says where that must be)
@@ -232,7 +233,7 @@ def test_upper_cholesky_of_inverse(size):
 def test_gram_sums_x_xt_over_every_batch(width):
     """Gram keeps only the upper triangle, in blocks of columns, under "medium" float32 products: its full() is
     still the sum of x x^T over every row added, to float32 accuracy, and torch's precision setting is restored."""
-    from quant.gram import Gram
+    from qwen2cli.quant.gram import Gram
 
     torch.manual_seed(0)
     batches = [torch.randn(rows, width) * torch.linspace(0.1, 3, width) for rows in (40, 700, 3)]
@@ -272,7 +273,7 @@ def test_static_groups_keep_contiguous_groups_under_act_order():
     """--desc-act --static-groups: columns are quantized in act-order, but each group is the contiguous one and its
     scale and zero come from the weights before any GPTQ update (so g_idx needs no reordering at load); on inputs
     whose channels differ in scale, it beats round-to-nearest on held-out inputs."""
-    from quant.rtn import group_params
+    from qwen2cli.quant.rtn import group_params
 
     torch.manual_seed(3)
     inputs = (torch.randn(3000, 12) @ torch.randn(12, 128) + 0.05 * torch.randn(3000, 128)) * torch.rand(128) * 3
@@ -324,7 +325,7 @@ def test_hessian_shrinkage_keeps_gptq_from_overfitting_few_tokens():
 
 
 def test_gptq_clip_search_never_rounds_worse_than_min_max():
-    from quant.rtn import dequantize, group_params, quantize, search_group_params
+    from qwen2cli.quant.rtn import dequantize, group_params, quantize, search_group_params
 
     torch.manual_seed(2)
     weight = torch.randn(64, 128)
@@ -344,7 +345,7 @@ def _outlier_inputs(tokens: int = 2048, channels: int = 128) -> torch.Tensor:
 
 
 def test_awq_scales_beat_rtn_with_activation_outliers_and_never_lose():
-    from quant.awq import fake_quantize, search_scales
+    from qwen2cli.quant.awq import fake_quantize, search_scales
 
     torch.manual_seed(3)
     x, held_out = _outlier_inputs(), _outlier_inputs()
@@ -367,7 +368,7 @@ def test_awq_scales_beat_rtn_with_activation_outliers_and_never_lose():
 
 
 def test_awq_keeps_no_scaling_when_activations_are_flat():
-    from quant.awq import search_scales
+    from qwen2cli.quant.awq import search_scales
 
     torch.manual_seed(4)
     x = torch.randn(1024, 64)
@@ -377,7 +378,7 @@ def test_awq_keeps_no_scaling_when_activations_are_flat():
 
 
 def test_awq_clip_search_lowers_output_error():
-    from quant.awq import apply_clip, fake_quantize, search_clip
+    from qwen2cli.quant.awq import apply_clip, fake_quantize, search_clip
 
     torch.manual_seed(5)
     x = torch.randn(4096, 128)
@@ -396,7 +397,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     """The clipping search reads every calibration token through each Linear's input Gram matrix, derived from
     the statistics taken before scaling (D G D, D = diag(1/scales)): it must equal the Gram matrix of the inputs
     the scaled layer actually feeds that Linear, measured here by hooks on the Linears themselves."""
-    import quant.awq
+    import qwen2cli.quant.awq
     from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
     from qwen2cli.quantize import _quantizable, _run_layer
@@ -695,7 +696,7 @@ def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     """`--load-in` on CPU: every decoder Linear becomes a QuantLinear on a packed kernel; logits stay within the
     same bounds as a quantized checkpoint of the same kind; the head becomes int8 rows, the (untied) embedding
     stays float."""
-    from quant.head import Int8Rows
+    from qwen2cli.quant.head import Int8Rows
 
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
@@ -830,7 +831,7 @@ def test_int8_rows_quantize_in_chunks_and_compute_what_they_stand_for():
     """The int8 head: per row, codes * scale within half a step of the float row, scale = |row| max / 127 (the
     symmetric layout torch's int8 kernel computes); lookups are rows of the same table; short inputs (the int8
     kernel, bfloat16 activations) and long ones (float32 over dequantized chunks) compute x W^T."""
-    from quant.head import QUANTIZE_ROWS, Int8Rows
+    from qwen2cli.quant.head import QUANTIZE_ROWS, Int8Rows
 
     generator = torch.Generator().manual_seed(0)
     rows, cols = QUANTIZE_ROWS + 904, 64  # two chunks, the second partial
@@ -881,7 +882,7 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
     """A quantized checkpoint on CPU runs its head as int8 rows quantized from the file (a tied embedding looks up
     the same table): its logits stay within 4% of the same checkpoint with the float head (random tiny weights:
     a tied table's rounded rows move every layer's int8-rounded activations too; 0.9% with torch's kernels)."""
-    from quant.head import Int8Lookup, Int8Rows
+    from qwen2cli.quant.head import Int8Lookup, Int8Rows
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
     from tests.conftest import write_tiny_checkpoint
@@ -948,7 +949,7 @@ def test_native_exp_is_within_two_ulp_of_exp():
 
 def _native_builds() -> list:
     """The kernel builds this CPU can run: AVX2 always, and the AVX-512 VNNI one where native_flags() adds it."""
-    from quant.native import FLAGS, native_flags
+    from qwen2cli.quant.native import FLAGS, native_flags
 
     return [pytest.param(tuple(FLAGS), id="avx2")] + (
         [pytest.param(native_flags(), id="avx512-vnni")] if native_flags() != tuple(FLAGS) else [])
@@ -964,7 +965,7 @@ def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_feat
     differ from x W^T by at most sum_i |w_i| * (that scale / 2), a bound computed here from x alone. Each build
     this CPU runs (the AVX-512 one takes two blocks at a time where a group holds an even number of them: not
     group 32, nor 224's 7), with float32 tables and with float16 scales and int16 zeros."""
-    from quant.native import build_library, native_matmul, pack_q4, pack_q8, unpack_q4
+    from qwen2cli.quant.native import build_library, native_matmul, pack_q4, pack_q8, unpack_q4
 
     library = build_library(flags)
     if library is None:
@@ -1015,7 +1016,7 @@ def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, lengt
     """quant/attention.c (AVX-512 builds) against causal attention written out in float64: chunks at an offset into
     the cache, row counts not a multiple of its 4-row tiles, keys across several 64-key blocks, bfloat16 caches,
     head sizes of 16 to 128, a query laid out (length, heads, d) as the projection gives it."""
-    from quant.native import _cpu_has_all, native_library, prefill_attention
+    from qwen2cli.quant.native import _cpu_has_all, native_library, prefill_attention
 
     library = native_library()
     if library is None or not library.attention_supported():
