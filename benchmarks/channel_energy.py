@@ -12,6 +12,7 @@ window's first, left out), and prints per layer: the share of the text's energy 
 calibration's lowest half (and lowest tenth) of energy, next to the calibration's own share; and the median over
 channels of text energy / calibration energy (per token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def main() -> None:
     torch.set_num_threads(2)
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
     model = engine.loaded.model
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name.endswith(f".{args.linear}")]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith(f".{args.linear}")
+    ]
     if not names:
         raise SystemExit(f"no Linear named *.{args.linear} in the model")
 
@@ -51,6 +55,7 @@ def main() -> None:
         def summer(name: str):
             def record(x: torch.Tensor) -> None:
                 sums[name] = sums.get(name, 0) + x[:, 1:].float().pow(2).sum((0, 1))
+
             return record
 
         run_with_input_hooks(engine, batches, {name: summer(name) for name in names})
@@ -63,14 +68,18 @@ def main() -> None:
     calibration = calibration_batches(engine, default_calibration_text(), samples=args.samples, seq_len=WINDOW)
     calibrated = energy(list(calibration.split(4)))
     text = energy([torch.tensor([window]) for window in windows(engine.tokenizer, args.text)])
-    print(f"{args.linear} inputs, {args.text} against {calibration.shape[0]} x {WINDOW} calibration tokens: share of "
-          "energy in the calibration's quietest half / tenth of channels (text, calibration), median energy ratio")
+    print(
+        f"{args.linear} inputs, {args.text} against {calibration.shape[0]} x {WINDOW} calibration tokens: share of "
+        "energy in the calibration's quietest half / tenth of channels (text, calibration), median energy ratio"
+    )
     for name in names:
         quiet = torch.argsort(calibrated[name])
         half, tenth = quiet[: len(quiet) // 2], quiet[: len(quiet) // 10]
         ratio = (text[name] / calibrated[name].clamp(min=1e-12)).median()
-        print(f"{name}: half {share(text[name], half):.3f} ({share(calibrated[name], half):.3f})  "
-              f"tenth {share(text[name], tenth):.4f} ({share(calibrated[name], tenth):.4f})  median ratio {ratio:.2f}")
+        print(
+            f"{name}: half {share(text[name], half):.3f} ({share(calibrated[name], half):.3f})  "
+            f"tenth {share(text[name], tenth):.4f} ({share(calibrated[name], tenth):.4f})  median ratio {ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Contexts past the model's trained length turn YaRN on (default attention) or use
 The haystack is this machine's own documentation text (/usr/share/common-licenses and Python's stdlib docstrings),
 or FILE's text (`--haystack`: the same text on another machine, say a GPU one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def haystack_text() -> str:
     for path in sorted(Path("/usr/share/common-licenses").glob("*")):
         if path.is_file():
             parts.append(path.read_text(errors="ignore"))
+    import argparse as ap
+    import email
+    import http.client
     import inspect
-    import json, argparse as ap, email, http.client, logging, textwrap  # noqa: E401 - docstrings as prose
+    import json  # noqa: E401 - docstrings as prose
+    import logging
+    import textwrap
+
     for module in (json, ap, email, http.client, logging, textwrap):
         parts.append(inspect.getdoc(module) or "")
     return "\n\n".join(parts)
@@ -62,17 +69,27 @@ def main() -> None:
     from qwen2cli.sampling import SamplingParams
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    engine = load_engine(Path(args.model), device=args.device, dtype=args.dtype, ctx=max(lengths),
-                         kv_cache=args.kv_cache, attention=args.attention)
+    engine = load_engine(
+        Path(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        ctx=max(lengths),
+        kv_cache=args.kv_cache,
+        attention=args.attention,
+    )
     text = args.haystack.read_text() if args.haystack else haystack_text()
     filler = engine.tokenizer.encode_ordinary(text)
     params = SamplingParams(temperature=0, max_tokens=16, repeat_penalty=1.0)
     system = default_system_prompt(engine.tokenizer.chat_template)
     on_gpu = engine.loaded.device.type == "cuda"  # there the memory that counts is the GPU's
-    print(f"device={engine.loaded.device} attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} "
-          f"rope_scaling={engine.config.rope_scaling}")
-    print(f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} "
-          f"{'peak GPU MiB' if on_gpu else 'peak RSS MiB':>13}  answer")
+    print(
+        f"device={engine.loaded.device} attention={args.attention} dtype={args.dtype} kv_cache={args.kv_cache} "
+        f"rope_scaling={engine.config.rope_scaling}"
+    )
+    print(
+        f"{'length':>8} {'depth%':>7} {'found':>6} {'prefill tok/s':>14} "
+        f"{'peak GPU MiB' if on_gpu else 'peak RSS MiB':>13}  answer"
+    )
     base = encode_chat(engine.tokenizer, [Message("user", "")], default_system=system)
     insert_at = len(base) - 1 - base[::-1].index(engine.tokenizer.token_to_id("<|im_end|>"))  # the user turn's end
     head, foot = base[:insert_at], base[insert_at:]
@@ -98,10 +115,16 @@ def main() -> None:
                 for chunk in generate(engine, ids, params=params, cache=cache):
                     text += chunk.text
             found = ANSWER in text
-            rss = (torch.cuda.max_memory_allocated(engine.loaded.device) / 2**20 if on_gpu
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-            print(f"{len(ids):>8} {100 * cut / len(hay):>7.0f} {str(found):>6} {rate:>14.1f} {rss:>13.0f}  "
-                  f"{text.strip()[:40]!r}", flush=True)
+            rss = (
+                torch.cuda.max_memory_allocated(engine.loaded.device) / 2**20
+                if on_gpu
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )
+            print(
+                f"{len(ids):>8} {100 * cut / len(hay):>7.0f} {str(found):>6} {rate:>14.1f} {rss:>13.0f}  "
+                f"{text.strip()[:40]!r}",
+                flush=True,
+            )
         del cache  # the next length's cache is not allocated beside this one
 
 

@@ -10,6 +10,7 @@ time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation 
 float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
 (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp); the issue's bar is 0.5. Checkpoints are kept under --work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,21 @@ def parse(config: str) -> tuple[str, int, int]:
 
 def quantize(source: Path, out: Path, config: str, args: argparse.Namespace) -> float:
     method, bits, group = parse(config)
-    command = [sys.executable, "-m", "qwen2cli", "quantize", str(source), "--method", method, "--bits", str(bits),
-               "--group-size", str(group), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "qwen2cli",
+        "quantize",
+        str(source),
+        "--method",
+        method,
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        "--out",
+        str(out),
+    ]
     if bits == 4:
         command.append("--asym")
     if method in ("gptq", "awq"):
@@ -86,15 +100,22 @@ def main() -> None:
         baseline = rows.get(f"rtn{bits}-g{group}" if group != -1 else f"rtn{bits}")
         if baseline is not None and baseline["ppl"] > fp and method != "rtn":
             row["recovery"] = (baseline["ppl"] - row["ppl"]) / (baseline["ppl"] - fp)
-    print(f"calibration: {args.calib or 'default'}, {args.samples} x {args.seq_len} tokens; "
-          f"text: {rows['float32']['tokens']} tokens")
+    print(
+        f"calibration: {args.calib or 'default'}, {args.samples} x {args.seq_len} tokens; "
+        f"text: {rows['float32']['tokens']} tokens"
+    )
     print(f"{'':14}{'ppl':>9}{'x fp':>8}{'recovery':>10}{'size MB':>10}{'quantize s':>12}")
     for name, row in rows.items():
         recovery = f"{row['recovery']:.2f}" if "recovery" in row else ""
-        print(f"{name:14}{row['ppl']:9.3f}{row['ppl'] / fp:8.3f}{recovery:>10}{row['size_mb']:10.0f}"
-              f"{row['quantize_s']:12.0f}")
-    print(json.dumps({name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
-                      for name, row in rows.items()}))
+        print(
+            f"{name:14}{row['ppl']:9.3f}{row['ppl'] / fp:8.3f}{recovery:>10}{row['size_mb']:10.0f}"
+            f"{row['quantize_s']:12.0f}"
+        )
+    print(
+        json.dumps(
+            {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()} for name, row in rows.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ prints as JSON: {"part", "checkpoint", "dlogppl"}, dlogppl = log ppl with that p
 The parts' sum comes close to the whole's (printed first as part "all"): the losses add up, so a method's rows
 against RTN's show which Linears its objective fails to help end to end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def dequantized_weights(directory: Path) -> dict[str, "torch.Tensor"]:
+def dequantized_weights(directory: Path) -> dict[str, torch.Tensor]:
     """{Linear name: float weight (out, in)} of a GPTQ-format checkpoint, decoded by quant.packing."""
     from safetensors.torch import load_file
 
@@ -44,9 +45,15 @@ def dequantized_weights(directory: Path) -> dict[str, "torch.Tensor"]:
     weights = {}
     for name in tensors:
         if name.endswith(".qweight"):
-            prefix = name[:-len(".qweight")]
-            weights[prefix] = dequantize_gptq(tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"],
-                                              tensors[f"{prefix}.g_idx"], bits=config["bits"], version=version)
+            prefix = name[: -len(".qweight")]
+            weights[prefix] = dequantize_gptq(
+                tensors[name],
+                tensors[f"{prefix}.qzeros"],
+                tensors[f"{prefix}.scales"],
+                tensors[f"{prefix}.g_idx"],
+                bits=config["bits"],
+                version=version,
+            )
     return weights
 
 

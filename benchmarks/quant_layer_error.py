@@ -11,6 +11,7 @@ sink's share of BASE's error. --text: licence (the licence texts the tests score
 default calibration text that calibration_batches does not take at 128 x 512: held out, same distribution), or a
 text file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def windows(tokenizer, source: str) -> list[list[int]]:
         taken = set(torch.linspace(0, available - 1, 128).round().long().tolist())  # as calibration_batches
         rest = [i for i in range(available) if i not in taken]
         picked = [rest[int(j)] for j in torch.linspace(0, len(rest) - 1, 16).round().long().tolist()]
-        return [ids[i * WINDOW:(i + 1) * WINDOW] for i in picked]
+        return [ids[i * WINDOW : (i + 1) * WINDOW] for i in picked]
     if source == "licence":
         from tests.corpus import documentation_text
 
@@ -43,9 +44,11 @@ def windows(tokenizer, source: str) -> list[list[int]]:
         try:
             text = Path(source).read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise SystemExit(f"--text {source}: not licence, calib or a readable file ({exc.strerror or exc})") from None
+            raise SystemExit(
+                f"--text {source}: not licence, calib or a readable file ({exc.strerror or exc})"
+            ) from None
     ids = tokenizer.encode(text)
-    return [ids[b:b + WINDOW] for b in range(0, len(ids) - WINDOW + 1, WINDOW)]
+    return [ids[b : b + WINDOW] for b in range(0, len(ids) - WINDOW + 1, WINDOW)]
 
 
 def run_with_input_hooks(engine, batches, hooks: dict) -> None:
@@ -55,8 +58,10 @@ def run_with_input_hooks(engine, batches, hooks: dict) -> None:
     from qwen2cli.kv_cache import KVCache
 
     model = engine.loaded.model
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _, inputs, record=record: record(inputs[0]))
-               for name, record in hooks.items()]
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _, inputs, record=record: record(inputs[0]))
+        for name, record in hooks.items()
+    ]
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -85,14 +90,21 @@ def main() -> None:
     (base, _), (other, _) = named
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
     model = engine.loaded.model
-    linears = sorted((name for name in weights[base] if name.endswith(f".{args.linear}")),
-                     key=lambda name: [int(part) if part.isdigit() else part for part in name.split(".")])
+    linears = sorted(
+        (name for name in weights[base] if name.endswith(f".{args.linear}")),
+        key=lambda name: [int(part) if part.isdigit() else part for part in name.split(".")],
+    )
     if not linears:
         raise SystemExit(f"no Linear named *.{args.linear} in the checkpoints")
     errors = {name: {checkpoint: [0.0, 0.0] for checkpoint in weights} for name in linears}
     # float weight minus each checkpoint's, once per Linear rather than once per window
-    deltas = {name: {checkpoint: (model.get_submodule(name).weight.detach().float() - table[name]).t()
-                     for checkpoint, table in weights.items()} for name in linears}
+    deltas = {
+        name: {
+            checkpoint: (model.get_submodule(name).weight.detach().float() - table[name]).t()
+            for checkpoint, table in weights.items()
+        }
+        for name in linears
+    }
 
     def measure(name: str):
         def record(x) -> None:
@@ -100,15 +112,21 @@ def main() -> None:
                 squared = (x.float() @ delta).pow(2).sum(-1)  # (B, T)
                 errors[name][checkpoint][0] += squared[:, 0].sum().item()
                 errors[name][checkpoint][1] += squared[:, 1:].sum().item()
+
         return record
 
-    run_with_input_hooks(engine, [torch.tensor([window]) for window in windows(engine.tokenizer, args.text)],
-                         {name: measure(name) for name in linears})
+    run_with_input_hooks(
+        engine,
+        [torch.tensor([window]) for window in windows(engine.tokenizer, args.text)],
+        {name: measure(name) for name in linears},
+    )
     print(f"{args.linear} on {args.text}: {other} / {base} output error per layer")
     for name in linears:
         (base_sink, base_rest), (other_sink, other_rest) = errors[name][base], errors[name][other]
-        print(f"{name}: sink {other_sink / max(base_sink, 1e-30):.3f}  rest {other_rest / max(base_rest, 1e-30):.3f}"
-              f"  (sink share of {base}'s: {base_sink / max(base_sink + base_rest, 1e-30):.2f})")
+        print(
+            f"{name}: sink {other_sink / max(base_sink, 1e-30):.3f}  rest {other_rest / max(base_rest, 1e-30):.3f}"
+            f"  (sink share of {base}'s: {base_sink / max(base_sink + base_rest, 1e-30):.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ weights cannot be had (a GPU machine with no network): the time a decoder takes 
 Weights are drawn as transformers initialises them (normal, std 0.02) a tensor at a time and written in safetensors
 shards of 2 GB (a 7B is never whole in memory: 15 GB in bfloat16), with the test suite's tiny tokenizer (its ids
 are all in range; text it decodes is meaningless)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,33 @@ sys.path.insert(0, str(ROOT))
 SHARD_BYTES = 2 << 30
 # Qwen2.5's published config.json values that set the shapes and the work per token
 SHAPES = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -40,13 +62,21 @@ def main() -> None:
 
     from tests.tiny_tokenizer import write_tiny_tokenizer
 
-    config = Qwen2Config(**SHAPES[args.size], max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                         rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=[2])
+    config = Qwen2Config(
+        **SHAPES[args.size],
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=[2],
+    )
     dtype = getattr(torch, args.dtype)
     with torch.device("meta"):  # the names and shapes only: a 7B in float32 would not fit a 24 GB machine
-        shapes = {name: tuple(t.shape) for name, t in Qwen2ForCausalLM(config).state_dict().items()
-                  if not (config.tie_word_embeddings and name == "lm_head.weight")}
+        shapes = {
+            name: tuple(t.shape)
+            for name, t in Qwen2ForCausalLM(config).state_dict().items()
+            if not (config.tie_word_embeddings and name == "lm_head.weight")
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     config.dtype = args.dtype
     config.save_pretrained(args.out)
@@ -77,6 +107,7 @@ def _write_shard(out: Path, tensors: dict, weight_map: dict[str, str]) -> None:
     name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
     save_weights(tensors, out / name)
     weight_map.update(dict.fromkeys(tensors, name))
+
 
 if __name__ == "__main__":
     main()

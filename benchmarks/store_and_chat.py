@@ -21,6 +21,7 @@ MODEL (steps 3 and 4) is the store model from step 1 (`bench-import`), or from s
 --model download or when the import is skipped, or the Hugging Face directory itself when both are skipped.
 Prints a table and, last, one JSON line. Temporary stores are deleted at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,16 +99,24 @@ def measure_download(hf_dir: Path, home: Path) -> dict:
     if (path / "model.safetensors").stat().st_size != weights:
         raise SystemExit(f"download installed a model.safetensors of the wrong size at {path}")
     del state, files
-    return {"download_s": download_s, "download_mb": total / 1e6, "download_mb_s": total / 1e6 / download_s,
-            "listing_s": listing_s, "curl_s": curl_s, "curl_mb": weights / 1e6, "curl_mb_s": weights / 1e6 / curl_s,
-            "download_vs_curl": (total / download_s) / (weights / curl_s)}
+    return {
+        "download_s": download_s,
+        "download_mb": total / 1e6,
+        "download_mb_s": total / 1e6 / download_s,
+        "listing_s": listing_s,
+        "curl_s": curl_s,
+        "curl_mb": weights / 1e6,
+        "curl_mb_s": weights / 1e6 / curl_s,
+        "download_vs_curl": (total / download_s) / (weights / curl_s),
+    }
 
 
 def first_output(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Seconds from spawning `command` to the first byte on its stdout, and to its exit."""
     began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
-                               stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, stdin=subprocess.DEVNULL
+    )
     first = process.stdout.read(1)
     first_s = time.perf_counter() - began
     process.stdout.read()
@@ -126,8 +135,13 @@ def measure_run(model: str, home: Path, repeats: int = 5) -> dict:
     json_s, done = timed(qwen2("run", model, "--temperature", "0", "--max-tokens", "1", "--json", "Hi"), env)
     usage = json.loads(done.stdout)["usage"]
     firsts, exits = sorted(first for first, _ in runs), sorted(end for _, end in runs)
-    return {"run_first_token_s": firsts[len(firsts) // 2], "run_first_token_max_s": firsts[-1],
-            "run_s": exits[len(exits) // 2], "run_json_s": json_s, "run_ttft_s": usage["ttft_s"]}
+    return {
+        "run_first_token_s": firsts[len(firsts) // 2],
+        "run_first_token_max_s": firsts[-1],
+        "run_s": exits[len(exits) // 2],
+        "run_json_s": json_s,
+        "run_ttft_s": usage["ttft_s"],
+    }
 
 
 def measure_chat(model: str, home: Path, turns: int, max_tokens: int) -> dict:
@@ -135,8 +149,15 @@ def measure_chat(model: str, home: Path, turns: int, max_tokens: int) -> dict:
 
     env = qwen2_env(home, TERM="dumb", NO_COLOR="1")
     began = time.perf_counter()
-    child = pexpect.spawn(sys.executable, ["-m", "qwen2cli", "chat", model, "--max-tokens", str(max_tokens)],
-                          env=env, cwd=str(ROOT), encoding="utf-8", timeout=300, dimensions=(50, 200))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen2cli", "chat", model, "--max-tokens", str(max_tokens)],
+        env=env,
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=300,
+        dimensions=(50, 200),
+    )
     try:
         child.expect_exact(PROMPT)
         startup_s = time.perf_counter() - began
@@ -147,15 +168,25 @@ def measure_chat(model: str, home: Path, turns: int, max_tokens: int) -> dict:
             child.sendline(QUESTIONS[turn % len(QUESTIONS)])
             child.expect(STATS)
             prompt_tokens, new_tokens, ttft, tok_s = child.match.groups()
-            rows.append({"prompt_tokens": int(prompt_tokens), "new_tokens": int(new_tokens), "ttft_s": float(ttft),
-                         "decode_tok_s": float(tok_s)})
+            rows.append(
+                {
+                    "prompt_tokens": int(prompt_tokens),
+                    "new_tokens": int(new_tokens),
+                    "ttft_s": float(ttft),
+                    "decode_tok_s": float(tok_s),
+                }
+            )
             child.expect_exact(PROMPT)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
-    return {"chat_startup_s": startup_s, "chat_ttft_first_s": rows[0]["ttft_s"], "chat_ttft_last_s": rows[-1]["ttft_s"],
-            "chat_turns": rows}
+    return {
+        "chat_startup_s": startup_s,
+        "chat_ttft_first_s": rows[0]["ttft_s"],
+        "chat_ttft_last_s": rows[-1]["ttft_s"],
+        "chat_turns": rows,
+    }
 
 
 def main() -> None:
@@ -164,8 +195,12 @@ def main() -> None:
     parser.add_argument("--skip-download", action="store_true")
     parser.add_argument("--skip-run", action="store_true")
     parser.add_argument("--skip-chat", action="store_true")
-    parser.add_argument("--model", choices=("import", "download"), default="import",
-                        help="which store model steps 3 and 4 use (falls back to the other, then the HF directory)")
+    parser.add_argument(
+        "--model",
+        choices=("import", "download"),
+        default="import",
+        help="which store model steps 3 and 4 use (falls back to the other, then the HF directory)",
+    )
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--tmp", help="parent directory of the temporary stores (default: the system's)")
@@ -200,25 +235,44 @@ def main() -> None:
         rows.append(("import GGUF", f"{results['import_s']:.2f} s", f"{results['gguf_mb']:.0f} MB file"))
     if "download_s" in results:
         rows += [
-            ("qwen2 download", f"{results['download_s']:.2f} s",
-             f"{results['download_mb']:.0f} MB, {results['download_mb_s']:.0f} MB/s (incl. listing, sha256)"),
+            (
+                "qwen2 download",
+                f"{results['download_s']:.2f} s",
+                f"{results['download_mb']:.0f} MB, {results['download_mb_s']:.0f} MB/s (incl. listing, sha256)",
+            ),
             ("  of it: listing", f"{results['listing_s']:.2f} s", "test server hashes files per listing"),
-            ("curl model.safetensors", f"{results['curl_s']:.2f} s",
-             f"{results['curl_mb']:.0f} MB, {results['curl_mb_s']:.0f} MB/s"),
+            (
+                "curl model.safetensors",
+                f"{results['curl_s']:.2f} s",
+                f"{results['curl_mb']:.0f} MB, {results['curl_mb_s']:.0f} MB/s",
+            ),
             ("download / curl", f"{results['download_vs_curl']:.2f}x", "MB/s ratio"),
         ]
     if "run_s" in results:
-        rows += [("run, first token", f"{results['run_first_token_s']:.2f} s",
-                  f"new process, spawn to first byte on stdout (median of 5, max {results['run_first_token_max_s']:.2f})"),
-                 ("run, 1 token", f"{results['run_s']:.2f} s", "new process, wall (median of 5)"),
-                 ("run --json, 1 token", f"{results['run_json_s']:.2f} s", f"TTFT {results['run_ttft_s']:.3f} s")]
+        rows += [
+            (
+                "run, first token",
+                f"{results['run_first_token_s']:.2f} s",
+                f"new process, spawn to first byte on stdout (median of 5, max {results['run_first_token_max_s']:.2f})",
+            ),
+            ("run, 1 token", f"{results['run_s']:.2f} s", "new process, wall (median of 5)"),
+            ("run --json, 1 token", f"{results['run_json_s']:.2f} s", f"TTFT {results['run_ttft_s']:.3f} s"),
+        ]
     if "chat_startup_s" in results:
         turns = results["chat_turns"]
-        rows += [("chat start-up", f"{results['chat_startup_s']:.2f} s", "spawn to first prompt"),
-                 ("chat TTFT turn 1", f"{turns[0]['ttft_s']:.2f} s",
-                  f"{turns[0]['prompt_tokens']} prompt tokens ({turns[0]['new_tokens']} new)"),
-                 (f"chat TTFT turn {len(turns)}", f"{turns[-1]['ttft_s']:.2f} s",
-                  f"{turns[-1]['prompt_tokens']} prompt tokens ({turns[-1]['new_tokens']} new)")]
+        rows += [
+            ("chat start-up", f"{results['chat_startup_s']:.2f} s", "spawn to first prompt"),
+            (
+                "chat TTFT turn 1",
+                f"{turns[0]['ttft_s']:.2f} s",
+                f"{turns[0]['prompt_tokens']} prompt tokens ({turns[0]['new_tokens']} new)",
+            ),
+            (
+                f"chat TTFT turn {len(turns)}",
+                f"{turns[-1]['ttft_s']:.2f} s",
+                f"{turns[-1]['prompt_tokens']} prompt tokens ({turns[-1]['new_tokens']} new)",
+            ),
+        ]
     for name, value, note in rows:
         print(f"{name:24}{value:>10}  {note}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))

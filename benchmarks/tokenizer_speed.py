@@ -1,7 +1,8 @@
 """Tokenizer throughput on ~1 MB of mixed text: ours against Hugging Face `tokenizers`, ids checked identical.
 
-  python benchmarks/tokenizer_speed.py [--model DIR]
+python benchmarks/tokenizer_speed.py [--model DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,18 @@ def main() -> None:
     batch_ref = best_of(lambda: reference.encode_batch(lines, add_special_tokens=False))
     lines_ref = best_of(lambda: [reference.encode(line, add_special_tokens=False) for line in lines])
     print(f"{len(text.encode()) / 1e6:.2f} MB, {len(lines)} lines, ids identical")
-    print(f"one string:  ours {single_ours * 1e3:8.1f} ms  tokenizers {single_ref * 1e3:8.1f} ms  "
-          f"ratio {single_ref / single_ours:.2f}x")
-    print(f"per line:    ours {lines_ours * 1e3:8.1f} ms  tokenizers encode {lines_ref * 1e3:8.1f} ms  "
-          f"ratio {lines_ref / lines_ours:.2f}x")
-    print(f"per line:    ours {lines_ours * 1e3:8.1f} ms  tokenizers encode_batch {batch_ref * 1e3:8.1f} ms  "
-          f"ratio {batch_ref / lines_ours:.2f}x (encode_batch runs on every core; ours on one)")
+    print(
+        f"one string:  ours {single_ours * 1e3:8.1f} ms  tokenizers {single_ref * 1e3:8.1f} ms  "
+        f"ratio {single_ref / single_ours:.2f}x"
+    )
+    print(
+        f"per line:    ours {lines_ours * 1e3:8.1f} ms  tokenizers encode {lines_ref * 1e3:8.1f} ms  "
+        f"ratio {lines_ref / lines_ours:.2f}x"
+    )
+    print(
+        f"per line:    ours {lines_ours * 1e3:8.1f} ms  tokenizers encode_batch {batch_ref * 1e3:8.1f} ms  "
+        f"ratio {batch_ref / lines_ours:.2f}x (encode_batch runs on every core; ours on one)"
+    )
 
 
 if __name__ == "__main__":

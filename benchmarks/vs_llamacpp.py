@@ -13,6 +13,7 @@ Each measurement is a process of its own (so peak RSS is its own: one load, one 
 take turns, round after round, and each number is the median over the rounds. Prints tok/s, peak RSS and the
 ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,28 @@ def cmake_args() -> str:
     """The build's instruction sets from this CPU's flags (an AVX-512 build dies with SIGILL on an AVX2-only
     machine, such as some of the AMD EPYC hosts this runs on); AMX stays off, weight repacking on."""
     try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+            .split(":", 1)[1]
+            .split()
+        )
     except (OSError, StopIteration):
         flags = set()
     args = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
     if "avx512f" in flags:
         args.append("-DGGML_AVX512=ON")
-        args += [f"-DGGML_AVX512_{name}=ON" for name, flag in (("VNNI", "avx512_vnni"), ("BF16", "avx512_bf16"))
-                 if flag in flags]
-    args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_CPU_REPACK=ON",
-             "-DGGML_OPENMP=ON"]
+        args += [
+            f"-DGGML_AVX512_{name}=ON"
+            for name, flag in (("VNNI", "avx512_vnni"), ("BF16", "avx512_bf16"))
+            if flag in flags
+        ]
+    args += [
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+        "-DGGML_CPU_REPACK=ON",
+        "-DGGML_OPENMP=ON",
+    ]
     return " ".join(args)
 
 
@@ -55,15 +67,30 @@ def ensure_llamacpp() -> Path:
     python = VENV / "bin" / "python"
     marker = VENV / "cmake-args.txt"  # a venv built for another CPU's instruction sets is rebuilt
     build_args = cmake_args()
-    if (python.exists() and marker.exists() and marker.read_text() == build_args
-            and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0):
+    if (
+        python.exists()
+        and marker.exists()
+        and marker.read_text() == build_args
+        and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    ):
         return python
     print(f"building llama-cpp-python {LLAMA_CPP_VERSION} into {VENV} (about 10 minutes)...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     env = {**os.environ, "CMAKE_ARGS": build_args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    subprocess.run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-cache-dir",
-                    f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env,
-                   check=True)
+    subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--force-reinstall",
+            "--no-cache-dir",
+            f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+        ],
+        env=env,
+        check=True,
+    )
     marker.write_text(build_args)
     return python
 
@@ -76,8 +103,9 @@ def measure_llamacpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: in
     # n_batch covers the whole context: llama-cpp-python keeps last-token logits in an (n_batch, vocab) array
     # indexed by position, so a smaller n_batch overflows once decoding passes it
     n_ctx = prompt_tokens + new_tokens + 8
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx, verbose=False
+    )
     load_s = time.perf_counter() - started
     filler = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
     ids = llm.tokenize((filler * (prompt_tokens // 16 + 2)).encode(), add_bos=False)[:prompt_tokens]
@@ -98,19 +126,25 @@ def measure_llamacpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: in
     runs = [run(new_tokens) for _ in range(repeats)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
-    return {"prefill_tok_s": prompt_tokens / prefill, "decode_tok_s": (new_tokens - 1) / decode, "load_s": load_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "prefill_tok_s": prompt_tokens / prefill,
+        "decode_tok_s": (new_tokens - 1) / decode,
+        "load_s": load_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def requantize(python: Path, source: Path, target: Path, ftype: str) -> Path:
     if target.exists():
         return target
-    code = ("import llama_cpp, sys\n"
-            "params = llama_cpp.llama_model_quantize_default_params()\n"
-            f"params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{ftype}\n"
-            "params.allow_requantize = True\n"
-            "params.nthread = 2\n"
-            "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params) == 0\n")
+    code = (
+        "import llama_cpp, sys\n"
+        "params = llama_cpp.llama_model_quantize_default_params()\n"
+        f"params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{ftype}\n"
+        "params.allow_requantize = True\n"
+        "params.nthread = 2\n"
+        "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params) == 0\n"
+    )
     partial = target.with_name(target.name + ".partial")
     subprocess.run([python, "-c", code, str(source), str(partial)], check=True, capture_output=True)
     partial.replace(target)
@@ -120,17 +154,36 @@ def requantize(python: Path, source: Path, target: Path, ftype: str) -> Path:
 def measure_ours(model_dir: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     from qwen2cli.bench import as_dict, run_bench
 
-    runs = [as_dict(run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device="cpu"))
-            for _ in range(repeats)]
-    return {key: statistics.median(run[key] for run in runs) for key in
-            ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb")}
+    runs = [
+        as_dict(run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device="cpu"))
+        for _ in range(repeats)
+    ]
+    return {
+        key: statistics.median(run[key] for run in runs)
+        for key in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb")
+    }
 
 
 def our_checkpoint(hf_dir: Path, work: Path, bits: int) -> Path:
     out = work / f"qwen2cli-rtn-int{bits}"
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "qwen2cli", "quantize", str(hf_dir), "--method", "rtn", "--bits",
-                        str(bits), "--out", str(out)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwen2cli",
+                "quantize",
+                str(hf_dir),
+                "--method",
+                "rtn",
+                "--bits",
+                str(bits),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -172,22 +225,44 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, (side, target) in systems.items():
             runner = str(python) if side == "llamacpp" else sys.executable
-            done = subprocess.run([runner, __file__, "--side", side, "--target", str(target), "-p", str(args.p),
-                                   "-n", str(args.n), "--repeats", "1", "--threads", str(args.threads)],
-                                  capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            done = subprocess.run(
+                [
+                    runner,
+                    __file__,
+                    "--side",
+                    side,
+                    "--target",
+                    str(target),
+                    "-p",
+                    str(args.p),
+                    "-n",
+                    str(args.n),
+                    "--repeats",
+                    "1",
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
             rounds[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    results = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for name, runs in rounds.items()}
-    print(f"prompt {args.p}, new {args.n}, {args.threads} threads, median of {args.repeats} rounds "
-          "(each system once a round, in its own process)")
+    results = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for name, runs in rounds.items()
+    }
+    print(
+        f"prompt {args.p}, new {args.n}, {args.threads} threads, median of {args.repeats} rounds "
+        "(each system once a round, in its own process)"
+    )
     print(f"{'':22}{'prefill tok/s':>14}{'decode tok/s':>14}{'load s':>8}{'peak RSS MiB':>14}  decode range")
     for name, r in results.items():
         low, high = (f(run["decode_tok_s"] for run in rounds[name]) for f in (min, max))
-        print(f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}"
-              f"  {low:.1f}-{high:.1f}")
+        print(
+            f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}"
+            f"  {low:.1f}-{high:.1f}"
+        )
     fastest4 = max(("llama.cpp Q4_K_M", "llama.cpp Q4_0"), key=lambda k: results[k]["decode_tok_s"])
     ours4, ours8 = results["qwen2cli int4 g128"], results["qwen2cli int8"]
     ratios = {

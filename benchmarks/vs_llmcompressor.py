@@ -17,6 +17,7 @@ quantize` wrote, llm-compressor's with transformers on its fake-quantized model 
 the licences). "recovery" is the share of the same side's RTN loss a method wins back; #5's bar is 0.5.
 llm-compressor's AWQ takes about a minute a layer at 32 x 512 on 2 cores, four at 128 x 512.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def ensure_venv() -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True)
     constraints = VENV / "constraints.txt"
     constraints.write_text(torch_pin + "\n")
-    done = subprocess.run([python, "-m", "pip", "install", "-q", "-c", str(constraints), *REQUIREMENTS],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-c", str(constraints), *REQUIREMENTS], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise SystemExit(f"installing llm-compressor failed: {done.stderr.strip().splitlines()[-1:]}")
     marker.write_text(wanted)
@@ -90,7 +92,7 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
             ids = tokenizer(text)["input_ids"]
             nll, scored = 0.0, 0
             with torch.inference_mode():
-                for window in (ids[b:b + 512] for b in range(0, len(ids), 512)):
+                for window in (ids[b : b + 512] for b in range(0, len(ids), 512)):
                     if len(window) < 2:
                         continue
                     tokens = torch.tensor([window])
@@ -116,21 +118,32 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
     if method == "gptq":
         weights["actorder"] = "static"
     groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-    recipe = {"rtn": [QuantizationModifier(config_groups=groups, ignore=["lm_head"])],
-              "gptq": [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01)],
-              "awq": [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]}[method]
+    recipe = {
+        "rtn": [QuantizationModifier(config_groups=groups, ignore=["lm_head"])],
+        "gptq": [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01)],
+        "awq": [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])],
+    }[method]
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=seq_len, num_calibration_samples=samples)
     print("RESULT " + json.dumps(score()), flush=True)
 
 
 def reference(python: Path, method: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [str(python), __file__, "--worker", method, "--samples", str(args.samples), "--seq-len",
-               str(args.seq_len), *[x for f in args.text for x in ("--text", str(f))]]
+    command = [
+        str(python),
+        __file__,
+        "--worker",
+        method,
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        *[x for f in args.text for x in ("--text", str(f))],
+    ]
     done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"llm-compressor {method}: {done.stderr.strip()[-1500:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def ours(method: str, work: Path, scored: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
@@ -142,8 +155,9 @@ def ours(method: str, work: Path, scored: dict[str, str], args: argparse.Namespa
     source = real_hf_dir()
     if method != "float":
         out = work / method
-        quantize(source, out, f"{method}4-g128", argparse.Namespace(samples=args.samples, seq_len=args.seq_len,
-                                                                    calib=None))
+        quantize(
+            source, out, f"{method}4-g128", argparse.Namespace(samples=args.samples, seq_len=args.seq_len, calib=None)
+        )
         source = out
     engine = load_engine(source, device="cpu", dtype="float32")
     return {name: perplexity(engine, text, ctx=512).ppl for name, text in scored.items()}
@@ -171,11 +185,15 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="vs-llmcompressor-") as work:
         for method in methods:
-            results[method] = {"ours": ours(method, Path(work), scored, args),
-                               "llm-compressor": reference(python, method, args)}
+            results[method] = {
+                "ours": ours(method, Path(work), scored, args),
+                "llm-compressor": reference(python, method, args),
+            }
             print(method, json.dumps(results[method]), file=sys.stderr, flush=True)
-    print(f"int4 asym g128; calibration {args.samples} x {args.seq_len} (default text); perplexity, recovery of "
-          "the same side's RTN loss in brackets")
+    print(
+        f"int4 asym g128; calibration {args.samples} x {args.seq_len} (default text); perplexity, recovery of "
+        "the same side's RTN loss in brackets"
+    )
     names = list(results["float"]["ours"])
     print(f"{'':10}" + "".join(f"{side + ' ' + name:>30}" for name in names for side in ("ours", "llm-compressor")))
     for method, sides in results.items():

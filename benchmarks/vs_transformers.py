@@ -7,6 +7,7 @@ Each measurement runs in its own subprocess (so peak RSS is its own), the sides 
 512-token prompt; prints tok/s for both and the ratios ours / transformers. transformers uses its default dynamic
 cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure_transformers(model_dir: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int,
-                         device: str) -> dict:
+def measure_transformers(
+    model_dir: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, device: str
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -50,18 +52,29 @@ def measure_transformers(model_dir: str, dtype: str, prompt_tokens: int, new_tok
     prefill = [timed(1) for _ in range(repeats)]
     full = [timed(new_tokens) for _ in range(repeats)]
     ttft = statistics.median(prefill)
-    return {"prefill_tok_s": prompt_tokens / ttft, "decode_tok_s": (new_tokens - 1) / (statistics.median(full) - ttft),
-            "ttft_s": ttft, "load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0}
+    return {
+        "prefill_tok_s": prompt_tokens / ttft,
+        "decode_tok_s": (new_tokens - 1) / (statistics.median(full) - ttft),
+        "ttft_s": ttft,
+        "load_s": load_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
+    }
 
 
 def measure_ours(model_dir: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, device: str) -> dict:
     from qwen2cli.bench import as_dict, run_bench
 
-    runs = [as_dict(run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device=device,
-                              dtype=dtype)) for _ in range(repeats)]
-    return {key: statistics.median(run[key] or 0.0 for run in runs) for key in
-            ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "peak_gpu_mb")}
+    runs = [
+        as_dict(
+            run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device=device, dtype=dtype)
+        )
+        for _ in range(repeats)
+    ]
+    return {
+        key: statistics.median(run[key] or 0.0 for run in runs)
+        for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "peak_gpu_mb")
+    }
 
 
 def main() -> None:
@@ -87,13 +100,37 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"transformers": [], "ours": []}
     for _ in range(args.repeats):
         for side in runs:
-            done = subprocess.run([sys.executable, __file__, "--side", side, "--model", args.model, "--dtype",
-                                   args.dtype, "--device", args.device, "-p", str(args.p), "-n", str(args.n), "--repeats", "1"],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--model",
+                    args.model,
+                    "--dtype",
+                    args.dtype,
+                    "--device",
+                    args.device,
+                    "-p",
+                    str(args.p),
+                    "-n",
+                    str(args.n),
+                    "--repeats",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    results = {side: {key: statistics.median(run[key] for run in measured) for key in measured[0]}
-               for side, measured in runs.items()}
-    print(f"{args.device}, dtype {args.dtype}, prompt {args.p}, new {args.n}, median of {args.repeats} alternating runs")
+    results = {
+        side: {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+        for side, measured in runs.items()
+    }
+    print(
+        f"{args.device}, dtype {args.dtype}, prompt {args.p}, new {args.n}, median of {args.repeats} alternating runs"
+    )
     print(f"{'':14}{'transformers':>14}{'qwen2cli':>12}{'ratio':>8}")
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "peak_gpu_mb"):
         ref, ours = results["transformers"][key], results["ours"][key]

@@ -5,6 +5,7 @@ by grid search on a module's output; then choose each group's clipping range by 
 Model-agnostic: the caller says which Linears share a scaling (a scale group) and what op before them absorbs
 1/scale, and gives their input statistics. Only torch is imported.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ def fake_quantize(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool
     return dequantize(quantize(grouped, scale, zero, bits=bits), scale, zero).reshape(out_features, in_features)
 
 
-def candidate_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], ratio: float, *,
-                     group_size: int) -> torch.Tensor:
+def candidate_scales(
+    x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], ratio: float, *, group_size: int
+) -> torch.Tensor:
     """AWQ's per-input-channel scales at one grid point: x_mean^r / w_mean^(1-r), normalised around 1.
 
     w_mean is each input channel's mean magnitude relative to its group's largest, over all output rows.
@@ -47,8 +49,13 @@ class ScaleSearch:
     unscaled_loss: float  # relative output error with plain round-to-nearest, no scaling
 
 
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, *, gram: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None) -> float:
+def output_error(
+    weight: torch.Tensor,
+    approximation: torch.Tensor,
+    *,
+    gram: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> float:
     """sum over inputs x of |(W' - W) x|^2: from the inputs themselves (`rows`, N x in), or from their Gram matrix
     G = sum x x^T as tr(dW G dW^T), whichever is cheaper (rows when N < in)."""
     delta = approximation.float() - weight.float()
@@ -58,10 +65,18 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, *, gram: tor
     return float(((delta @ gram.float()) * delta).sum())
 
 
-def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, gram: torch.Tensor | None = None,
-                  rows: torch.Tensor | None = None,
-                  measure: Callable[[list[torch.Tensor]], float] | None = None,
-                  bits: int, group_size: int, sym: bool, grid: int = 20) -> ScaleSearch:
+def search_scales(
+    x_abs_mean: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    *,
+    gram: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    measure: Callable[[list[torch.Tensor]], float] | None = None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    grid: int = 20,
+) -> ScaleSearch:
     """AWQ's grid search over no scaling and `grid` strengths of the scales. By default the objective is
     |Q(W diag(s)) diag(s)^-1 X - W X|^2 summed over the Linears of a scale group (which share their input X), exact
     over every calibration token through X itself (`rows`) or its Gram matrix (`gram`), relative to |W X|^2.
@@ -81,8 +96,9 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, 
             scales = torch.ones_like(x_abs_mean, dtype=torch.float32)
         else:
             scales = candidate_scales(x_abs_mean, weights, ratio, group_size=group_size)
-        loss = measure([fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym) / scales
-                        for w in weights])
+        loss = measure(
+            [fake_quantize(w.float() * scales, bits=bits, group_size=group_size, sym=sym) / scales for w in weights]
+        )
         if best is None:
             best = ScaleSearch(scales=scales, ratio=None, loss=loss, unscaled_loss=loss)
         elif loss < best.loss:
@@ -91,8 +107,17 @@ def search_scales(x_abs_mean: torch.Tensor, weights: Sequence[torch.Tensor], *, 
     return best
 
 
-def search_clip(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 256) -> torch.Tensor:
+def search_clip(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 256,
+) -> torch.Tensor:
     """Per (row, group) clipping bound |w| <= bound that minimises the group's contribution to the output error
     over the layer's inputs; shrinks the largest magnitude by 0, 1/grid, ... max_shrink.
 
@@ -107,7 +132,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_si
     gram = gram / gram.diagonal(dim1=1, dim2=2).mean().clamp(min=1e-30)  # scale-free: only the argmin matters
     bounds = []
     for begin in range(0, out_features, rows_per_chunk):
-        w = weight[begin:begin + rows_per_chunk].float().reshape(-1, groups, group_size)  # (R, G, g)
+        w = weight[begin : begin + rows_per_chunk].float().reshape(-1, groups, group_size)  # (R, G, g)
         largest = w.abs().amax(dim=-1, keepdim=True)  # (R, G, 1)
         best_bound = largest.clone()
         best_error = torch.full_like(largest, float("inf"))

@@ -1,4 +1,5 @@
 """QuantConfig <-> the `quantization_config` JSON that transformers, vLLM, GPTQModel and AutoAWQ read and write."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,32 +48,55 @@ class QuantConfig:
         return size
 
     @classmethod
-    def from_hf(cls, data: dict[str, Any]) -> "QuantConfig":
+    def from_hf(cls, data: dict[str, Any]) -> QuantConfig:
         method = str(data.get("quant_method", "gptq")).lower()
         if method == "awq":
             if str(data.get("version", "gemm")).lower() != "gemm":
                 raise ValueError(f"AWQ version {data.get('version')!r} is not supported (only gemm)")
-            return cls(method="awq", bits=int(data.get("bits", data.get("w_bit", 4))),
-                       group_size=int(data.get("group_size", data.get("q_group_size", 128))),
-                       sym=not bool(data.get("zero_point", True)))
+            return cls(
+                method="awq",
+                bits=int(data.get("bits", data.get("w_bit", 4))),
+                group_size=int(data.get("group_size", data.get("q_group_size", 128))),
+                sym=not bool(data.get("zero_point", True)),
+            )
         if method != "gptq":
             raise ValueError(f"quant_method {method!r} is not supported (gptq or awq)")
-        return cls(method="gptq", bits=int(data.get("bits", 4)), group_size=int(data.get("group_size", 128)),
-                   sym=bool(data.get("sym", True)), desc_act=bool(data.get("desc_act", False)),
-                   static_groups=bool(data.get("static_groups", False)),
-                   checkpoint_format=str(data.get("checkpoint_format", "gptq")),
-                   damp_percent=float(data.get("damp_percent", 0.01)), mse=float(data.get("mse", 0.0) or 0.0),
-                   hessian_shrink=_shrink_from_hf(data.get("hessian_shrink", 0.0)))
+        return cls(
+            method="gptq",
+            bits=int(data.get("bits", 4)),
+            group_size=int(data.get("group_size", 128)),
+            sym=bool(data.get("sym", True)),
+            desc_act=bool(data.get("desc_act", False)),
+            static_groups=bool(data.get("static_groups", False)),
+            checkpoint_format=str(data.get("checkpoint_format", "gptq")),
+            damp_percent=float(data.get("damp_percent", 0.01)),
+            mse=float(data.get("mse", 0.0) or 0.0),
+            hessian_shrink=_shrink_from_hf(data.get("hessian_shrink", 0.0)),
+        )
 
     def to_hf(self) -> dict[str, Any]:
         if self.method == "awq":
-            return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
-                    "zero_point": not self.sym, "version": "gemm"}
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
-                "desc_act": self.desc_act, "static_groups": self.static_groups, "damp_percent": self.damp_percent,
-                "mse": self.mse, "hessian_shrink": "auto" if self.hessian_shrink is None else self.hessian_shrink,
-                "true_sequential": True, "checkpoint_format": self.checkpoint_format,
-                "quantizer": "qwen2cli-rtn" if self.method == "rtn" else "qwen2cli-gptq"}
+            return {
+                "quant_method": "awq",
+                "bits": self.bits,
+                "group_size": self.group_size,
+                "zero_point": not self.sym,
+                "version": "gemm",
+            }
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "desc_act": self.desc_act,
+            "static_groups": self.static_groups,
+            "damp_percent": self.damp_percent,
+            "mse": self.mse,
+            "hessian_shrink": "auto" if self.hessian_shrink is None else self.hessian_shrink,
+            "true_sequential": True,
+            "checkpoint_format": self.checkpoint_format,
+            "quantizer": "qwen2cli-rtn" if self.method == "rtn" else "qwen2cli-gptq",
+        }
 
 
 def _shrink_from_hf(value: Any) -> float | None:

@@ -1,5 +1,6 @@
 """GPTQ (Frantar et al., 2022): quantize one column at a time, pushing each column's error onto the columns not
 yet quantized through the inverse Hessian of the layer's inputs; lazy block updates, damping, act-order, groups."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,13 +78,25 @@ class GPTQ:
             raise ValueError(f"Hessian shrinkage must be in [0, 1], got {a}")
         return H if a == 0 else torch.lerp(H, torch.diag(torch.diag(H)), a)
 
-    def quantize(self, weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, desc_act: bool = False,
-                 static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                 mse: float = 0.0, shrink: float | None = 0.0) -> GPTQResult:
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        mse: float = 0.0,
+        shrink: float | None = 0.0,
+    ) -> GPTQResult:
         """`mse` > 0: pick each group's range by least |w - q(w)|^mse over shrunken ranges instead of min/max.
         `shrink`: see `shrunk_hessian` (None: by the number of samples)."""
         out_features, in_features = weight.shape
         if mse > 0:
+
             def params(w: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
                 return search_group_params(w, bits=bits, sym=sym, norm=mse)
         else:
@@ -100,8 +113,10 @@ class GPTQ:
         W[:, dead] = 0
         static = None
         if static_groups and group_size != -1:
-            static = [params(W[:, g:g + size], bits=bits, sym=sym) for g in range(0, in_features, size)]
-        order = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_features, device=W.device)
+            static = [params(W[:, g : g + size], bits=bits, sym=sym) for g in range(0, in_features, size)]
+        order = (
+            torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(in_features, device=W.device)
+        )
         W, H = W[:, order], H[order][:, order]
         damping = damp_percent
         while True:
@@ -134,7 +149,7 @@ class GPTQ:
                         scale, zero = static[int(order[column]) // size]
                     elif column % size == 0:
                         # the group's columns as they stand: this block's updated so far, later ones not yet
-                        scale, zero = params(WT[column:column + size].t(), bits=bits, sym=sym)
+                        scale, zero = params(WT[column : column + size].t(), bits=bits, sym=sym)
                         group_scales.append(scale[:, 0])
                         group_zeros.append(zero[:, 0])
                 w = WT[column]
@@ -142,7 +157,7 @@ class GPTQ:
                 q.copy_(quantize(w[:, None], scale, zero, bits=bits)[:, 0])
                 error = errors[offset]
                 torch.sub(w, dequantize(q, scale[:, 0], zero[:, 0]), out=error).div_(block_inverse[offset, offset])
-                WT[column + 1:end].addr_(block_inverse[offset, offset + 1:], error, alpha=-1)
+                WT[column + 1 : end].addr_(block_inverse[offset, offset + 1 :], error, alpha=-1)
             codes[:, begin:end] = quantized.t().to(torch.int32)
             WT[end:].addmm_(inverse[begin:end, end:].t(), errors, alpha=-1)
         restore = torch.argsort(order)
@@ -155,5 +170,12 @@ class GPTQ:
             g_idx = torch.zeros(in_features, dtype=torch.long, device=W.device)
         else:  # groups follow the (possibly permuted) quantization order
             g_idx = restore // size
-        return GPTQResult(codes=codes, scales=torch.stack(group_scales), zeros=torch.stack(group_zeros).to(torch.int32),
-                          g_idx=g_idx.to(torch.int32), damping_used=damping, samples=self.samples, fallback=fallback)
+        return GPTQResult(
+            codes=codes,
+            scales=torch.stack(group_scales),
+            zeros=torch.stack(group_zeros).to(torch.int32),
+            g_idx=g_idx.to(torch.int32),
+            damping_used=damping,
+            samples=self.samples,
+            fallback=fallback,
+        )

@@ -2,6 +2,7 @@
 cost of one float32 product per batch: the matrix is symmetric, so only its upper triangle is summed, in blocks of
 columns; and on CPU the products take oneDNN's bfloat16-assisted float32 mode. These sums were half of a GPTQ run
 (down_proj's: 4864 x 4864 per 4096 tokens)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -4,6 +4,7 @@ Each row of the (vocab, hidden) table is stored as int8 codes with one float32 s
 the layout torch's `_weight_int8pack_mm` computes with. When the embedding is tied to the head, the same table
 serves the row lookups. Built straight from the checkpoint's rows, a chunk at a time, so no float copy of the
 table is ever whole in memory."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class Int8Rows(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows"
 
     @classmethod
-    def from_rows(cls, read: Callable[[int, int], torch.Tensor], rows: int, cols: int) -> "Int8Rows":
+    def from_rows(cls, read: Callable[[int, int], torch.Tensor], rows: int, cols: int) -> Int8Rows:
         """Quantize a (rows, cols) float table read by `read(begin, end)`, QUANTIZE_ROWS rows at a time."""
         codes = scales = None
         for begin in range(0, rows, QUANTIZE_ROWS):
@@ -74,8 +75,9 @@ class Int8Rows(nn.Module):
                 end = min(begin + CHUNK_ROWS, self.out_features)
                 out[:, begin:end] = F.linear(flat, self.dequantized(begin, end))
         elif self._native is not None:  # symmetric: w = code * scale, offsets 0
-            out = native_matmul(self._native, "q8", flat.float().contiguous(), self.codes, self.scales, self.offsets,
-                                self.in_features)
+            out = native_matmul(
+                self._native, "q8", flat.float().contiguous(), self.codes, self.scales, self.offsets, self.in_features
+            )
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.codes, self.scales_bf16)
         if flat.shape[0] >= DEQUANT_MIN_ROWS:  # whole-prompt logits (perplexity) in the model's dtype, for memory

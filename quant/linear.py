@@ -1,4 +1,5 @@
 """QuantLinear: packed weights under the checkpoint's own names, a reference path and fast per-device kernels."""
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,9 @@ def int4pack_cpu_tile() -> int | None:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     if packed.shape != (128, 32):
         return None
-    return next((tile for tile in (32, 64) if torch.equal(unpack_int4pack_cpu(packed, 128, 64, tile).int(), codes)),
-                None)
+    return next(
+        (tile for tile in (32, 64) if torch.equal(unpack_int4pack_cpu(packed, 128, 64, tile).int(), codes)), None
+    )
 
 
 @functools.cache
@@ -61,11 +63,18 @@ def int4pack_cpu_layout_known(out_features: int, in_features: int) -> bool:
     tile = int4pack_cpu_tile()
     if tile is None or out_features % tile or in_features % 8:
         return False
-    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cpu",
-                          generator=torch.Generator("cpu").manual_seed(0))
+    codes = torch.randint(
+        0,
+        16,
+        (out_features, in_features),
+        dtype=torch.int32,
+        device="cpu",
+        generator=torch.Generator("cpu").manual_seed(0),
+    )
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
     return packed.shape == (out_features, in_features // 2) and torch.equal(
-        unpack_int4pack_cpu(packed, out_features, in_features, tile).int(), codes)
+        unpack_int4pack_cpu(packed, out_features, in_features, tile).int(), codes
+    )
 
 
 def cuda_inner_k_tiles(in_features: int) -> int:
@@ -77,8 +86,16 @@ def cuda_inner_k_tiles(in_features: int) -> int:
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as GPTQ or AWQ packed integers; `post_load()` picks the kernel once."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, config: QuantConfig,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        config: QuantConfig,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.config = in_features, out_features, config
         self.group_size = config.group_size_for(in_features)
@@ -110,16 +127,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         """What the layer computes with, so that two differently quantized models never print (or key) alike."""
         config = self.config
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {config.method} "
-                f"int{config.bits}, group_size={config.group_size}, sym={config.sym}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {config.method} "
+            f"int{config.bits}, group_size={config.group_size}, sym={config.sym}, kernel={self.kernel}"
+        )
 
     # -- decoding the stored layout ------------------------------------------------------------------------------
     @property
     def _version(self) -> int:
         return 2 if self.config.checkpoint_format == "gptq_v2" else 1
 
-    def codes_and_zeros(self, packed: dict[str, torch.Tensor] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def codes_and_zeros(
+        self, packed: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes input-major (in, out), as GPTQ stores them; zeros (groups, out); each input channel's group.
         From `packed` (qweight, qzeros and g_idx when stored, holding the same values) instead of the buffers."""
         qweight, qzeros = (self.qweight, self.qzeros) if packed is None else (packed["qweight"], packed["qzeros"])
@@ -133,8 +153,9 @@ class QuantLinear(nn.Module):
         """The float32 weight (out, in) this layer stands for."""
         if self.config.layout == "awq":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, group_size=self.group_size)
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, bits=self.config.bits,
-                               version=self._version)
+        return dequantize_gptq(
+            self.qweight, self.qzeros, self.scales, self.g_idx, bits=self.config.bits, version=self._version
+        )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then an ordinary float matmul: what every fast kernel is tested against."""
@@ -188,7 +209,8 @@ class QuantLinear(nn.Module):
             offsets = scales * (8 - zeros.float())
             self._fast = {
                 "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    sorted_rows.t().to(torch.int32).contiguous(), 2),
+                    sorted_rows.t().to(torch.int32).contiguous(), 2
+                ),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
             }
             if int4pack_cpu_layout_known(self.out_features, self.in_features):
@@ -197,16 +219,21 @@ class QuantLinear(nn.Module):
                 self._fast["scales32"], self._fast["offsets32"] = by_row(scales), by_row(zero_offsets)
             self.kernel = "int4pack-cpu"
         elif device.type == "cpu" and self.config.bits == 8 and self.config.sym and self.group_size == self.in_features:
-            self._fast = {"weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
-                          "scales": scales[0].to(torch.bfloat16), "scales32": scales[0]}
+            self._fast = {
+                "weight": (sorted_rows - zeros[0][None, :]).to(torch.int8).t().contiguous(),
+                "scales": scales[0].to(torch.bfloat16),
+                "scales32": scales[0],
+            }
             self.kernel = "int8pack-cpu"
         elif device.type == "cuda" and self.config.bits == 4 and int4_shape_ok and inner_k_tiles:
             # tinygemm: uint8 (out, in/2), even inputs in the high nibbles, repacked in tiles of inner_k_tiles x 16
             offsets = scales * (8 - zeros.float())
             codes = sorted_rows.t()
             packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-            self._fast = {"packed": torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles),
-                          "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous()}
+            self._fast = {
+                "packed": torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles),
+                "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
+            }
             self.kernel = "int4pack-cuda"
         else:
             return
@@ -246,12 +273,15 @@ class QuantLinear(nn.Module):
         step = max(tile, UNPACK_BLOCK_FLOATS // self.in_features // tile * tile)
         # the native kernels' codes unpack in C, straight into one reused block in the GEMM's dtype
         native = self._native is not None and flat.dtype in (torch.float32, torch.bfloat16)
-        block = (torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype, device=flat.device)
-                 if native else None)
+        block = (
+            torch.empty(min(step, self.out_features), self.in_features, dtype=flat.dtype, device=flat.device)
+            if native
+            else None
+        )
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             if native:
-                rows = self._native_rows(start, stop, block[:stop - start])
+                rows = self._native_rows(start, stop, block[: stop - start])
             else:
                 rows = self._float_rows(start, stop).to(flat.dtype)
             torch.mm(flat, rows.t(), out=out[:, start:stop])
@@ -273,8 +303,7 @@ class QuantLinear(nn.Module):
         elif self.kernel == "q8-native-cpu":
             codes = fast["q8"][start:stop]
         else:  # int4pack-cpu: start is a multiple of 64, and stop too unless it is the end
-            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features,
-                                        int4pack_cpu_tile())
+            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features, int4pack_cpu_tile())
         codes = codes.view(stop - start, self.in_features // self.group_size, self.group_size)
         if "scales16" in fast:  # (stored - zero) * scale, as the checkpoint's dequantization computes it
             zeros, scales = (fast[key][start:stop].float().unsqueeze(-1) for key in ("zeros16", "scales16"))
@@ -291,20 +320,30 @@ class QuantLinear(nn.Module):
         if self._native is not None:
             fast, kind = self._fast, self.kernel[:2]
             scales, offsets = (fast[key] for key in self._native_tables())
-            return native_matmul(self._native, kind, flat.float().contiguous(), fast[kind], scales, offsets,
-                                 self.group_size)
+            return native_matmul(
+                self._native, kind, flat.float().contiguous(), fast[kind], scales, offsets, self.group_size
+            )
         if self.kernel == "int8pack-cpu":
             return torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
         if self.kernel == "int4pack-cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._fast["packed"], self.group_size,
-                                                              self._fast["scales_and_zeros"])
-        return torch.ops.aten._weight_int4pack_mm(flat, self._fast["packed"], self.group_size,
-                                                  self._fast["scales_and_zeros"])
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self._fast["packed"], self.group_size, self._fast["scales_and_zeros"]
+            )
+        return torch.ops.aten._weight_int4pack_mm(
+            flat, self._fast["packed"], self.group_size, self._fast["scales_and_zeros"]
+        )
 
     # -- building -----------------------------------------------------------------------------------------------
     @classmethod
-    def from_quantized(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                       bias: torch.Tensor | None, config: QuantConfig) -> "QuantLinear":
+    def from_quantized(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: QuantConfig,
+    ) -> QuantLinear:
         """Pack an algorithm's result: codes (out, in), scales/zeros (groups, out), g_idx (in,)."""
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, bias=bias is not None, config=config)
@@ -329,11 +368,18 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
         return None
     orders = [layer._fast.get("order") for layer in layers]
     tables = first._native_tables()
-    if any(layer.kernel != first.kernel or layer.group_size != first.group_size
-           or layer.in_features != first.in_features or layer._native_tables() != tables for layer in layers):
+    if any(
+        layer.kernel != first.kernel
+        or layer.group_size != first.group_size
+        or layer.in_features != first.in_features
+        or layer._native_tables() != tables
+        for layer in layers
+    ):
         return None
-    if any((order is None) != (orders[0] is None) or (order is not None and not torch.equal(order, orders[0]))
-           for order in orders):
+    if any(
+        (order is None) != (orders[0] is None) or (order is not None and not torch.equal(order, orders[0]))
+        for order in orders
+    ):
         return None
     sizes = [layer.out_features for layer in layers]
     # only the kernel's tables: no packed-layout buffers, never read here (and building them on the meta device
@@ -347,8 +393,12 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
     kind = first.kernel[:2]
     if any(layer.bias is not None for layer in layers):
         device = first._fast[kind].device
-        fused.bias = torch.cat([torch.zeros(layer.out_features, device=device) if layer.bias is None
-                                else layer.bias.float() for layer in layers])  # float32, as the kernel's output
+        fused.bias = torch.cat(
+            [
+                torch.zeros(layer.out_features, device=device) if layer.bias is None else layer.bias.float()
+                for layer in layers
+            ]
+        )  # float32, as the kernel's output
     for key in (kind, *tables):
         fused._fast[key] = torch.cat([layer._fast[key] for layer in layers])
         for layer, part in zip(layers, fused._fast[key].split(sizes)):
@@ -361,14 +411,17 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
 
 def quantize_linear(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
     """Round-to-nearest quantization of a float Linear (what `--load-in 4bit|8bit` does on CPU)."""
-    codes, scales, zeros = quantize_rtn(linear.weight.detach().float(), bits=config.bits,
-                                        group_size=config.group_size_for(linear.in_features), sym=config.sym)
+    codes, scales, zeros = quantize_rtn(
+        linear.weight.detach().float(),
+        bits=config.bits,
+        group_size=config.group_size_for(linear.in_features),
+        sym=config.sym,
+    )
     g_idx = torch.arange(linear.in_features, device=codes.device) // config.group_size_for(linear.in_features)
     return QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, config)
 
 
-def replace_linears(module: nn.Module, config: QuantConfig, *, dtype: torch.dtype,
-                    skip: Callable[[str], bool]) -> None:
+def replace_linears(module: nn.Module, config: QuantConfig, *, dtype: torch.dtype, skip: Callable[[str], bool]) -> None:
     """Swap every nn.Linear whose qualified name `skip` rejects for an empty QuantLinear (on the meta device too)."""
     for name, child in list(module.named_modules()):
         for attribute, sub in list(child.named_children()):
@@ -376,5 +429,15 @@ def replace_linears(module: nn.Module, config: QuantConfig, *, dtype: torch.dtyp
             if isinstance(sub, nn.Linear) and not skip(qualified):
                 # made where the Linear is (the meta device at load): zero-filled CPU buffers of a model's size, each
                 # freed at once, still left ~150 MB of touched heap behind at a 0.5B load
-                setattr(child, attribute, QuantLinear(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                                      config=config, dtype=dtype, device=sub.weight.device))
+                setattr(
+                    child,
+                    attribute,
+                    QuantLinear(
+                        sub.in_features,
+                        sub.out_features,
+                        bias=sub.bias is not None,
+                        config=config,
+                        dtype=dtype,
+                        device=sub.weight.device,
+                    ),
+                )

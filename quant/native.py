@@ -5,6 +5,7 @@ torch's CPU int4 and int8 kernels compute bfloat16 products and, on AVX2, stream
 qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
 caller's, else a private temporary one), loaded with ctypes; absent (None) where there is no compiler, no AVX2/FMA,
 not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels."""
+
 from __future__ import annotations
 
 import ctypes
@@ -30,8 +31,9 @@ cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/ca
 def native_flags() -> tuple[str, ...]:
     """The compiler flags for this CPU: AVX2 + FMA + F16C, and AVX-512 BW/VL/VNNI where /proc/cpuinfo lists them
     (QWEN2_NATIVE_AVX512=0 keeps the AVX2 build)."""
-    vnni = os.environ.get("QWEN2_NATIVE_AVX512") != "0" and _cpu_has_all("avx512f", "avx512bw", "avx512vl",
-                                                                       "avx512_vnni")
+    vnni = os.environ.get("QWEN2_NATIVE_AVX512") != "0" and _cpu_has_all(
+        "avx512f", "avx512bw", "avx512vl", "avx512_vnni"
+    )
     return tuple(FLAGS + AVX512_FLAGS if vnni else FLAGS)
 
 
@@ -48,8 +50,9 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if compiler is None or not _cpu_has("avx2", "fma", "f16c"):
         return None
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-                            + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(flags).encode()
+    ).hexdigest()[:16]
     try:
         # never a shared, guessable directory (another user could plant a library there): the caller's cache, else
         # a private temporary one for this process (a 0.5 s build each time)
@@ -59,8 +62,9 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.{os.getpid()}")
-            subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(partial)], check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [compiler, *flags, *map(str, SOURCES), "-o", str(partial)], check=True, capture_output=True, timeout=120
+            )
             os.replace(partial, target)  # atomic: another process may be building the same file
         library = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the OpenMP runtime both use
         if private:
@@ -76,9 +80,14 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     library.attention_supported.restype = ctypes.c_int
     library.attention_prefill.restype = None
-    library.attention_prefill.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
-                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] * 2 + [ctypes.c_int]
-                                          + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 6)
+    library.attention_prefill.argtypes = (
+        [ctypes.c_void_p] * 3
+        + [ctypes.c_long] * 2
+        + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] * 2
+        + [ctypes.c_int]
+        + [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+        + [ctypes.c_int] * 6
+    )
     library.qlayer_work_floats.restype = ctypes.c_long
     library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
     library.qlayer_exp.restype = None
@@ -96,8 +105,9 @@ def _cpu_flags() -> frozenset[str] | None:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-                          []))
+    return frozenset(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
 
 
 def _cpu_has(*features: str) -> bool:
@@ -138,8 +148,15 @@ def pack_q8(codes: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_xor(codes.to(torch.uint8).contiguous(), 128).view(torch.int8)
 
 
-def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                  offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+def native_matmul(
+    library: ctypes.CDLL,
+    kind: str,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
     """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. `kind` q4 (pack_q4's codes) or q8 (pack_q8's);
     per (out, group), contiguous: float32 scales and offsets, W = stored * scale + offset; or float16 scales and
     int16 zeros, W = (stored - zero) * scale."""
@@ -148,32 +165,75 @@ def native_matmul(library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torc
     if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # raw pointers follow
         raise ValueError("native_matmul takes contiguous float32 CPU activations")
     half = scales.dtype == torch.float16
-    if (offsets.dtype != (torch.int16 if half else torch.float32) or (not half and scales.dtype != torch.float32)
-            or not (scales.is_contiguous() and offsets.is_contiguous())):
+    if (
+        offsets.dtype != (torch.int16 if half else torch.float32)
+        or (not half and scales.dtype != torch.float32)
+        or not (scales.is_contiguous() and offsets.is_contiguous())
+    ):
         raise ValueError("native_matmul takes float32 scales and offsets, or float16 scales and int16 zeros")
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
-    function = {("q4", False): library.q4_gemv, ("q8", False): library.q8_gemv,
-                ("q4", True): library.q4_gemv_h, ("q8", True): library.q8_gemv_h}[kind, half]
-    function(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), x.data_ptr(), out.data_ptr(),
-             out_features, in_features, group_size, rows)
+    function = {
+        ("q4", False): library.q4_gemv,
+        ("q8", False): library.q8_gemv,
+        ("q4", True): library.q4_gemv_h,
+        ("q8", True): library.q8_gemv_h,
+    }[kind, half]
+    function(
+        packed.data_ptr(),
+        scales.data_ptr(),
+        offsets.data_ptr(),
+        x.data_ptr(),
+        out.data_ptr(),
+        out_features,
+        in_features,
+        group_size,
+        rows,
+    )
     return out
 
 
-def native_unpack(library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales: torch.Tensor,
-                  offsets: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
+def native_unpack(
+    library: ctypes.CDLL,
+    kind: str,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """The weight rows `native_matmul` multiplies by, written into `out` (rows, in): float32, or bfloat16 rounded as
     torch rounds. Tables as native_matmul's, rows matching `packed`'s."""
     rows, in_features = out.shape
-    if (out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or packed.shape[0] != rows
-            or not (packed.is_contiguous() and scales.is_contiguous() and offsets.is_contiguous())):
+    if (
+        out.dtype not in (torch.float32, torch.bfloat16)
+        or not out.is_contiguous()
+        or packed.shape[0] != rows
+        or not (packed.is_contiguous() and scales.is_contiguous() and offsets.is_contiguous())
+    ):
         raise ValueError("native_unpack writes contiguous float32 or bfloat16 rows matching the packed ones")
-    library.q_unpack(packed.data_ptr(), scales.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, in_features,
-                     group_size, kind == "q4", scales.dtype == torch.float16, out.dtype == torch.bfloat16)
+    library.q_unpack(
+        packed.data_ptr(),
+        scales.data_ptr(),
+        offsets.data_ptr(),
+        out.data_ptr(),
+        rows,
+        in_features,
+        group_size,
+        kind == "q4",
+        scales.dtype == torch.float16,
+        out.dtype == torch.bfloat16,
+    )
     return out
 
 
-def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *,
-                      dual_chunk: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+def prefill_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    *,
+    dual_chunk: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor | None:
     """Causal GQA attention of a prompt chunk in C (quant/attention.c, AVX-512 builds): q (heads, length, d) at
     positions start.., keys/values (kv_heads, >= start + length, d) float32 or bfloat16, each with unit stride in d.
     `dual_chunk`: (successive queries, inter queries, chunk_len) for dual chunk attention, q then being the intra
@@ -185,19 +245,50 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     kv_heads = keys.shape[0]
     queries = [q] if dual_chunk is None else [q, dual_chunk[0], dual_chunk[1]]
     chunk_len = 0 if dual_chunk is None else dual_chunk[2]
-    if (library is None or not library.attention_supported() or d % 16 or heads % kv_heads or chunk_len % 64
-            or (dual_chunk is not None and chunk_len <= 0)
-            or q.device.type != "cpu" or keys.dtype != values.dtype or keys.dtype not in (torch.float32, torch.bfloat16)
-            or keys.shape[1] < start + length or any(t.stride(-1) != 1 for t in (keys, values))):
+    if (
+        library is None
+        or not library.attention_supported()
+        or d % 16
+        or heads % kv_heads
+        or chunk_len % 64
+        or (dual_chunk is not None and chunk_len <= 0)
+        or q.device.type != "cpu"
+        or keys.dtype != values.dtype
+        or keys.dtype not in (torch.float32, torch.bfloat16)
+        or keys.shape[1] < start + length
+        or any(t.stride(-1) != 1 for t in (keys, values))
+    ):
         return None
     # float32 with unit stride in d, all variants laid out alike (the kernel takes one set of strides)
-    queries = [query.float().contiguous() for query in queries] if dual_chunk is not None or (
-        q.dtype != torch.float32 or q.stride(-1) != 1) else queries
+    queries = (
+        [query.float().contiguous() for query in queries]
+        if dual_chunk is not None or (q.dtype != torch.float32 or q.stride(-1) != 1)
+        else queries
+    )
     first = queries[0]
     successive, inter = (queries[1].data_ptr(), queries[2].data_ptr()) if dual_chunk is not None else (None, None)
     out = torch.empty(length, heads, d, dtype=torch.float32, device=q.device)  # never the default device
-    library.attention_prefill(first.data_ptr(), successive, inter, first.stride(0), first.stride(1),
-                              keys.data_ptr(), keys.stride(0), keys.stride(1),
-                              values.data_ptr(), values.stride(0), values.stride(1), keys.dtype == torch.bfloat16,
-                              out.data_ptr(), d, heads * d, heads, kv_heads, length, start, d, chunk_len)
+    library.attention_prefill(
+        first.data_ptr(),
+        successive,
+        inter,
+        first.stride(0),
+        first.stride(1),
+        keys.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        values.data_ptr(),
+        values.stride(0),
+        values.stride(1),
+        keys.dtype == torch.bfloat16,
+        out.data_ptr(),
+        d,
+        heads * d,
+        heads,
+        kv_heads,
+        length,
+        start,
+        d,
+        chunk_len,
+    )
     return out.transpose(0, 1)

@@ -5,6 +5,7 @@ GPTQ (AutoGPTQ v1): qweight int32 [in*bits/32, out], input channels packed low b
 g_idx int32 [in]. AWQ GEMM (4-bit): qweight int32 [in, out/8] and qzeros int32 [groups, out/8], output channels
 packed in the order [0, 2, 4, 6, 1, 3, 5, 7]; zeros not offset; scales fp16 [groups, out].
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.reshape(-1, packed.shape[1])
 
 
-def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, *, bits: int, version: int = 1
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_gptq(
+    codes: torch.Tensor, zeros: torch.Tensor, *, bits: int, version: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (out, in) and zeros (groups, out) -> qweight [in*bits/32, out], qzeros [groups, out*bits/32]."""
     qweight = pack_rows(codes.t().contiguous(), bits)
     if version == 1 and bool((zeros < 1).any()):
@@ -42,8 +44,9 @@ def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, *, bits: int, version: i
     return qweight, qzeros
 
 
-def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, *, bits: int, version: int = 1,
-                input_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_gptq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, *, bits: int, version: int = 1, input_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """qweight, qzeros -> codes (out, in) int32 (`input_major`: (in, out), as stored, no transpose) and zeros
     (groups, out) int32."""
     codes = unpack_rows(qweight, bits)
@@ -54,12 +57,19 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, *, bits: int, versi
     return codes, zeros
 
 
-def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, *,
-                    bits: int, version: int = 1) -> torch.Tensor:
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    *,
+    bits: int,
+    version: int = 1,
+) -> torch.Tensor:
     """The float weight (out, in) a GPTQ layer stands for."""
     codes, zeros = unpack_gptq(qweight, qzeros, bits=bits, version=version)
     groups = g_idx.long()
-    return (scales.float()[groups].t() * (codes - zeros[groups].t()).float())
+    return scales.float()[groups].t() * (codes - zeros[groups].t()).float()
 
 
 def _awq_columns(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
@@ -69,6 +79,7 @@ def _awq_columns(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 
 def pack_awq(codes: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (out, in), zeros (groups, out) -> qweight [in, out/8], qzeros [groups, out/8] (4-bit)."""
+
     def pack(values: torch.Tensor) -> torch.Tensor:  # (rows, out) -> (rows, out/8)
         ordered = _awq_columns(values, AWQ_ORDER)
         return pack_rows(ordered.t().contiguous(), 4).t().contiguous()
@@ -76,8 +87,9 @@ def pack_awq(codes: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
     return pack(codes.t().contiguous()), pack(zeros)
 
 
-def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, *, input_major: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, *, input_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """qweight, qzeros -> codes (out, in) (`input_major`: (in, out)) and zeros (groups, out)."""
     # column k of each group of 8 sits in field AWQ_REVERSE_ORDER[k]: shifting by those reads them back in order
     shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32, device=qweight.device) * 4
@@ -89,7 +101,9 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, *, input_major: bool
     return (codes if input_major else codes.t().contiguous()), unpack(qzeros)
 
 
-def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group_size: int) -> torch.Tensor:
+def dequantize_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group_size: int
+) -> torch.Tensor:
     codes, zeros = unpack_awq(qweight, qzeros)  # (out, in), (groups, out)
     groups = torch.arange(codes.shape[1], device=codes.device) // group_size
     return scales.float()[groups].t() * (codes - zeros[groups].t()).float()

@@ -1,4 +1,5 @@
 """Group-wise scales and zeros and round-to-nearest: the primitive GPTQ, AWQ and RTN share."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def group_params(weight: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.T
     return scale, zero
 
 
-def search_group_params(weight: torch.Tensor, *, bits: int, sym: bool, norm: float = 2.4, grid: int = 100,
-                        max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+def search_group_params(
+    weight: torch.Tensor, *, bits: int, sym: bool, norm: float = 2.4, grid: int = 100, max_shrink: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Like group_params, but each row's range is shrunk (1, 0.99, ... down to 1 - max_shrink) to whichever gives
     the least sum |w - q(w)|^norm: clipping a few outliers buys a finer step for the rest (GPTQ's `mse` option)."""
     weight = weight.float()
@@ -38,8 +40,9 @@ def search_group_params(weight: torch.Tensor, *, bits: int, sym: bool, norm: flo
     return best_scale, best_zero
 
 
-def _rounding_error(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int,
-                    norm: float) -> torch.Tensor:
+def _rounding_error(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int, norm: float
+) -> torch.Tensor:
     return (dequantize(quantize(weight, scale, zero, bits=bits), scale, zero) - weight).abs_().pow_(norm).sum(1, True)
 
 
@@ -52,8 +55,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return scale * (codes - zero)
 
 
-def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rtn(
+    weight: torch.Tensor, *, bits: int, group_size: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest per group: codes (out, in) int32, scales and zeros (groups, out)."""
     out_features, in_features = weight.shape
     size = in_features if group_size == -1 else group_size
@@ -61,9 +65,9 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool
     codes = torch.empty_like(weight, dtype=torch.int32)
     scales, zeros = [], []
     for begin in range(0, in_features, size):
-        block = weight[:, begin:begin + size]
+        block = weight[:, begin : begin + size]
         scale, zero = group_params(block, bits=bits, sym=sym)
-        codes[:, begin:begin + size] = quantize(block, scale, zero, bits=bits).to(torch.int32)
+        codes[:, begin : begin + size] = quantize(block, scale, zero, bits=bits).to(torch.int32)
         scales.append(scale[:, 0])
         zeros.append(zero[:, 0])
     return codes, torch.stack(scales), torch.stack(zeros).to(torch.int32)

@@ -1,4 +1,5 @@
 """`python -m qwen2cli` is `qwen2`."""
+
 from .cli import main
 
 main()

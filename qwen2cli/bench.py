@@ -1,4 +1,5 @@
 """Prefill/decode/TTFT/load/peak-RSS measurement behind `qwen2 bench`."""
+
 from __future__ import annotations
 
 import resource
@@ -11,7 +12,7 @@ import torch
 
 from .generate import load_engine, prefill
 
-FILLER = ("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。 def add(a, b):\n    return a + b\n")
+FILLER = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。 def add(a, b):\n    return a + b\n"
 
 
 @dataclass
@@ -34,8 +35,16 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def run_bench(model_dir: Path, *, prompt_tokens: int = 512, new_tokens: int = 128, device: str = "auto",
-              dtype: str = "auto", load_in: str | None = None, float_head: bool = False) -> BenchResult:
+def run_bench(
+    model_dir: Path,
+    *,
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    device: str = "auto",
+    dtype: str = "auto",
+    load_in: str | None = None,
+    float_head: bool = False,
+) -> BenchResult:
     """Load, prefill `prompt_tokens`, then decode `new_tokens` greedily (ignoring stop tokens), timing each part."""
     started = time.perf_counter()
     engine = load_engine(model_dir, device=device, dtype=dtype, load_in=load_in, float_head=float_head)
@@ -55,11 +64,17 @@ def run_bench(model_dir: Path, *, prompt_tokens: int = 512, new_tokens: int = 12
             token = int(engine.loaded.model(step, cache, cache.pos, last_only=True)[0, -1].argmax())
         decode_s = time.perf_counter() - decode_started
     return BenchResult(
-        prefill_tok_s=len(ids) / ttft, decode_tok_s=(new_tokens - 1) / decode_s if new_tokens > 1 else 0.0,
-        ttft_s=ttft, load_s=load_s, peak_rss_mb=peak_rss_mb(),
+        prefill_tok_s=len(ids) / ttft,
+        decode_tok_s=(new_tokens - 1) / decode_s if new_tokens > 1 else 0.0,
+        ttft_s=ttft,
+        load_s=load_s,
+        peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if engine.loaded.device.type == "cuda" else None,
-        prompt_tokens=len(ids), new_tokens=new_tokens,
-        device=str(engine.loaded.device), dtype=str(engine.loaded.dtype).removeprefix("torch."))
+        prompt_tokens=len(ids),
+        new_tokens=new_tokens,
+        device=str(engine.loaded.device),
+        dtype=str(engine.loaded.dtype).removeprefix("torch."),
+    )
 
 
 def as_dict(result: BenchResult) -> dict:

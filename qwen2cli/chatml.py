@@ -1,4 +1,5 @@
 """ChatML rendering identical to Qwen2/Qwen2.5 chat templates; user text can never forge a special token."""
+
 from __future__ import annotations
 
 import re
@@ -43,8 +44,14 @@ def render_text(messages: Sequence[Message], *, default_system: str | None, add_
     return "".join(parts)
 
 
-def encode_chat(tokenizer: Qwen2Tokenizer, messages: Sequence[Message], *, default_system: str | None,
-                add_generation_prompt: bool = True, content_ids: Sequence[list[int] | None] = ()) -> list[int]:
+def encode_chat(
+    tokenizer: Qwen2Tokenizer,
+    messages: Sequence[Message],
+    *,
+    default_system: str | None,
+    add_generation_prompt: bool = True,
+    content_ids: Sequence[list[int] | None] = (),
+) -> list[int]:
     """Token ids of the rendered prompt: markers as special ids, every text segment with encode_ordinary.
 
     content_ids[i], when given, are message i's content tokens as the model produced them (a chat keeps its

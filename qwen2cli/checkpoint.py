@@ -1,4 +1,5 @@
 """Safetensors checkpoints -> a model: build on the meta device, swap quantized modules, load with assign=True."""
+
 from __future__ import annotations
 
 import ctypes
@@ -73,7 +74,8 @@ def weight_files(model_dir: Path) -> list[Path]:
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pth")):
         raise BadCheckpoint(
             f"{model_dir} holds only pickle (*.bin/*.pt) weights, which can run arbitrary code when loaded; "
-            "qwen2cli loads safetensors only (convert with transformers' save_pretrained(safe_serialization=True))")
+            "qwen2cli loads safetensors only (convert with transformers' save_pretrained(safe_serialization=True))"
+        )
     raise BadCheckpoint(f"{model_dir} has no *.safetensors weights")
 
 
@@ -81,8 +83,12 @@ OWN_MAPPING_BYTES = 1 << 22  # tensors read through a mapping of their own when 
 Target = Callable[[str, torch.Tensor], tuple[torch.dtype, torch.device]]
 
 
-def read_state_dict(files: list[Path], target: Target | None = None, transient: frozenset[str] = frozenset(),
-                    skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    files: list[Path],
+    target: Target | None = None,
+    transient: frozenset[str] = frozenset(),
+    skip: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
     """Tensors from safetensors files; a corrupt or truncated file is a BadCheckpoint.
 
     `target(name, tensor)` says the dtype and device each tensor is used in. One already so stays a memory-mapped,
@@ -163,8 +169,11 @@ def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "defa
         raise BadInput(f"unknown --attention {attention!r}: use default or dca")
     if attention == "dca" and config.dual_chunk_attention_config is None:
         chunk_size = config.max_position_embeddings
-        dca = {"chunk_size": chunk_size, "local_size": max(1, chunk_size // 32),
-               "original_max_position_embeddings": chunk_size}
+        dca = {
+            "chunk_size": chunk_size,
+            "local_size": max(1, chunk_size // 32),
+            "original_max_position_embeddings": chunk_size,
+        }
         return replace(config, dual_chunk_attention_config=dca)
     if ctx is None or ctx <= config.max_position_embeddings or config.rope_scaling is not None:
         return config
@@ -174,8 +183,16 @@ def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "defa
     return replace(config, rope_scaling=scaling, max_position_embeddings=int(original * factor))
 
 
-def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-               attention: str = "default", load_in: str | None = None, int8_head: bool | None = None) -> LoadedModel:
+def load_model(
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    ctx: int | None = None,
+    attention: str = "default",
+    load_in: str | None = None,
+    int8_head: bool | None = None,
+) -> LoadedModel:
     """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context;
     `load_in` ('8bit' or '4bit') quantizes an unquantized checkpoint's Linears as it loads. `int8_head`: the head
     (and a tied embedding) as int8 rows; None: for quantized models (a checkpoint's or --load-in's) on CPU, where
@@ -208,15 +225,21 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ct
         head_names = install_int8_head(model, config, home)
     # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
     # view of the file, and only the rows a prompt uses are ever read into memory
-    lookup_only = {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
+    lookup_only = (
+        {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
+    )
     # --load-in: each float Linear weight is read once, quantized, then dropped
     transient: frozenset[str] = frozenset()
     if load_in is not None:
         from .quantized_load import quantizable_linears
 
         transient = frozenset(f"{name}.weight" for name in quantizable_linears(model))
-    state = read_state_dict(files, lambda name, t: (t.dtype, t.device) if name in lookup_only
-                            else _target(t, torch_dtype, torch_device), transient, skip=head_names)
+    state = read_state_dict(
+        files,
+        lambda name, t: (t.dtype, t.device) if name in lookup_only else _target(t, torch_dtype, torch_device),
+        transient,
+        skip=head_names,
+    )
     if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     expected = set(model.state_dict().keys())
@@ -261,9 +284,18 @@ def _shape_of(model: torch.nn.Module, name: str) -> tuple[int, ...]:
     return tuple(getattr(model.get_submodule(module_name), attribute).shape)
 
 
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: torch.dtype | None = None) -> None:
@@ -271,6 +303,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: tor
     first (from shapes and dtypes alone), then each tensor's bytes, floating tensors cast to `float_dtype` as they
     are written. safetensors' save_file serialises the whole file in memory first, a second copy of the model (a
     7B's int4 output is 5 GB)."""
+
     def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
         return float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
 
@@ -278,8 +311,11 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: tor
     offset = 0
     for name, tensor in state.items():
         size = tensor.numel() * stored_dtype(tensor).itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[stored_dtype(tensor)], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[stored_dtype(tensor)],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned

@@ -1,19 +1,42 @@
 """The `qwen2` command: one thin Typer function per command over a library call. No torch at import time."""
+
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .errors import BadInput, OutputClosed, report
-from .options import (AttentionOpt, CtxOpt, DeviceOpt, DtypeOpt, FloatHeadOpt, JsonOpt, KvCacheOpt, LoadInOpt, MaxTokensOpt, MinPOpt, ModelArg, RepeatPenaltyOpt,
-                      SeedOpt, SystemOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from .options import (
+    AttentionOpt,
+    CtxOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FloatHeadOpt,
+    JsonOpt,
+    KvCacheOpt,
+    LoadInOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelArg,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
 
-app = typer.Typer(name="qwen2", help="Run Qwen2 / Qwen2.5 models on your own machine.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="qwen2",
+    help="Run Qwen2 / Qwen2.5 models on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens):
@@ -60,7 +83,7 @@ def _read_stdin() -> str:
 @app.command()
 def run(
     model: ModelArg = None,
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; piped stdin is appended to it.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; piped stdin is appended to it.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     json_output: JsonOpt = False,
     system: SystemOpt = None,
@@ -89,12 +112,30 @@ def run(
     model_dir, _ = _resolve_config(model)
     from .runner import answer_once  # torch loads here
 
-    result = answer_once(model_dir, text, raw=raw, system=system, ctx=ctx, device=device, dtype=dtype, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in, float_head=float_head,
-                         sampling=lambda engine: _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k,
-                                                           min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                                                           max_tokens=max_tokens),
-                         on_text=None if json_output else write_answer)
+    result = answer_once(
+        model_dir,
+        text,
+        raw=raw,
+        system=system,
+        ctx=ctx,
+        device=device,
+        dtype=dtype,
+        kv_cache=kv_cache,
+        attention=attention,
+        load_in=load_in,
+        float_head=float_head,
+        sampling=lambda engine: _sampling(
+            engine,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+        ),
+        on_text=None if json_output else write_answer,
+    )
     if json_output:
         print_json(result)
     elif sys.stdout.isatty():
@@ -104,7 +145,7 @@ def run(
 @app.command()
 def chat(
     model: ModelArg = None,
-    load: Annotated[Optional[str], typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
+    load: Annotated[str | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
     system: SystemOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -129,10 +170,26 @@ def chat(
     transcript = read_transcript(Path(load)) if load else None
     if model is None and transcript is not None:
         model = transcript.get("model")
-    engine = load_engine(_resolve(model), device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in, float_head=float_head)
-    params = _sampling(engine, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    engine = load_engine(
+        _resolve(model),
+        device=device,
+        dtype=dtype,
+        ctx=ctx,
+        kv_cache=kv_cache,
+        attention=attention,
+        load_in=load_in,
+        float_head=float_head,
+    )
+    params = _sampling(
+        engine,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+    )
     session = ChatSession(engine, params=params, ctx=ctx, system=system)
     if load:
         session.load(Path(load))
@@ -158,7 +215,10 @@ def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
 def info(
     model: ModelArg = None,
     json_output: JsonOpt = False,
-    memory: Annotated[Optional[str], typer.Option("--memory", help="A memory budget (e.g. 24GB): report the longest context it holds.")] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option("--memory", help="A memory budget (e.g. 24GB): report the longest context it holds."),
+    ] = None,
 ) -> None:
     """What a model is: architecture, size, context, quantization, KV bytes per token, files."""
     from .console import print_json
@@ -192,8 +252,17 @@ def bench(
     model_dir, _ = _resolve_config(model)
     from .bench import as_dict, run_bench  # torch loads here
 
-    result = as_dict(run_bench(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                               device=device, dtype=dtype, load_in=load_in, float_head=float_head))
+    result = as_dict(
+        run_bench(
+            model_dir,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            device=device,
+            dtype=dtype,
+            load_in=load_in,
+            float_head=float_head,
+        )
+    )
     if json_output:
         print_json(result)
     else:
@@ -217,17 +286,52 @@ def quantize(
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", help="gptq, awq or rtn.")] = "gptq",
     bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="32, 64, 128, 256 or -1 (per channel). Default: 128 at 4 bits, -1 at 8.")] = None,
-    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="GPTQ act-order: columns quantized in order of decreasing input energy. Default: on for GPTQ.")] = None,
-    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="GPTQ: each group's scale and zero from the weights before any update, groups kept contiguous under act-order (nothing to reorder at load). Default: on with act-order.")] = None,
-    clip: Annotated[bool, typer.Option("--clip/--no-clip", help="AWQ: also search each group's clipping range on the calibration (AutoAWQ's auto_clip). Off by default: on Qwen2.5-Coder-0.5B it made perplexity worse (README).")] = False,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", help="32, 64, 128, 256 or -1 (per channel). Default: 128 at 4 bits, -1 at 8."),
+    ] = None,
+    desc_act: Annotated[
+        bool | None,
+        typer.Option(
+            "--desc-act/--no-desc-act",
+            help="GPTQ act-order: columns quantized in order of decreasing input energy. Default: on for GPTQ.",
+        ),
+    ] = None,
+    static_groups: Annotated[
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups",
+            help="GPTQ: each group's scale and zero from the weights before any update, groups kept contiguous under act-order (nothing to reorder at load). Default: on with act-order.",
+        ),
+    ] = None,
+    clip: Annotated[
+        bool,
+        typer.Option(
+            "--clip/--no-clip",
+            help="AWQ: also search each group's clipping range on the calibration (AutoAWQ's auto_clip). Off by default: on Qwen2.5-Coder-0.5B it made perplexity worse (README).",
+        ),
+    ] = False,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric zero points.")] = True,
-    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text or JSONL file.")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration text or JSONL file.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sample.")] = 512,
-    damp: Annotated[float, typer.Option("--damp", help="GPTQ damping, a fraction of the Hessian's mean diagonal; raise it (0.1) for small calibration sets.")] = 0.01,
-    shrink: Annotated[str, typer.Option("--shrink", help="GPTQ: pull the Hessian toward its diagonal, 0 (plain GPTQ) to 1 (round-to-nearest), or auto: in/(in+tokens), strong when calibration tokens are few.")] = "auto",
-    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")] = None,
+    damp: Annotated[
+        float,
+        typer.Option(
+            "--damp",
+            help="GPTQ damping, a fraction of the Hessian's mean diagonal; raise it (0.1) for small calibration sets.",
+        ),
+    ] = 0.01,
+    shrink: Annotated[
+        str,
+        typer.Option(
+            "--shrink",
+            help="GPTQ: pull the Hessian toward its diagonal, 0 (plain GPTQ) to 1 (round-to-nearest), or auto: in/(in+tokens), strong when calibration tokens are few.",
+        ),
+    ] = "auto",
+    out: Annotated[
+        str | None, typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
@@ -249,13 +353,22 @@ def quantize(
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir, config = _resolve_config(model)
     # options that do not fit the model are refused from its config.json, before torch and the weights load
-    quantization_for(config, method=method, bits=bits, group_size=group, sym=sym, desc_act=desc_act,
-                     static_groups=static_groups, damp_percent=damp, hessian_shrink=hessian_shrink)
+    quantization_for(
+        config,
+        method=method,
+        bits=bits,
+        group_size=group,
+        sym=sym,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp_percent=damp,
+        hessian_shrink=hessian_shrink,
+    )
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
     from .calibration import read_calibration  # torch loads from here on
-    from .generate import load_engine
     from .checkpoint import keep_freed_memory
+    from .generate import load_engine
     from .quantize import quantize_model
 
     keep_freed_memory()
@@ -265,12 +378,25 @@ def quantize(
     engine = load_engine(model_dir, device=device, dtype=stored)
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:
+
         def run_quantize(target: Path) -> Path:
-            return quantize_model(engine, target, method=method, bits=bits, group_size=group, sym=sym,
-                                  desc_act=desc_act, static_groups=static_groups, calibration=text,
-                                  samples=samples, seq_len=seq_len,
-                                  damp_percent=damp, hessian_shrink=hessian_shrink, awq_clip=clip,
-                                  progress=bars.update)
+            return quantize_model(
+                engine,
+                target,
+                method=method,
+                bits=bits,
+                group_size=group,
+                sym=sym,
+                desc_act=desc_act,
+                static_groups=static_groups,
+                calibration=text,
+                samples=samples,
+                seq_len=seq_len,
+                damp_percent=damp,
+                hessian_shrink=hessian_shrink,
+                awq_clip=clip,
+                progress=bars.update,
+            )
 
         if out:
             path = run_quantize(Path(out))
@@ -280,15 +406,16 @@ def quantize(
                 for item in (staged / "model").iterdir():
                     item.replace(staged / item.name)
                 (staged / "model").rmdir()
-                path = store.commit(name, staged, {"source": "quantize", "base": str(model_dir),
-                                                   "quantization": f"{method}-int{bits}"}).path
+                path = store.commit(
+                    name, staged, {"source": "quantize", "base": str(model_dir), "quantization": f"{method}-int{bits}"}
+                ).path
     write_answer(f"{path}\n")
 
 
 @app.command(name="perplexity")
 def perplexity_command(
     model: ModelArg = None,
-    file: Annotated[Optional[str], typer.Option("--file", help="Text file to score.")] = None,
+    file: Annotated[str | None, typer.Option("--file", help="Text file to score.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Window length in tokens.")] = 512,
     kv_cache: KvCacheOpt = "float",
     json_output: JsonOpt = False,
@@ -312,8 +439,9 @@ def perplexity_command(
     from .generate import load_engine  # torch loads here
     from .perplexity import perplexity
 
-    engine = load_engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in,
-                         float_head=float_head)
+    engine = load_engine(
+        model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in, float_head=float_head
+    )
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})

@@ -1,4 +1,5 @@
 """Qwen2Config: the model's shape and defaults, read from config.json and generation_config.json (HF field names)."""
+
 from __future__ import annotations
 
 import json

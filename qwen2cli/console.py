@@ -1,4 +1,5 @@
 """Terminal output: answers to stdout, status/progress/stats to stderr; plain when not a TTY or NO_COLOR is set."""
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,28 @@ class ProgressBars:
     """Progress bars on stderr for downloads and imports (silent when stderr is not a terminal)."""
 
     def __init__(self) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(), console=status_console(),
-                                  transient=True, disable=_plain())
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=status_console(),
+            transient=True,
+            disable=_plain(),
+        )
         self._tasks: dict[str, int] = {}
 
-    def __enter__(self) -> "ProgressBars":
+    def __enter__(self) -> ProgressBars:
         self._progress.__enter__()
         return self
 

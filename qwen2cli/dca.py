@@ -5,6 +5,7 @@ keys of the previous chunk from position `min(pos % chunk_len + chunk_len, chunk
 all earlier chunks from the constant position `min(2 * chunk_len - 1, chunk_size)` (inter); one softmax spans all.
 Every relative distance therefore stays below chunk_size, the trained range.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ class DualChunkConfig:
         return self.chunk_size - self.local_size
 
     @classmethod
-    def from_hf(cls, raw: dict[str, Any]) -> "DualChunkConfig":
+    def from_hf(cls, raw: dict[str, Any]) -> DualChunkConfig:
         config = cls(chunk_size=int(raw["chunk_size"]), local_size=int(raw["local_size"]))
         if not 0 <= config.local_size < config.chunk_size:
             raise ValueError(f"dual chunk attention needs 0 <= local_size < chunk_size, got {raw}")
@@ -49,8 +50,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def dual_chunk_attention(queries: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keys: torch.Tensor,
-                         values: torch.Tensor, *, start_pos: int, config: DualChunkConfig) -> torch.Tensor:
+def dual_chunk_attention(
+    queries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    start_pos: int,
+    config: DualChunkConfig,
+) -> torch.Tensor:
     """Attention output (B, Hkv, group, T, D) for queries (intra, successive, inter), each (B, Hkv, group, T, D).
 
     keys/values (B, Hkv, S, D) hold positions [0, start_pos + T); computed in float32.
@@ -68,8 +75,11 @@ def dual_chunk_attention(queries: tuple[torch.Tensor, torch.Tensor, torch.Tensor
         end = min(length, begin + QUERY_BLOCK, (chunk + 1) * chunk_len - start_pos)  # stay inside one chunk
         own_start, previous_start = chunk * chunk_len, max(0, (chunk - 1) * chunk_len)
         parts = []
-        for query, key_begin, key_end in ((inter, 0, previous_start), (successive, previous_start, own_start),
-                                          (intra, own_start, start_pos + end)):
+        for query, key_begin, key_end in (
+            (inter, 0, previous_start),
+            (successive, previous_start, own_start),
+            (intra, own_start, start_pos + end),
+        ):
             if key_end > key_begin:
                 block = query[:, :, :, begin:end]  # (B, Hkv, group, Tb, D)
                 parts.append(torch.einsum("bhgtd,bhsd->bhgts", block, keys[:, :, key_begin:key_end]) * scale)
@@ -78,6 +88,6 @@ def dual_chunk_attention(queries: tuple[torch.Tensor, torch.Tensor, torch.Tensor
         key_pos = torch.arange(start_pos + end, device=scores.device)[None, :]
         scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
         weights = scores.softmax(dim=-1)
-        out[:, :, :, begin:end] = torch.einsum("bhgts,bhsd->bhgtd", weights, values[:, :, :start_pos + end])
+        out[:, :, :, begin:end] = torch.einsum("bhgts,bhsd->bhgtd", weights, values[:, :, : start_pos + end])
         begin = end
     return out

@@ -1,4 +1,5 @@
 """The exception hierarchy, and the one place that turns an exception into a one-line message."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Prefill (chunked) and decode loops: prompt ids in, text chunks with finish reasons and timing stats out."""
+
 from __future__ import annotations
 
 import time
@@ -41,9 +42,17 @@ class Engine:
         return kind(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
 
 
-def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", ctx: int | None = None,
-                kv_cache: str = "float", attention: str = "default", load_in: str | None = None,
-                float_head: bool = False) -> Engine:
+def load_engine(
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    ctx: int | None = None,
+    kv_cache: str = "float",
+    attention: str = "default",
+    load_in: str | None = None,
+    float_head: bool = False,
+) -> Engine:
     """Load model and tokenizer from a checkpoint directory and work out the stop ids. `float_head`: a quantized
     model's head stays float (by default it runs as int8 rows on CPU)."""
     if kv_cache not in ("float", "int8"):
@@ -53,13 +62,27 @@ def load_engine(model_dir: Path, *, device: str = "auto", dtype: str = "auto", c
     started = time.perf_counter()
     load_config(Path(model_dir))  # a missing or foreign config.json is the first thing to report
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(Path(model_dir), device=device, dtype=dtype, ctx=ctx, attention=attention, load_in=load_in,
-                        int8_head=False if float_head else None)
+    loaded = load_model(
+        Path(model_dir),
+        device=device,
+        dtype=dtype,
+        ctx=ctx,
+        attention=attention,
+        load_in=load_in,
+        int8_head=False if float_head else None,
+    )
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.vocab_size)  # ids the tokenizer can produce
-    return Engine(loaded=loaded, tokenizer=tokenizer, model_dir=Path(model_dir), stop_ids=frozenset(stops),
-                  sampleable_vocab=sampleable, load_seconds=time.perf_counter() - started, kv_cache=kv_cache)
+    return Engine(
+        loaded=loaded,
+        tokenizer=tokenizer,
+        model_dir=Path(model_dir),
+        stop_ids=frozenset(stops),
+        sampleable_vocab=sampleable,
+        load_seconds=time.perf_counter() - started,
+        kv_cache=kv_cache,
+    )
 
 
 @dataclass
@@ -98,7 +121,7 @@ def prefill(engine: Engine, cache: KVCache, token_ids: list[int], *, chunk_size:
     device = engine.loaded.device
     logits = None
     for begin in range(0, len(token_ids), chunk_size):
-        piece = torch.tensor([token_ids[begin:begin + chunk_size]], device=device)
+        piece = torch.tensor([token_ids[begin : begin + chunk_size]], device=device)
         logits = engine.loaded.model(piece, cache, cache.pos, last_only=True)
     assert logits is not None, "prefill needs at least one token"
     return logits[0, -1].float()
@@ -107,8 +130,10 @@ def prefill(engine: Engine, cache: KVCache, token_ids: list[int], *, chunk_size:
 def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, cache: KVCache) -> Iterator[Chunk]:
     """Continue `prompt_ids`, reusing the cache's first cache.pos positions, which must hold prompt_ids' prefix."""
     if len(prompt_ids) >= cache.max_len:
-        raise ContextOverflow(f"the prompt is {len(prompt_ids)} tokens; the context holds {cache.max_len} "
-                              "(raise --ctx or shorten the prompt)")
+        raise ContextOverflow(
+            f"the prompt is {len(prompt_ids)} tokens; the context holds {cache.max_len} "
+            "(raise --ctx or shorten the prompt)"
+        )
     if cache.pos >= len(prompt_ids):
         cache.trim(len(prompt_ids) - 1)  # at least one token must run to produce logits
     stats = Stats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids) - cache.pos)
@@ -123,11 +148,11 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
     decoder = engine.tokenizer.stream_decoder()
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = prefill(engine, cache, prompt_ids[cache.pos:])
+        logits = prefill(engine, cache, prompt_ids[cache.pos :])
         stats.prefill_s = time.perf_counter() - started
         finish = "length"
         while True:
-            logits[engine.sampleable_vocab:] = float("-inf")  # ids past the tokenizer's (padding rows)
+            logits[engine.sampleable_vocab :] = float("-inf")  # ids past the tokenizer's (padding rows)
             token = pick_token(logits, params, seen=seen, generator=generator)
             if not stats.completion_tokens:
                 stats.ttft_s = time.perf_counter() - started
@@ -142,7 +167,8 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
             if stats.completion_tokens >= params.max_tokens or cache.pos >= cache.max_len:
                 break
             seen[token] = True
-            logits = engine.loaded.model(torch.tensor([[token]], device=engine.loaded.device), cache, cache.pos,
-                                         last_only=True)[0, -1].float()
+            logits = engine.loaded.model(
+                torch.tensor([[token]], device=engine.loaded.device), cache, cache.pos, last_only=True
+            )[0, -1].float()
     stats.decode_s = time.perf_counter() - started - stats.ttft_s
     yield Chunk(decoder.flush(), finish_reason=finish, stats=stats)

@@ -2,6 +2,7 @@
 ~25 s import of the 0.5B Q4_K_M file). Layouts as llama.cpp's ggml-quants.c defines them; the tests compare every
 one with `gguf.quants.dequantize`. Little-endian hosts only (fp16 fields are read with a dtype view);
 others fall back to gguf."""
+
 from __future__ import annotations
 
 import sys
@@ -15,7 +16,7 @@ VALUES_PER_CHUNK = 1 << 22  # bounds the temporaries (~100 MB) whatever the tens
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 field at byte `at` of every block, as float32 (blocks, 1)."""
-    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _fifth_bits(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """Q5's 32 high bits (a little-endian uint32 at `at`: value j's bit is bit j % 8 of byte j // 8), each shifted
     into place (<< 4), in uint8 throughout."""
     shifts = torch.arange(8, dtype=torch.uint8)
-    return (((blocks[:, at:at + 4, None] >> shifts) & 1) << 4).reshape(blocks.shape[0], 32)
+    return (((blocks[:, at : at + 4, None] >> shifts) & 1) << 4).reshape(blocks.shape[0], 32)
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:  # d, qs[32] int8
@@ -71,8 +72,12 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     """256 values: ql[128] low nibbles, qh[64] 2-bit highs, 16 int8 scales (one per 16 values), d last."""
     n = blocks.shape[0]
     ql, qh = blocks[:, 0:128].reshape(n, 2, 64), blocks[:, 128:192].reshape(n, 2, 32)
-    quarters = [(ql[:, :, 0:32] & 0xF) | ((qh & 3) << 4), (ql[:, :, 32:64] & 0xF) | (((qh >> 2) & 3) << 4),
-                (ql[:, :, 0:32] >> 4) | (((qh >> 4) & 3) << 4), (ql[:, :, 32:64] >> 4) | (((qh >> 6) & 3) << 4)]
+    quarters = [
+        (ql[:, :, 0:32] & 0xF) | ((qh & 3) << 4),
+        (ql[:, :, 32:64] & 0xF) | (((qh >> 2) & 3) << 4),
+        (ql[:, :, 0:32] >> 4) | (((qh >> 4) & 3) << 4),
+        (ql[:, :, 32:64] >> 4) | (((qh >> 6) & 3) << 4),
+    ]
     values = torch.stack(quarters, dim=2).reshape(n, 256).float() - 32
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float().repeat_interleave(16, dim=1)
     return _half(blocks, 208) * scales * values
@@ -80,8 +85,13 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
 
 # ggml type name -> (values per block, bytes per block, decoder)
 DECODERS: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "Q8_0": (32, 34, _q8_0), "Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1), "Q5_0": (32, 22, _q5_0),
-    "Q5_1": (32, 24, _q5_1), "Q4_K": (256, 144, _q4_k), "Q6_K": (256, 210, _q6_k),
+    "Q8_0": (32, 34, _q8_0),
+    "Q4_0": (32, 18, _q4_0),
+    "Q4_1": (32, 20, _q4_1),
+    "Q5_0": (32, 22, _q5_0),
+    "Q5_1": (32, 24, _q5_1),
+    "Q4_K": (256, 144, _q4_k),
+    "Q6_K": (256, 210, _q6_k),
 }
 
 
@@ -98,6 +108,6 @@ def dequantize(data: np.ndarray, type_name: str) -> torch.Tensor | None:
     step = max(1, VALUES_PER_CHUNK // values)
     for begin in range(0, count, step):
         end = min(count, begin + step)
-        blocks = torch.from_numpy(raw[begin * size:end * size].copy()).reshape(-1, size)  # a writable copy
+        blocks = torch.from_numpy(raw[begin * size : end * size].copy()).reshape(-1, size)  # a writable copy
         out[begin:end] = decode(blocks)
     return out.reshape(-1)

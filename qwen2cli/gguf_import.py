@@ -1,4 +1,5 @@
 """GGUF -> a Hugging Face-layout checkpoint: config.json, generation_config.json, safetensors, tokenizer files."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,15 @@ from .tokenizer import QWEN2_PATTERN
 
 GPT2_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}
 LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -63,7 +70,8 @@ def read_config(reader) -> dict[str, Any]:
     heads = int(_field(reader, "qwen2.attention.head_count"))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
         "vocab_size": shapes["token_embd.weight"][1],
         "hidden_size": int(_field(reader, "qwen2.embedding_length")),
         "intermediate_size": int(_field(reader, "qwen2.feed_forward_length")),
@@ -75,7 +83,10 @@ def read_config(reader) -> dict[str, Any]:
         "rope_theta": float(_field(reader, "qwen2.rope.freq_base", 1_000_000.0)),
         "tie_word_embeddings": "output.weight" not in shapes,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos, "hidden_act": "silu", "use_sliding_window": False, "torch_dtype": "float32",
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "torch_dtype": "float32",
     }
 
 
@@ -86,21 +97,46 @@ def build_tokenizer_files(reader) -> tuple[dict, dict]:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = _field(reader, "tokenizer.ggml.merges") or []
-    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": kind == GPT2_TOKEN_TYPES["control"]}
-             for i, (token, kind) in enumerate(zip(tokens, types))
-             if kind in (GPT2_TOKEN_TYPES["control"], GPT2_TOKEN_TYPES["user_defined"])]
+    added = [
+        {
+            "id": i,
+            "content": token,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind == GPT2_TOKEN_TYPES["control"],
+        }
+        for i, (token, kind) in enumerate(zip(tokens, types))
+        if kind in (GPT2_TOKEN_TYPES["control"], GPT2_TOKEN_TYPES["user_defined"])
+    ]
     tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {token: i for i, token in enumerate(tokens)},
-                  "merges": [merge.split(" ", 1) for merge in merges]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {token: i for i, token in enumerate(tokens)},
+            "merges": [merge.split(" ", 1) for merge in merges],
+        },
     }
     ids = {entry["id"]: entry["content"] for entry in added}
 
@@ -108,10 +144,15 @@ def build_tokenizer_files(reader) -> tuple[dict, dict]:
         index = _field(reader, key)
         return None if index is None else ids.get(int(index), tokens[int(index)])
 
-    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": token("tokenizer.ggml.eos_token_id"),
-              "pad_token": token("tokenizer.ggml.padding_token_id"), "add_prefix_space": False,
-              "model_max_length": int(_field(reader, "qwen2.context_length", 32768)),
-              "chat_template": _field(reader, "tokenizer.chat_template")}
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "pad_token": token("tokenizer.ggml.padding_token_id"),
+        "add_prefix_space": False,
+        "model_max_length": int(_field(reader, "qwen2.context_length", 32768)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
     return tokenizer, config
 
 
@@ -125,11 +166,13 @@ def dequantized_tensors(reader, progress: Callable[[int, int], None] | None = No
         try:
             values = dequantize(tensor.data, tensor.tensor_type.name)  # the common block types, vectorised
             if values is None:
-                values = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                                                   dtype=np.float32))
+                values = torch.from_numpy(
+                    np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+                )
         except NotImplementedError as exc:
-            raise BadCheckpoint(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package "
-                                "cannot dequantize") from exc
+            raise BadCheckpoint(
+                f"tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package cannot dequantize"
+            ) from exc
         except ValueError as exc:
             raise BadCheckpoint(f"tensor {tensor.name}: {exc}") from exc
         tensors[hf_tensor_name(tensor.name)] = values.reshape(shape)

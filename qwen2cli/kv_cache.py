@@ -1,4 +1,5 @@
 """A static, preallocated key/value cache, one buffer pair per layer at num_key_value_heads, owned by the caller."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,15 @@ from .config import Qwen2Config
 class KVCache:
     """Keys and values for positions [0, pos) of one sequence batch; the model writes and advances `pos`."""
 
-    def __init__(self, config: Qwen2Config, max_len: int, *, batch_size: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: Qwen2Config,
+        max_len: int,
+        *,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, n_kv_heads, S, D)
         self.dtype = dtype
         self.keys = [self._buffer(device) for _ in range(config.num_hidden_layers)]
@@ -21,7 +29,9 @@ class KVCache:
     def _buffer(self, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
-    def write(self, layer_index: int, start_pos: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer_index: int, start_pos: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `keys`/`values` (B, n_kv_heads, T, head_dim) at start_pos; return the cache up to start_pos + T."""
         end = start_pos + keys.shape[2]
         self.keys[layer_index][:, :, start_pos:end] = keys
@@ -59,8 +69,15 @@ class Int8KVCache(KVCache):
     those channels from eating the other channels' precision.
     """
 
-    def __init__(self, config: Qwen2Config, max_len: int, *, batch_size: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: Qwen2Config,
+        max_len: int,
+        *,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__(config, max_len, batch_size=batch_size, dtype=dtype, device=device)
         scale_shape = self.shape[:3] + (1,)  # (B, n_kv_heads, S, 1)
         self.key_scales = [torch.ones(scale_shape, dtype=torch.float16, device=device) for _ in self.keys]
@@ -91,16 +108,24 @@ class Int8KVCache(KVCache):
         scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8).to(torch.float16)  # (B, H, T, 1)
         return torch.round(x.float() / scale.float()).clamp(-127, 127).to(torch.int8), scale
 
-    def write(self, layer_index: int, start_pos: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer_index: int, start_pos: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = start_pos + keys.shape[2]
         key_channel = self._channel_scale(self.key_channel_scales, layer_index, keys)
         value_channel = self._channel_scale(self.value_channel_scales, layer_index, values)
-        for store, scales, new in ((self.keys, self.key_scales, keys.float() / key_channel),
-                                   (self.values, self.value_scales, values.float() / value_channel)):
+        for store, scales, new in (
+            (self.keys, self.key_scales, keys.float() / key_channel),
+            (self.values, self.value_scales, values.float() / value_channel),
+        ):
             quantized, scale = self._quantize(new)
             store[layer_index][:, :, start_pos:end] = quantized
             scales[layer_index][:, :, start_pos:end] = scale
+
         def restore(store: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
-            return (store[layer_index][:, :, :end].to(self.dtype) * scales[layer_index][:, :, :end].to(self.dtype))
-        return (restore(self.keys, self.key_scales) * key_channel.to(self.dtype),
-                restore(self.values, self.value_scales) * value_channel.to(self.dtype))
+            return store[layer_index][:, :, :end].to(self.dtype) * scales[layer_index][:, :, :end].to(self.dtype)
+
+        return (
+            restore(self.keys, self.key_scales) * key_channel.to(self.dtype),
+            restore(self.values, self.value_scales) * value_channel.to(self.dtype),
+        )

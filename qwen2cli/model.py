@@ -1,5 +1,6 @@
 """The Qwen2 decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or files (a prompt
 chunk's attention on CPU may run in quant/attention.c, a plain C kernel)."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant.native import prefill_attention
-
 from .config import Qwen2Config
 from .dca import DualChunkConfig, dual_chunk_attention, rotate
 from .kv_cache import KVCache
+from .quant.native import prefill_attention
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +34,9 @@ def yarn_inverse_frequencies(config: Qwen2Config, dim: int) -> tuple[torch.Tenso
     """YaRN's blended inverse frequencies and attention factor (the paper's ramp between interpolation and extrapolation)."""
     scaling = config.rope_scaling or {}
     base = config.rope_theta
-    factor = float(scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"])
+    factor = float(
+        scaling.get("factor") or config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    )
     original = scaling["original_max_position_embeddings"]
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
@@ -62,7 +64,9 @@ def yarn_inverse_frequencies(config: Qwen2Config, dim: int) -> tuple[torch.Tenso
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     position_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     extrapolation_weight = 1 - ramp
-    inverse = (1.0 / (factor * position_freqs)) * (1 - extrapolation_weight) + (1.0 / position_freqs) * extrapolation_weight
+    inverse = (1.0 / (factor * position_freqs)) * (1 - extrapolation_weight) + (
+        1.0 / position_freqs
+    ) * extrapolation_weight
     return inverse, float(attention_factor)
 
 
@@ -80,7 +84,7 @@ class RotaryEmbedding:
             self.inverse_frequencies, self.attention_scaling = yarn_inverse_frequencies(config, dim)
         else:
             exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-            self.inverse_frequencies = 1.0 / (config.rope_theta ** exponents)
+            self.inverse_frequencies = 1.0 / (config.rope_theta**exponents)
             self.attention_scaling = 1.0
 
     def tables(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +109,13 @@ class Fused:
     split, for inputs of up to `max_rows` rows; longer ones go through the layers one by one. Not a submodule:
     parameter names, state dicts and the separate layers stay as the checkpoint has them."""
 
-    def __init__(self, projection: Callable[[torch.Tensor], torch.Tensor], layers: list[nn.Module],
-                 sizes: list[int], max_rows: int) -> None:
+    def __init__(
+        self,
+        projection: Callable[[torch.Tensor], torch.Tensor],
+        layers: list[nn.Module],
+        sizes: list[int],
+        max_rows: int,
+    ) -> None:
         self.projection, self.layers, self.sizes, self.max_rows = projection, layers, sizes, max_rows
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -164,8 +173,12 @@ class Attention(nn.Module):
         if dtype == torch.float16:
             q, keys, values = q.float(), keys.float(), values.float()
         key_length = keys.shape[2]
-        if (length > 1 and batch == 1 and q.device.type == "cpu"
-                and (self.sliding_window is None or key_length <= self.sliding_window)):
+        if (
+            length > 1
+            and batch == 1
+            and q.device.type == "cpu"
+            and (self.sliding_window is None or key_length <= self.sliding_window)
+        ):
             # a prompt chunk on CPU: quant/attention.c where it builds (AVX-512), 2-3x torch's flash attention there
             out = prefill_attention(q[0], keys[0], values[0], start_pos)
             if out is not None:
@@ -181,20 +194,25 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return out.to(dtype).reshape(batch, self.num_heads, length, self.head_dim)
 
-    def _dual_chunk_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
-                            cache: KVCache, start_pos: int) -> torch.Tensor:
+    def _dual_chunk_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables, cache: KVCache, start_pos: int
+    ) -> torch.Tensor:
         batch, _, length, _ = q.shape
         key_cos, key_sin, succ_cos, succ_sin, inter_cos, inter_sin = rope
         keys, values = cache.write(self.layer_index, start_pos, rotate(k, key_cos, key_sin), v)
         group = self.num_heads // self.num_kv_heads
         grouped = q.view(batch, self.num_kv_heads, group, length, self.head_dim)  # (B, Hkv, group, T, D)
-        queries = (rotate(grouped, key_cos, key_sin), rotate(grouped, succ_cos, succ_sin),
-                   rotate(grouped, inter_cos, inter_sin))
+        queries = (
+            rotate(grouped, key_cos, key_sin),
+            rotate(grouped, succ_cos, succ_sin),
+            rotate(grouped, inter_cos, inter_sin),
+        )
         out = None
         if batch == 1 and q.device.type == "cpu":  # quant/attention.c where it builds (AVX-512, chunks of 64 keys)
             intra, successive, inter = (query[0].reshape(self.num_heads, length, self.head_dim) for query in queries)
-            out = prefill_attention(intra, keys[0], values[0], start_pos,
-                                    dual_chunk=(successive, inter, self.dual_chunk.chunk_len))
+            out = prefill_attention(
+                intra, keys[0], values[0], start_pos, dual_chunk=(successive, inter, self.dual_chunk.chunk_len)
+            )
         if out is None:
             out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=self.dual_chunk)
         out = out.to(q.dtype).reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
@@ -249,8 +267,9 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
         # an explicit weight skips the random init (on the meta device, torch's normal_ would import dynamo: 1.5 s)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -277,14 +296,16 @@ class Qwen2ForCausalLM(nn.Module):
         """cos/sin rows for positions start_pos..start_pos+length (three pairs under dual chunk attention)."""
         if self.dual_chunk is None:
             cos, sin = self.rotary.tables(start_pos + length, device)
-            return cos[start_pos:start_pos + length], sin[start_pos:start_pos + length]
+            return cos[start_pos : start_pos + length], sin[start_pos : start_pos + length]
         cos, sin = self.rotary.tables(self.dual_chunk.chunk_size + 1, device)
         positions = torch.arange(start_pos, start_pos + length, device=device)
         key_pos, succ_pos = self.dual_chunk.key_positions(positions), self.dual_chunk.successive_positions(positions)
         inter_pos = torch.full_like(positions, self.dual_chunk.inter_position())
         return cos[key_pos], sin[key_pos], cos[succ_pos], sin[succ_pos], cos[inter_pos], sin[inter_pos]
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache, start_pos: int, *, last_only: bool = False
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T) at positions start_pos.. (only the last one if last_only)."""
         length = input_ids.shape[1]
         if start_pos + length > cache.max_len:

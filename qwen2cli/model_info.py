@@ -1,4 +1,5 @@
 """Facts about a checkpoint directory for `qwen2 info`, read from its files without loading weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,12 +59,16 @@ def describe(model_dir: Path, *, memory: str | None = None) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": config.torch_dtype,
         "quantization": f"{quant.get('quant_method')}-int{quant.get('bits')}" if quant else "none",
-        "kv_bytes_per_token": {kind: kv_bytes_per_token(config, element_bytes=size)
-                               for kind, size in (("float32", 4), ("bfloat16", 2), ("int8", 1))},
+        "kv_bytes_per_token": {
+            kind: kv_bytes_per_token(config, element_bytes=size)
+            for kind, size in (("float32", 4), ("bfloat16", 2), ("int8", 1))
+        },
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": [f.name for f in files],
     }
     if memory is not None:
         budget = parse_memory(memory) - facts["size_bytes"]
-        facts["max_context"] = {kind: max(0, budget // per_token) for kind, per_token in facts["kv_bytes_per_token"].items()}
+        facts["max_context"] = {
+            kind: max(0, budget // per_token) for kind, per_token in facts["kv_bytes_per_token"].items()
+        }
     return facts

@@ -1,4 +1,5 @@
 """Qwen2-MoE's sparse block: softmax router, top-k experts, and a sigmoid-gated shared expert."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ class SparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
-                                     for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
@@ -46,8 +48,8 @@ class SparseMoeBlock(nn.Module):
         for expert_index, count in enumerate(counts):
             if count == 0:
                 continue
-            rows = token_of_pair[begin:begin + count]
-            out = self.experts[expert_index](tokens[rows]) * pair_weights[begin:begin + count, None]
+            rows = token_of_pair[begin : begin + count]
+            out = self.experts[expert_index](tokens[rows]) * pair_weights[begin : begin + count, None]
             routed.index_add_(0, rows, out)
             begin += count
         shared = torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)

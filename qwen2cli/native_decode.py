@@ -6,6 +6,7 @@ Qwen2.5-0.5B. Here a layer is one call. The step runs in float32 throughout and 
 or bfloat16); models or caches it does not cover (MoE, sliding windows, dual chunk attention, act-order layers, an
 int8 cache, batches) take the Python path, and so does every prompt of more than one token.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,20 +19,42 @@ from .model import MLP, Qwen2ForCausalLM
 
 
 class _QMatrix(ctypes.Structure):
-    _fields_ = [("weights", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
-                ("rows", ctypes.c_int), ("cols", ctypes.c_int), ("group", ctypes.c_int), ("q4", ctypes.c_int)]
+    _fields_ = [
+        ("weights", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("rows", ctypes.c_int),
+        ("cols", ctypes.c_int),
+        ("group", ctypes.c_int),
+        ("q4", ctypes.c_int),
+    ]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _QMatrix), ("o", _QMatrix), ("gate_up", _QMatrix), ("down", _QMatrix),
-                ("qkv_bias", ctypes.c_void_p), ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+    _fields_ = [
+        ("qkv", _QMatrix),
+        ("o", _QMatrix),
+        ("gate_up", _QMatrix),
+        ("down", _QMatrix),
+        ("qkv_bias", ctypes.c_void_p),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+    ]
 
 
 class _Shape(ctypes.Structure):
-    _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
-                ("head_dim", ctypes.c_int), ("intermediate", ctypes.c_int), ("max_len", ctypes.c_int),
-                ("cache_bf16", ctypes.c_int), ("eps", ctypes.c_float)]
+    _fields_ = [
+        ("hidden", ctypes.c_int),
+        ("heads", ctypes.c_int),
+        ("kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("intermediate", ctypes.c_int),
+        ("max_len", ctypes.c_int),
+        ("cache_bf16", ctypes.c_int),
+        ("eps", ctypes.c_float),
+    ]
 
 
 def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
@@ -39,22 +62,32 @@ def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
     while it holds their addresses); None for anything else (act-order included)."""
     from .quant.linear import QuantLinear
 
-    if (not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast
-            or "scales16" not in layer._fast):
+    if (
+        not isinstance(layer, QuantLinear)
+        or layer._native is None
+        or "order" in layer._fast
+        or "scales16" not in layer._fast
+    ):
         return None
     kind = layer.kernel[:2]
     tables = [layer._fast[kind], layer._fast["scales16"], layer._fast["zeros16"]]
     kept += tables
-    return _QMatrix(*(table.data_ptr() for table in tables), layer.out_features, layer.in_features,
-                    layer.group_size, int(kind == "q4"))
+    return _QMatrix(
+        *(table.data_ptr() for table in tables),
+        layer.out_features,
+        layer.in_features,
+        layer.group_size,
+        int(kind == "q4"),
+    )
 
 
 class NativeDecoder:
     """`decoder(x, cache, start_pos)`: the hidden state after the last layer for one token's embedding x (1, 1,
     hidden), in x's dtype, or None where the Python path must run (see the module's docstring)."""
 
-    def __init__(self, model: Qwen2ForCausalLM, library: ctypes.CDLL, layers: list[_Layer],
-                 kept: list[torch.Tensor]) -> None:
+    def __init__(
+        self, model: Qwen2ForCausalLM, library: ctypes.CDLL, layers: list[_Layer], kept: list[torch.Tensor]
+    ) -> None:
         # the model's parts, not the model: it holds this decoder, and a cycle would keep a dropped model (all its
         # weights) in memory until the garbage collector next runs
         self.config, self.rotary = model.config, model.rotary
@@ -62,10 +95,14 @@ class NativeDecoder:
         self._sized: tuple[tuple[int, bool], _Shape, torch.Tensor] | None = None  # for the last cache size seen
 
     @classmethod
-    def build(cls, model: Qwen2ForCausalLM) -> "NativeDecoder | None":
+    def build(cls, model: Qwen2ForCausalLM) -> NativeDecoder | None:
         config = model.config
-        if (model.dual_chunk is not None or config.head_dim % 8 or config.head_dim > 256
-                or config.num_attention_heads // config.num_key_value_heads > 256):  # qlayer.c's fixed arrays
+        if (
+            model.dual_chunk is not None
+            or config.head_dim % 8
+            or config.head_dim > 256
+            or config.num_attention_heads // config.num_key_value_heads > 256
+        ):  # qlayer.c's fixed arrays
             return None
         layers, kept, library = [], [], None
         for layer in model.model.layers:
@@ -77,20 +114,33 @@ class NativeDecoder:
             qkv, gate_up = attention.fused_qkv.projection, mlp.fused_gate_up.projection
             attention_size, intermediate = config.num_attention_heads * config.head_dim, config.intermediate_size
             # the shapes qlayer.c assumes from the config (a checkpoint whose layers were padded past it is not)
-            if (qkv.out_features != attention_size + 2 * config.num_key_value_heads * config.head_dim
-                    or attention.o_proj.in_features != attention_size or gate_up.out_features != 2 * intermediate
-                    or mlp.down_proj.in_features != intermediate):
+            if (
+                qkv.out_features != attention_size + 2 * config.num_key_value_heads * config.head_dim
+                or attention.o_proj.in_features != attention_size
+                or gate_up.out_features != 2 * intermediate
+                or mlp.down_proj.in_features != intermediate
+            ):
                 return None
             matrices = [_matrix(m, kept) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
             if any(m is None for m in matrices):
                 return None
             library = qkv._native
-            norms = [layer.input_layernorm.weight.detach().float().contiguous(),
-                     layer.post_attention_layernorm.weight.detach().float().contiguous()]
+            norms = [
+                layer.input_layernorm.weight.detach().float().contiguous(),
+                layer.post_attention_layernorm.weight.detach().float().contiguous(),
+            ]
             bias = None if qkv.bias is None else qkv.bias.float().contiguous()
             kept += [*norms, *([bias] if bias is not None else [])]
-            layers.append(_Layer(*matrices, None if bias is None else bias.data_ptr(), norms[0].data_ptr(),
-                                 norms[1].data_ptr(), None, None))
+            layers.append(
+                _Layer(
+                    *matrices,
+                    None if bias is None else bias.data_ptr(),
+                    norms[0].data_ptr(),
+                    norms[1].data_ptr(),
+                    None,
+                    None,
+                )
+            )
         if library is None:
             return None
         return cls(model, library, layers, kept)
@@ -99,16 +149,28 @@ class NativeDecoder:
         key = (cache.max_len, cache.dtype == torch.bfloat16)
         if self._sized is None or self._sized[0] != key:
             config = self.config
-            shape = _Shape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                           config.head_dim, config.intermediate_size, cache.max_len, int(key[1]), config.rms_norm_eps)
-            work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32,
-                               device="cpu")
+            shape = _Shape(
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim,
+                config.intermediate_size,
+                cache.max_len,
+                int(key[1]),
+                config.rms_norm_eps,
+            )
+            work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32, device="cpu")
             self._sized = key, shape, work
         return self._sized[1], self._sized[2]
 
     def __call__(self, x: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
-        if (type(cache) is not KVCache or x.shape[:2] != (1, 1) or x.device.type != "cpu"
-                or cache.dtype not in (torch.float32, torch.bfloat16) or cache.shape[0] != 1):
+        if (
+            type(cache) is not KVCache
+            or x.shape[:2] != (1, 1)
+            or x.device.type != "cpu"
+            or cache.dtype not in (torch.float32, torch.bfloat16)
+            or cache.shape[0] != 1
+        ):
             return None
         shape, work = self._shape(cache)
         hidden = x.reshape(-1).to(torch.float32, copy=True)  # the residual stream, updated in place by each layer

@@ -1,24 +1,37 @@
 """Shared Annotated option aliases, so every command spells an option the same way."""
+
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-ModelArg = Annotated[Optional[str], typer.Argument(help="Catalogue alias, Hub repo id, local directory or .gguf file.", show_default=False)]
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Catalogue alias, Hub repo id, local directory or .gguf file.", show_default=False),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 is greedy. Default: the model's.")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest tokens (0: off).")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", help="1.0 turns it off.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Same seed, same text.")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="Stop after this many new tokens.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the model's own).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 is greedy. Default: the model's.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k likeliest tokens (0: off).")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
+RepeatPenaltyOpt = Annotated[float | None, typer.Option("--repeat-penalty", help="1.0 turns it off.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Stop after this many new tokens.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt (default: the model's own).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV cache size).")]
 KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
-AttentionOpt = Annotated[str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")]
-LoadInOpt = Annotated[Optional[str], typer.Option("--load-in", help="8bit or 4bit: quantize an unquantized model as it loads.")]
-FloatHeadOpt = Annotated[bool, typer.Option("--float-head", help="CPU: keep a quantized model's head in float (default: int8 rows, faster and smaller).")]
+AttentionOpt = Annotated[
+    str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")
+]
+LoadInOpt = Annotated[
+    str | None, typer.Option("--load-in", help="8bit or 4bit: quantize an unquantized model as it loads.")
+]
+FloatHeadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--float-head", help="CPU: keep a quantized model's head in float (default: int8 rows, faster and smaller)."
+    ),
+]

@@ -1,4 +1,5 @@
 """Where things live: QWEN2_HOME, else the platform's data directory. The only module with path defaults."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Perplexity of a text over consecutive, non-overlapping windows, behind `qwen2 perplexity`."""
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,14 @@ class PerplexityResult:
     windows: int
 
 
-def perplexity(engine: Engine, text: str, *, ctx: int = 512,
-               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+def perplexity(
+    engine: Engine, text: str, *, ctx: int = 512, progress: Callable[[int, int], None] | None = None
+) -> PerplexityResult:
     """Split the text's tokens into windows of `ctx`, score each independently on all its tokens but the first."""
     if ctx < 2:
         raise BadInput(f"--ctx must be at least 2 for perplexity, got {ctx}")
     ids = engine.tokenizer.encode(text)
-    windows = [ids[begin:begin + ctx] for begin in range(0, len(ids), ctx)]
+    windows = [ids[begin : begin + ctx] for begin in range(0, len(ids), ctx)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise BadInput(f"the text is {len(ids)} token(s): too short to score")

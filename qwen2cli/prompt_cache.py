@@ -6,6 +6,7 @@ cache file existed: the keys and values read back are the ones that chunk comput
 files (names, sizes, modification times), the loaded configuration and layer types, dtype, device and the opening's
 token ids; anything unreadable is ignored and recomputed. Safetensors only, written to a temporary name and renamed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,9 @@ def _restore(cache: KVCache, path: Path, length: int) -> bool:
         tensors = load_file(path)
         shape = (*cache.shape[:2], length, cache.shape[3])
         pairs = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(len(cache.keys))]
-        if any(k.shape != shape or v.shape != shape or k.dtype != cache.dtype or v.dtype != cache.dtype
-               for k, v in pairs):
+        if any(
+            k.shape != shape or v.shape != shape or k.dtype != cache.dtype or v.dtype != cache.dtype for k, v in pairs
+        ):
             return False
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError):
         return False
@@ -78,8 +80,8 @@ def _save(cache: KVCache, path: Path) -> None:
 
     tensors = {}
     for index, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-        tensors[f"k.{index}"] = keys[:, :, :cache.pos].contiguous().cpu()
-        tensors[f"v.{index}"] = values[:, :, :cache.pos].contiguous().cpu()
+        tensors[f"k.{index}"] = keys[:, :, : cache.pos].contiguous().cpu()
+        tensors[f"v.{index}"] = values[:, :, : cache.pos].contiguous().cpu()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Quantize a checkpoint layer by layer (GPTQ, AWQ or RTN) into the standard GPTQ or AWQ checkpoint format."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,23 @@ from .generate import Engine
 from .kv_cache import KVCache
 from .quantized_load import keeps_float
 
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                "generation_config.json", "LICENSE")
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+    "LICENSE",
+)
 
 
 def _quantizable(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and not keeps_float(name)}
+    return {
+        name: module
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear) and not keeps_float(name)
+    }
 
 
 def _forward_precision(device: torch.device):
@@ -41,7 +52,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, *, batch: i
     outputs = []
     with _forward_precision(hidden.device):
         for begin in range(0, hidden.shape[0], batch):
-            piece = hidden[begin:begin + batch]
+            piece = hidden[begin : begin + batch]
             cache = KVCache(config, piece.shape[1], batch_size=piece.shape[0], dtype=piece.dtype, device=piece.device)
             outputs.append(layer(piece, rope, cache, 0).float())
     return torch.cat(outputs)
@@ -52,8 +63,9 @@ STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 
 def _stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     """True-sequential order: attention inputs, attention output, MLP inputs (experts too), MLP output."""
-    stages = [{name: linear for name, linear in linears.items() if name.rsplit(".", 1)[-1] in suffixes}
-              for suffixes in STAGES]
+    stages = [
+        {name: linear for name, linear in linears.items() if name.rsplit(".", 1)[-1] in suffixes} for suffixes in STAGES
+    ]
     rest = {name: linear for name, linear in linears.items() if not any(name in stage for stage in stages)}
     return [stage for stage in [*stages, rest] if stage]
 
@@ -62,8 +74,9 @@ class _Captured(Exception):
     """Raised by a hook once the last input a stage needs has been seen: the rest of the layer need not run."""
 
 
-def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, rope, config,
-                quant_config) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def _gptq_stage(
+    layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, rope, config, quant_config
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Collect the Hessians of these Linears over the calibration inputs, then GPTQ each of them. Returns the
     packed QuantLinears, and float Linears holding the same dequantized weights for the later stages to run on
     (the same function, without unpacking on every call)."""
@@ -87,12 +100,14 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
         if name == last:
             raise _Captured
 
-    hooks = [linears[name].register_forward_pre_hook(lambda m, args, n=name: collect(n, args[0]))
-             for name in readers.values()]
+    hooks = [
+        linears[name].register_forward_pre_hook(lambda m, args, n=name: collect(n, args[0]))
+        for name in readers.values()
+    ]
     try:
         for begin in range(0, hidden.shape[0], 8):
             try:
-                _run_layer(layer, hidden[begin:begin + 8], rope, config)
+                _run_layer(layer, hidden[begin : begin + 8], rope, config)
             except _Captured:
                 pass
     finally:
@@ -104,18 +119,29 @@ def _gptq_stage(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.T
         # stacked weight, one inverse and one pass over the columns instead of one each
         names = [name for name in linears if collectors[name] is collectors[reader]]
         stacked = torch.cat([linears[name].weight.detach() for name in names])
-        result = collectors[reader].quantize(stacked, bits=quant_config.bits, group_size=quant_config.group_size,
-                                             sym=quant_config.sym, desc_act=quant_config.desc_act,
-                                             static_groups=quant_config.static_groups,
-                                             damp_percent=quant_config.damp_percent, mse=quant_config.mse,
-                                             shrink=quant_config.hessian_shrink)
+        result = collectors[reader].quantize(
+            stacked,
+            bits=quant_config.bits,
+            group_size=quant_config.group_size,
+            sym=quant_config.sym,
+            desc_act=quant_config.desc_act,
+            static_groups=quant_config.static_groups,
+            damp_percent=quant_config.damp_percent,
+            mse=quant_config.mse,
+            shrink=quant_config.hessian_shrink,
+        )
         begin = 0
         for name in names:
             linear = linears[name]
             end = begin + linear.out_features
-            packed[name] = QuantLinear.from_quantized(result.codes[begin:end], result.scales[:, begin:end],
-                                                      result.zeros[:, begin:end], result.g_idx.clone(), linear.bias,
-                                                      quant_config)
+            packed[name] = QuantLinear.from_quantized(
+                result.codes[begin:end],
+                result.scales[:, begin:end],
+                result.zeros[:, begin:end],
+                result.g_idx.clone(),
+                linear.bias,
+                quant_config,
+            )
             simulated[name] = _stand_in(linear, packed[name])
             begin = end
     return packed, simulated
@@ -129,32 +155,57 @@ def _replace(layer: nn.Module, replacements: dict[str, nn.Module]) -> None:
 
 def _stand_in(linear: nn.Linear, packed: nn.Module) -> nn.Linear:
     """A float Linear computing what `packed` computes, for running calibration data through the layer."""
-    stand_in = torch.nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features,
-                                        bias=linear.bias is not None)  # no random init of a weight replaced next
+    stand_in = torch.nn.utils.skip_init(
+        nn.Linear, linear.in_features, linear.out_features, bias=linear.bias is not None
+    )  # no random init of a weight replaced next
     stand_in.weight = nn.Parameter(packed.dequantized_weight(), requires_grad=False)
     if linear.bias is not None:
         stand_in.bias = nn.Parameter(packed.bias.float(), requires_grad=False)
     return stand_in
 
 
-def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, group_size: int, sym: bool,
-                   desc_act: bool, calibration: str | None, samples: int, seq_len: int, static_groups: bool = False,
-                   damp_percent: float = 0.01, mse: float = 0.0, hessian_shrink: float | None = None,
-                   awq_clip: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
+def quantize_model(
+    engine: Engine,
+    out_dir: Path,
+    *,
+    method: str,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    calibration: str | None,
+    samples: int,
+    seq_len: int,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    mse: float = 0.0,
+    hessian_shrink: float | None = None,
+    awq_clip: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
     from .quant.linear import quantize_linear
 
-    quant_config = quantization_for(engine.config, method=method, bits=bits, group_size=group_size, sym=sym,
-                                    desc_act=desc_act, static_groups=static_groups, damp_percent=damp_percent,
-                                    mse=mse if method == "gptq" else 0.0,
-                                    hessian_shrink=hessian_shrink)
+    quant_config = quantization_for(
+        engine.config,
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp_percent=damp_percent,
+        mse=mse if method == "gptq" else 0.0,
+        hessian_shrink=hessian_shrink,
+    )
     model = engine.loaded.model
     config = engine.config
     with torch.inference_mode():
         hidden = None
         if method in ("gptq", "awq"):
-            batches = calibration_batches(engine, calibration or default_calibration_text(), samples=samples,
-                                          seq_len=seq_len)
+            batches = calibration_batches(
+                engine, calibration or default_calibration_text(), samples=samples, seq_len=seq_len
+            )
             hidden = model.model.embed_tokens(batches.to(engine.loaded.device)).float()
             rope = model._rope_tables(0, seq_len, hidden.device)
         for index, layer in enumerate(model.model.layers):
@@ -175,8 +226,9 @@ def quantize_model(engine: Engine, out_dir: Path, *, method: str, bits: int, gro
                 hidden = _run_layer(layer, hidden, rope, config)
                 _replace(layer, packed)
             else:
-                _replace(layer, {name: quantize_linear(linear, quant_config)
-                                 for name, linear in _quantizable(layer).items()})
+                _replace(
+                    layer, {name: quantize_linear(linear, quant_config) for name, linear in _quantizable(layer).items()}
+                )
             if progress is not None:
                 progress(f"quantizing ({method} int{bits})", index + 1, len(model.model.layers))
     return save_quantized(engine, out_dir, quant_config)

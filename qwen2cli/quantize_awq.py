@@ -1,5 +1,6 @@
 """AWQ over a Qwen2 / Qwen2-MoE decoder layer: which Linears share a scaling, the calibration statistics each search
 reads, and the layer quantized (quant.awq holds the model-agnostic searches)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
@@ -8,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quant.gram import Gram
-
 from .kv_cache import KVCache
+from .quant.gram import Gram
 from .quantize import _forward_precision, _quantizable, _run_layer, _stand_in
 
 
@@ -32,8 +32,11 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     if attention.v_proj.out_features == attention.o_proj.in_features:
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
     mlps = [name for name, module in layer.named_modules() if name.startswith("mlp") and hasattr(module, "up_proj")]
-    readers = tuple(name for name, module in layer.named_modules() if isinstance(module, nn.Linear)
-                    and name.startswith("mlp") and not name.endswith("down_proj"))  # router and gates included
+    readers = tuple(
+        name
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("mlp") and not name.endswith("down_proj")
+    )  # router and gates included
     groups.append(ScaleGroup("post_attention_layernorm", readers, "mlp"))
     groups += [ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj") for mlp in mlps]
     return groups
@@ -83,8 +86,16 @@ class InputStats:
         return self.abs_sum[name] / self.count[name]
 
 
-def capture_inputs(layer: nn.Module, names: list[str], hidden: torch.Tensor, rope, config, *,
-                   keep: Collection[str] = (), keep_samples: int = 0) -> InputStats:
+def capture_inputs(
+    layer: nn.Module,
+    names: list[str],
+    hidden: torch.Tensor,
+    rope,
+    config,
+    *,
+    keep: Collection[str] = (),
+    keep_samples: int = 0,
+) -> InputStats:
     """Run the layer over every sample, gathering the statistics of the named modules' inputs (MoE experts: only
     the tokens routed to them); the inputs themselves of the modules in `keep`, for the first `keep_samples`
     samples, go to `stats.kept`."""
@@ -97,20 +108,22 @@ def capture_inputs(layer: nn.Module, names: list[str], hidden: torch.Tensor, rop
             if keeping[0] and name in keep:
                 stats.kept.setdefault(name, []).append(x.detach().float().clone())
 
-    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: hook(n, a[0]))
-               for name in names]
+    handles = [
+        layer.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: hook(n, a[0])) for name in names
+    ]
     try:
         for begin in range(0, hidden.shape[0], 8):
             keeping[0] = begin < keep_samples
-            _run_layer(layer, hidden[begin:begin + 8], rope, config)
+            _run_layer(layer, hidden[begin : begin + 8], rope, config)
     finally:
         for handle in handles:
             handle.remove()
     return stats
 
 
-def module_error(module: nn.Module, linears: list[nn.Linear], inputs: list[torch.Tensor], rope, config
-                 ) -> Callable[[list[torch.Tensor]], float]:
+def module_error(
+    module: nn.Module, linears: list[nn.Linear], inputs: list[torch.Tensor], rope, config
+) -> Callable[[list[torch.Tensor]], float]:
     """The relative output error of `module` (an attention block or an MLP) over `inputs` when `linears`, inside
     it, compute with the given weights instead of their own: AWQ's scale-search objective for the Linears that
     feed a larger module. Through attention, q/k errors weigh as much as they move the softmax; summing the
@@ -140,8 +153,9 @@ def module_error(module: nn.Module, linears: list[nn.Linear], inputs: list[torch
     return error
 
 
-def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, module_samples: int = 16,
-              clip: bool = False) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+def awq_layer(
+    layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config, *, module_samples: int = 16, clip: bool = False
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Scale each group; with `clip`, clip each Linear (but q/k, whose errors softmax amplifies); round to nearest.
     Returns the packed QuantLinears and float stand-ins with the same dequantized weights.
 
@@ -157,8 +171,10 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config
     groups = scale_groups(layer)
     # whose input is each Linear's own: its scale group's reader when that is the Linear or its parent (q/k/v under
     # self_attn, gate/up under a dense mlp), else the Linear itself (o_proj under GQA, MoE experts' routed tokens)
-    source = {name: next((g.reads for g in groups if name in g.linears and g.reads in (name, name.rpartition(".")[0])),
-                         name) for name in quantizable}
+    source = {
+        name: next((g.reads for g in groups if name in g.linears and g.reads in (name, name.rpartition(".")[0])), name)
+        for name in quantizable
+    }
     # groups feeding a module (attention, MLP) are scored on its output, over the first `module_samples` samples
     modules = {g.reads for g in groups if not isinstance(layer.get_submodule(g.reads), nn.Linear)}
     # the clipping search reads each Linear's own input: those statistics are gathered only when it runs
@@ -171,12 +187,20 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, rope, config, quant_config
         names = [n for n in group.linears if n in quantizable]
         weights = [quantizable[n].weight for n in names]
         if group.reads in stats.kept:
-            measured = {"measure": module_error(layer.get_submodule(group.reads), [quantizable[n] for n in names],
-                                                stats.kept.pop(group.reads), rope, config)}
+            measured = {
+                "measure": module_error(
+                    layer.get_submodule(group.reads),
+                    [quantizable[n] for n in names],
+                    stats.kept.pop(group.reads),
+                    rope,
+                    config,
+                )
+            }
         else:
             measured = stats.inputs(group.reads)
-        scales = search_scales(stats.mean_abs(group.reads), weights, **measured, bits=bits,
-                               group_size=group_size, sym=sym).scales
+        scales = search_scales(
+            stats.mean_abs(group.reads), weights, **measured, bits=bits, group_size=group_size, sym=sym
+        ).scales
         prev = layer.get_submodule(group.prev)
         if isinstance(prev, nn.Linear):
             prev.weight.data.div_(scales[:, None].to(prev.weight.dtype))

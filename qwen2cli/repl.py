@@ -1,4 +1,5 @@
 """The chat REPL: a prompt-toolkit loop and slash commands driving a ChatSession; plain line mode for pipes."""
+
 from __future__ import annotations
 
 import signal
@@ -26,8 +27,15 @@ COMMANDS = {
     "/stats": "timings of the last answer",
     "/exit": "quit (Ctrl-D too)",
 }
-SETTING_TYPES = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
-                 "seed": int, "max_tokens": int}
+SETTING_TYPES = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "seed": int,
+    "max_tokens": int,
+}
 
 
 class Repl:
@@ -46,8 +54,11 @@ class Repl:
     def answer(self, turn: Turn) -> None:
         """Stream one answer; Ctrl-C stops it, keeps what was said, and returns to the prompt."""
         if turn.dropped_turns:
-            self.say(f"(dropped the {turn.dropped_turns} oldest turn(s) to fit the {self.session.ctx}-token "
-                     "context; the system prompt is kept)", style="yellow")
+            self.say(
+                f"(dropped the {turn.dropped_turns} oldest turn(s) to fit the {self.session.ctx}-token "
+                "context; the system prompt is kept)",
+                style="yellow",
+            )
         try:
             for text in turn.stream():
                 write_answer(text)
@@ -61,8 +72,10 @@ class Repl:
         self.last_turn = turn
         if turn.stats is not None:
             stats = turn.stats
-            self.say(f"{stats.prompt_tokens} prompt tokens ({stats.prefilled_tokens} new) · TTFT {stats.ttft_s:.2f} s · "
-                     f"{stats.decode_tok_s:.1f} tok/s · context {self.session.context_used}/{self.session.ctx}")
+            self.say(
+                f"{stats.prompt_tokens} prompt tokens ({stats.prefilled_tokens} new) · TTFT {stats.ttft_s:.2f} s · "
+                f"{stats.decode_tok_s:.1f} tok/s · context {self.session.context_used}/{self.session.ctx}"
+            )
             if turn.finish_reason == "length":
                 self.say("(stopped at --max-tokens or the end of the context)", style="yellow")
 
@@ -84,8 +97,11 @@ class Repl:
             self._set(argument)
         elif name == "/show":
             settings = ", ".join(f"{k}={v}" for k, v in asdict(session.params).items())
-            self.say(f"model {self.model_name} · {settings} · context {session.context_used}/{session.ctx} · "
-                     f"{len(session.messages)} messages", style="")
+            self.say(
+                f"model {self.model_name} · {settings} · context {session.context_used}/{session.ctx} · "
+                f"{len(session.messages)} messages",
+                style="",
+            )
         elif name == "/reset":
             session.reset()
             self.say("conversation cleared")
@@ -136,9 +152,12 @@ class Repl:
             self.say("no answer yet")
             return
         stats = turn.stats
-        self.say(f"prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled, {stats.prefill_tok_s:.1f} "
-                 f"tok/s) · answer {stats.completion_tokens} tokens · TTFT {stats.ttft_s:.3f} s · decode "
-                 f"{stats.decode_tok_s:.2f} tok/s · context {self.session.context_used}/{self.session.ctx}", style="")
+        self.say(
+            f"prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled, {stats.prefill_tok_s:.1f} "
+            f"tok/s) · answer {stats.completion_tokens} tokens · TTFT {stats.ttft_s:.3f} s · decode "
+            f"{stats.decode_tok_s:.2f} tok/s · context {self.session.context_used}/{self.session.ctx}",
+            style="",
+        )
 
     # -- input loops -----------------------------------------------------------------------------------------
     def handle(self, line: str) -> bool:
@@ -178,8 +197,11 @@ class Repl:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         history_path = paths.history_file()
         history_path.parent.mkdir(parents=True, exist_ok=True)
-        prompt = PromptSession(history=FileHistory(str(history_path)), key_bindings=bindings,
-                               completer=WordCompleter(list(COMMANDS), sentence=True))
+        prompt = PromptSession(
+            history=FileHistory(str(history_path)),
+            key_bindings=bindings,
+            completer=WordCompleter(list(COMMANDS), sentence=True),
+        )
         self.say(f"qwen2 chat · {self.model_name} · /help for commands, Ctrl-D to quit")
         while True:
             try:

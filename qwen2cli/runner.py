@@ -1,4 +1,5 @@
 """One answer to one prompt: the library call behind `qwen2 run`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,12 +19,33 @@ def prompt_ids(engine: Engine, text: str, *, raw: bool, system: str | None) -> l
     return encode_chat(engine.tokenizer, messages, default_system=default_system_prompt(engine.tokenizer.chat_template))
 
 
-def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ctx: int, device: str, dtype: str,
-                kv_cache: str, attention: str, load_in: str | None = None, float_head: bool = False,
-                sampling: Callable[[Engine], SamplingParams], on_text: Callable[[str], None] | None) -> dict[str, Any]:
+def answer_once(
+    model_dir: Path,
+    text: str,
+    *,
+    raw: bool,
+    system: str | None,
+    ctx: int,
+    device: str,
+    dtype: str,
+    kv_cache: str,
+    attention: str,
+    load_in: str | None = None,
+    float_head: bool = False,
+    sampling: Callable[[Engine], SamplingParams],
+    on_text: Callable[[str], None] | None,
+) -> dict[str, Any]:
     """Generate one answer, streaming text to `on_text`; return text, finish reason and usage."""
-    engine = load_engine(model_dir, device=device, dtype=dtype, ctx=ctx, kv_cache=kv_cache,
-                         attention=attention, load_in=load_in, float_head=float_head)
+    engine = load_engine(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        ctx=ctx,
+        kv_cache=kv_cache,
+        attention=attention,
+        load_in=load_in,
+        float_head=float_head,
+    )
     params = sampling(engine)
     ids = prompt_ids(engine, text, raw=raw, system=system)
     cache = engine.new_cache(min(ctx, len(ids) + params.max_tokens + 1))
@@ -31,7 +53,7 @@ def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ct
         from .prompt_cache import fill_opening, shared_prefix_length
 
         others = [prompt_ids(engine, other, raw=False, system=system) for other in ("a", "b")]
-        fill_opening(engine, cache, ids[:shared_prefix_length(ids, *others)])
+        fill_opening(engine, cache, ids[: shared_prefix_length(ids, *others)])
     pieces: list[str] = []
     stats = None
     finish = None
@@ -43,6 +65,13 @@ def answer_once(model_dir: Path, text: str, *, raw: bool, system: str | None, ct
         if chunk.finish_reason is not None:
             stats, finish = chunk.stats, chunk.finish_reason
     assert stats is not None
-    return {"text": "".join(pieces), "finish_reason": finish,
-            "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                      "ttft_s": round(stats.ttft_s, 4), "decode_tok_s": round(stats.decode_tok_s, 2)}}
+    return {
+        "text": "".join(pieces),
+        "finish_reason": finish,
+        "usage": {
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "ttft_s": round(stats.ttft_s, 4),
+            "decode_tok_s": round(stats.decode_tok_s, 2),
+        },
+    }

@@ -1,4 +1,5 @@
 """Token selection: repetition penalty, temperature, top-k, top-p, min-p; pure functions over one logits row."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def pick_token(logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor,
-               generator: torch.Generator | None) -> int:
+def pick_token(
+    logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor, generator: torch.Generator | None
+) -> int:
     """Choose the next token id from one float32 logits row (vocab,)."""
     logits = penalize_repeats(logits, seen, params.repeat_penalty)
     if params.temperature == 0:

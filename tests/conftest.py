@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Qwen2 checkpoints written by transformers, and the real-model group."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,16 @@ if XDIST_WORKER:
 
 # The slowest files first (seconds of a 2-thread serial run), so that the longest one starts at once on one worker
 # while the other works through the rest; files not named keep their order after these.
-SLOWEST_FILES = ("test_quant_real.py",  # ~490
-                 "test_real_engine.py", "test_gguf_import.py", "test_kv_int8.py",  # ~125, ~95, ~90
-                 "test_quant.py", "test_cli_errors.py", "test_repl.py", "test_tokenizer.py")  # 25-60 each
+SLOWEST_FILES = (
+    "test_quant_real.py",  # ~490
+    "test_real_engine.py",
+    "test_gguf_import.py",
+    "test_kv_int8.py",  # ~125, ~95, ~90
+    "test_quant.py",
+    "test_cli_errors.py",
+    "test_repl.py",
+    "test_tokenizer.py",
+)  # 25-60 each
 
 
 def pytest_configure(config):
@@ -33,22 +41,42 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 
-def write_tiny_checkpoint(directory: Path, *, vocab_size: int = 512, num_kv_heads: int = 2, tie: bool = False,
-                          rope_scaling: dict | None = None, sliding_window: int | None = None,
-                          max_window_layers: int = 1, seed: int = 0, with_tokenizer: bool = True,
-                          max_position_embeddings: int = 2048) -> Path:
+def write_tiny_checkpoint(
+    directory: Path,
+    *,
+    vocab_size: int = 512,
+    num_kv_heads: int = 2,
+    tie: bool = False,
+    rope_scaling: dict | None = None,
+    sliding_window: int | None = None,
+    max_window_layers: int = 1,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    max_position_embeddings: int = 2048,
+) -> Path:
     """A tiny random Qwen2 checkpoint saved by transformers (the reference), plus a tiny tokenizer."""
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM as HFModel
+    from transformers import Qwen2Config as HFConfig
+    from transformers import Qwen2ForCausalLM as HFModel
 
     torch.manual_seed(seed)
     config = HFConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        if rope_scaling is None
         else {"rope_theta": 10000.0, **rope_scaling},
-        tie_word_embeddings=tie, use_sliding_window=sliding_window is not None,
-        sliding_window=sliding_window, max_window_layers=max_window_layers,
-        bos_token_id=None, eos_token_id=[2], rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=max_window_layers,
+        bos_token_id=None,
+        eos_token_id=[2],
+        rms_norm_eps=1e-6,
     )
     model = HFModel(config).float().eval()
     with torch.no_grad():  # random biases and norms so that every parameter matters
@@ -64,8 +92,14 @@ def write_tiny_checkpoint(directory: Path, *, vocab_size: int = 512, num_kv_head
         assert size <= vocab_size
         eos = json.loads((directory / "tokenizer.json").read_text())
         ids = {t["content"]: t["id"] for t in eos["added_tokens"]}
-        generation = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True,
-                      "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+        generation = {
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "do_sample": True,
+            "temperature": 0.7,
+            "top_p": 0.8,
+            "top_k": 20,
+            "repetition_penalty": 1.05,
+        }
         (directory / "generation_config.json").write_text(json.dumps(generation))
     return directory
 

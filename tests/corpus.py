@@ -1,4 +1,5 @@
 """A multilingual test corpus built from this machine's own text: gettext catalogues, stdlib source, edge cases."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,8 +44,20 @@ def gettext_corpus(*, per_language: int = 3, max_chars: int = 20000) -> dict[str
 def stdlib_sources(*, count: int = 12) -> list[str]:
     """Source text of a few standard-library modules (code, comments, docstrings)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    names = ["json/decoder.py", "argparse.py", "textwrap.py", "difflib.py", "csv.py", "string.py", "heapq.py",
-             "bisect.py", "colorsys.py", "fractions.py", "shlex.py", "ipaddress.py"][:count]
+    names = [
+        "json/decoder.py",
+        "argparse.py",
+        "textwrap.py",
+        "difflib.py",
+        "csv.py",
+        "string.py",
+        "heapq.py",
+        "bisect.py",
+        "colorsys.py",
+        "fractions.py",
+        "shlex.py",
+        "ipaddress.py",
+    ][:count]
     return [(stdlib / name).read_text(encoding="utf-8") for name in names if (stdlib / name).is_file()]
 
 

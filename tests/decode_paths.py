@@ -1,10 +1,11 @@
 """Switching a loaded quantized model between its ways of decoding, for tests that compare them."""
+
 from __future__ import annotations
 
 from torch import nn
 
-from qwen2cli.quant.linear import QuantLinear
 from qwen2cli.model import MLP, Attention
+from qwen2cli.quant.linear import QuantLinear
 
 
 def _slot(block: nn.Module) -> str:

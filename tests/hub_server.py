@@ -4,6 +4,7 @@ It serves /api/models/{repo}/revision/{rev} (what huggingface_hub's model_info a
 /{repo}/resolve/{rev}/{file} with HTTP ranges, and can misbehave on request: cut a transfer halfway,
 serve wrong bytes, list hostile file names, or answer 401/404.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.requests.append((path, self.headers.get("Range", "")))
         if path.startswith("/api/models/"):
-            repo, _, revision = path[len("/api/models/"):].partition("/revision/")
+            repo, _, revision = path[len("/api/models/") :].partition("/revision/")
             return self._listing(repo, revision)
         parts = path.lstrip("/").split("/")
         if len(parts) >= 5 and parts[2] == "resolve":
@@ -71,10 +72,17 @@ class _Handler(BaseHTTPRequestHandler):
         files = self.state.repos.get(repo)
         if files is None:
             return self._error(404, "Repository not found")
-        siblings = [{"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest(),
-                     "lfs": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
-                     if name.endswith(".safetensors") else None}
-                    for name, data in files.items()]
+        siblings = [
+            {
+                "rfilename": name,
+                "size": len(data),
+                "blobId": hashlib.sha1(data).hexdigest(),
+                "lfs": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+                if name.endswith(".safetensors")
+                else None,
+            }
+            for name, data in files.items()
+        ]
         siblings += [{"rfilename": name, "size": 1} for name in self.state.extra_listing.get(repo, [])]
         body = {"id": repo, "modelId": repo, "sha": "0" * 40, "private": False, "siblings": siblings}
         self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -90,10 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         range_header = self.headers.get("Range", "")
         if range_header.startswith("bytes="):
-            start = int(range_header[len("bytes="):].split("-")[0] or 0)
+            start = int(range_header[len("bytes=") :].split("-")[0] or 0)
         body = data[start:]
-        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": "0" * 40,
-                   "Accept-Ranges": "bytes"}
+        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": "0" * 40, "Accept-Ranges": "bytes"}
         status = 200
         if start:
             status = 206
@@ -123,7 +130,7 @@ class HubServer:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 

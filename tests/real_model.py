@@ -4,6 +4,7 @@
 `import gguf` rebinds the name of the GGUF path argument), so the float32 Hugging Face copy is written here
 the same way: transformers dequantizes the GGUF and saves it.
 """
+
 from __future__ import annotations
 
 import fcntl

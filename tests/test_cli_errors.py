@@ -1,4 +1,5 @@
 """Bad input: each gives one line on stderr, exit code 1, and no traceback."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import pytest
 
 
 def qwen2(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen2cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, fragment: str) -> None:
@@ -30,6 +32,7 @@ def broken_copy(tiny_model, tmp_path):
         target = tmp_path / "model"
         shutil.copytree(tiny_model, target)
         return target
+
     return copy
 
 
@@ -79,8 +82,17 @@ def test_prompt_longer_than_context(tiny_model):
     assert_one_line_error(done, "context holds")
 
 
-@pytest.mark.parametrize("option", [("--dtype", "float8"), ("--device", "tpu"), ("--temperature", "-1"),
-                                    ("--top-p", "0"), ("--max-tokens", "0"), ("--ctx", "zero")])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--dtype", "float8"),
+        ("--device", "tpu"),
+        ("--temperature", "-1"),
+        ("--top-p", "0"),
+        ("--max-tokens", "0"),
+        ("--ctx", "zero"),
+    ],
+)
 def test_unknown_option_values(tiny_model, option):
     done = qwen2("run", str(tiny_model), "hi", *option)
     assert done.returncode == 1 and "Traceback" not in done.stderr

@@ -3,6 +3,7 @@ reference paths on the same device.
 
 CI has no GPU: there these skip, saying why. Where torch sees a CUDA GPU they run on it. QWEN2_TEST_DEVICE=cpu
 runs them on the CPU instead, to check the tests themselves on a machine without one."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cuda")
-    return {"untied": write_tiny_checkpoint(root / "untied"),
-            "sliding-tied": write_tiny_checkpoint(root / "sliding", tie=True, sliding_window=8, with_tokenizer=False)}
+    return {
+        "untied": write_tiny_checkpoint(root / "untied"),
+        "sliding-tied": write_tiny_checkpoint(root / "sliding", tie=True, sliding_window=8, with_tokenizer=False),
+    }
 
 
 @pytest.mark.parametrize("variant", ["untied", "sliding-tied"])
@@ -43,8 +46,11 @@ def test_float32_logits_and_greedy_match_transformers(checkpoints, variant):
     from transformers import AutoModelForCausalLM
 
     directory = checkpoints[variant]
-    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                     attn_implementation="eager").to(DEVICE).eval()
+    reference = (
+        AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+        .to(DEVICE)
+        .eval()
+    )
     ours = load_model(directory, device=DEVICE, dtype="float32")
     assert ours.device.type == DEVICE and ours.model.lm_head.weight.device.type == DEVICE
     ids = _ids(40, seed=1)
@@ -52,11 +58,12 @@ def test_float32_logits_and_greedy_match_transformers(checkpoints, variant):
         expected = reference(ids).logits
         cache = KVCache(ours.config, 128, device=ours.device)
         prefix = ours.model(ids[:, :9], cache, 0)
-        steps = [ours.model(ids[:, i:i + 1], cache, i) for i in range(9, ids.shape[1])]
+        steps = [ours.model(ids[:, i : i + 1], cache, i) for i in range(9, ids.shape[1])]
         torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), expected, atol=2e-4, rtol=0)
         start = ids[:, :8]
-        greedy = reference.generate(start, max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                    repetition_penalty=1.0)[0, 8:].tolist()  # not generation_config.json's
+        greedy = reference.generate(
+            start, max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0
+        )[0, 8:].tolist()  # not generation_config.json's
         cache = KVCache(ours.config, 128, device=ours.device)
         logits = ours.model(start, cache, 0, last_only=True)
         got = []
@@ -97,8 +104,9 @@ def test_moe_matches_transformers(tmp_path):
     with torch.no_grad():
         expected = reference(ids).logits
         cache = KVCache(ours.config, 32, device=ours.device)
-        got = torch.cat([ours.model(ids[:, :5], cache, 0)] + [ours.model(ids[:, i:i + 1], cache, i)
-                                                              for i in range(5, 24)], dim=1)
+        got = torch.cat(
+            [ours.model(ids[:, :5], cache, 0)] + [ours.model(ids[:, i : i + 1], cache, i) for i in range(5, 24)], dim=1
+        )
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
 
 
@@ -120,7 +128,7 @@ def test_dual_chunk_attention_and_int8_cache_equal_the_cpu(checkpoints, tmp_path
                 loaded = load_model(dual, device=device, dtype="float32")
                 cache = cache_kind(loaded.config, 160, device=loaded.device)
                 pieces = [loaded.model(ids[:, :70].to(device), cache, 0)]
-                pieces += [loaded.model(ids[:, i:i + 1].to(device), cache, i) for i in range(70, 150)]
+                pieces += [loaded.model(ids[:, i : i + 1].to(device), cache, i) for i in range(70, 150)]
                 outputs.append(torch.cat(pieces, dim=1).cpu())
             torch.testing.assert_close(outputs[1], outputs[0], atol=2e-4, rtol=0)
 
@@ -128,9 +136,16 @@ def test_dual_chunk_attention_and_int8_cache_equal_the_cpu(checkpoints, tmp_path
 INT4_KERNEL = "int4pack-cuda" if ON_CUDA else __import__("tests.test_quant").test_quant.INT4_CPU_KERNEL
 
 
-@pytest.mark.parametrize("shape,group,method,act_order", [
-    ((64, 128), 32, "gptq", False), ((896, 128), 128, "gptq", True), ((256, 96), 64, "awq", False),
-    ((4864, 896), 128, "gptq", False), ((96, 64), 32, "gptq", False)])
+@pytest.mark.parametrize(
+    "shape,group,method,act_order",
+    [
+        ((64, 128), 32, "gptq", False),
+        ((896, 128), 128, "gptq", True),
+        ((256, 96), 64, "awq", False),
+        ((4864, 896), 128, "gptq", False),
+        ((96, 64), 32, "gptq", False),
+    ],
+)
 def test_int4_kernel_equals_the_reference_path(shape, group, method, act_order):
     from qwen2cli.quant.config import QuantConfig
     from qwen2cli.quant.gptq import GPTQ
@@ -160,8 +175,14 @@ def test_int4_kernel_equals_the_reference_path(shape, group, method, act_order):
 def _qwen2(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "QWEN2_HOME": str(home)}
     env.pop("QWEN2_TEST_DEVICE", None)
-    return subprocess.run([sys.executable, "-m", "qwen2cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen2cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("method,bits,group", [("gptq", 4, 32), ("awq", 4, 32), ("rtn", 8, -1)])
@@ -170,9 +191,25 @@ def test_quantize_on_the_device_then_load_anywhere(checkpoints, tmp_path, method
     computing the same logits, within the CPU suite's bounds of the float model."""
     from qwen2cli.quant.linear import QuantLinear
 
-    done = _qwen2("quantize", str(checkpoints["untied"]), "--method", method, "--bits", str(bits), "--group-size",
-                  str(group), "--samples", "8", "--seq-len", "64", "--device", DEVICE, "--out", str(tmp_path / "q"),
-                  home=tmp_path)
+    done = _qwen2(
+        "quantize",
+        str(checkpoints["untied"]),
+        "--method",
+        method,
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--device",
+        DEVICE,
+        "--out",
+        str(tmp_path / "q"),
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     ids = _ids(24, seed=6)
     float_model = load_model(checkpoints["untied"], device="cpu", dtype="float32")
@@ -217,8 +254,23 @@ def test_load_in_quantizes_on_the_device(checkpoints, load_in, bound):
 def test_run_and_bench_commands_on_the_device(checkpoints, tmp_path):
     """The pipe command's greedy answer on the device is the CPU's (float32 both); bench reports the device."""
     model = str(checkpoints["untied"])
-    answers = [_qwen2("run", model, "hello there", "--max-tokens", "24", "--temperature", "0", "--dtype", "float32",
-                      "--device", device, home=tmp_path) for device in ("cpu", DEVICE)]
+    answers = [
+        _qwen2(
+            "run",
+            model,
+            "hello there",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+            "--device",
+            device,
+            home=tmp_path,
+        )
+        for device in ("cpu", DEVICE)
+    ]
     for answer in answers:
         assert answer.returncode == 0, answer.stderr
     assert answers[1].stdout == answers[0].stdout and answers[0].stdout.strip()

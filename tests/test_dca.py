@@ -1,4 +1,5 @@
 """Dual Chunk Attention: ordinary attention within one chunk; the paper's equations, pair by pair, across chunks."""
+
 from __future__ import annotations
 
 import json
@@ -58,16 +59,19 @@ def test_matches_reference_across_chunks(chunk_size, local_size, length, start):
     inter_pos = torch.full_like(positions, config.inter_position())
     keys = rotate(k[None, None], cos[key_pos], sin[key_pos])  # (1, 1, T, D)
     grouped = q[None, None]  # (1, 1, group, T, D)
-    queries = [rotate(grouped[..., start:, :], c[p[start:]], s[p[start:]])
-               for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))]
+    queries = [
+        rotate(grouped[..., start:, :], c[p[start:]], s[p[start:]])
+        for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))
+    ]
     got = dual_chunk_attention(tuple(queries), keys, v[None, None], start_pos=start, config=config)[0, 0]
     for head in range(group):
         expected = reference_dca(q[head], k, v, chunk_size=chunk_size, local_size=local_size, cos=cos, sin=sin)
         torch.testing.assert_close(got[head], expected[start:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size,local_size,length,start,dtype", [(80, 16, 200, 0, torch.float32),
-                                                                       (96, 32, 150, 70, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "chunk_size,local_size,length,start,dtype", [(80, 16, 200, 0, torch.float32), (96, 32, 150, 70, torch.bfloat16)]
+)
 def test_c_kernel_matches_across_chunks(chunk_size, local_size, length, start, dtype):
     """quant/attention.c's dual chunk attention (AVX-512 builds; chunks of a multiple of 64 keys) against
     dual_chunk_attention above and, for the first head, the pair-by-pair reference: several chunks, a chunk of
@@ -88,10 +92,13 @@ def test_c_kernel_matches_across_chunks(chunk_size, local_size, length, start, d
     inter_pos = torch.full_like(positions, config.inter_position())
     keys = rotate(k[None, None], cos[key_pos], sin[key_pos]).to(dtype)  # (1, 1, T, D), as the cache holds them
     values = v[None, None].to(dtype)
-    queries = [rotate(q[None, None, :, start:], c[p[start:]], s[p[start:]])
-               for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))]
-    got = prefill_attention(queries[0][0, 0], keys[0], values[0], start,
-                            dual_chunk=(queries[1][0, 0], queries[2][0, 0], config.chunk_len))
+    queries = [
+        rotate(q[None, None, :, start:], c[p[start:]], s[p[start:]])
+        for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))
+    ]
+    got = prefill_attention(
+        queries[0][0, 0], keys[0], values[0], start, dual_chunk=(queries[1][0, 0], queries[2][0, 0], config.chunk_len)
+    )
     assert got is not None
     expected = dual_chunk_attention(tuple(queries), keys, values, start_pos=start, config=config)[0, 0]
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
@@ -128,5 +135,5 @@ def test_cached_decoding_equals_full_forward_across_chunks(tiny_pair):
     with torch.no_grad():
         full = dual.model(ids, KVCache(dual.config, 160), 0)
         cache = KVCache(dual.config, 160)
-        pieces = [dual.model(ids[:, :70], cache, 0)] + [dual.model(ids[:, i:i + 1], cache, i) for i in range(70, 150)]
+        pieces = [dual.model(ids[:, :70], cache, 0)] + [dual.model(ids[:, i : i + 1], cache, i) for i in range(70, 150)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=0)

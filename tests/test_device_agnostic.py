@@ -4,6 +4,7 @@ beside CUDA tensors on a GPU, and every op mixing them fails there, though the C
 CI has no GPU, so these run the CPU paths with the default device set to meta: a tensor made without an explicit
 device then lands on meta and collides with the CPU tensors around it, as it would with CUDA ones. (Before this
 test, GPTQ unpacking and the quantizer's statistics made their index and shift tensors that way.)"""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -31,9 +32,17 @@ def _answer(engine, **sampling) -> str:
     return "".join(chunk.text for chunk in generate(engine, ids, params=params, cache=engine.new_cache(64)))
 
 
-@pytest.mark.parametrize("options,sampling", [
-    ({}, {}), ({}, {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.1, "seed": 3}),
-    ({"kv_cache": "int8"}, {}), ({"attention": "dca"}, {}), ({"load_in": "4bit"}, {}), ({"load_in": "8bit"}, {})])
+@pytest.mark.parametrize(
+    "options,sampling",
+    [
+        ({}, {}),
+        ({}, {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.1, "seed": 3}),
+        ({"kv_cache": "int8"}, {}),
+        ({"attention": "dca"}, {}),
+        ({"load_in": "4bit"}, {}),
+        ({"load_in": "8bit"}, {}),
+    ],
+)
 def test_loading_and_generating_make_no_tensor_on_the_default_device(tiny_model, options, sampling):
     expected = _answer(load_engine(tiny_model, device="cpu", dtype="float32", **options), **sampling)
     with default_device_meta():
@@ -41,16 +50,27 @@ def test_loading_and_generating_make_no_tensor_on_the_default_device(tiny_model,
     assert got == expected
 
 
-@pytest.mark.parametrize("method,bits,group,desc_act", [("gptq", 4, 32, True), ("awq", 4, 32, False),
-                                                         ("rtn", 8, -1, False)])
-def test_quantizing_and_loading_make_no_tensor_on_the_default_device(tiny_model, tmp_path, method, bits, group,
-                                                                     desc_act):
+@pytest.mark.parametrize(
+    "method,bits,group,desc_act", [("gptq", 4, 32, True), ("awq", 4, 32, False), ("rtn", 8, -1, False)]
+)
+def test_quantizing_and_loading_make_no_tensor_on_the_default_device(
+    tiny_model, tmp_path, method, bits, group, desc_act
+):
     from qwen2cli.quantize import quantize_model
 
     with default_device_meta():
-        out = quantize_model(load_engine(tiny_model, device="cpu", dtype="float32"), tmp_path / method, method=method,
-                             bits=bits, group_size=group, sym=method != "awq", desc_act=desc_act, calibration=None,
-                             samples=8, seq_len=64)
+        out = quantize_model(
+            load_engine(tiny_model, device="cpu", dtype="float32"),
+            tmp_path / method,
+            method=method,
+            bits=bits,
+            group_size=group,
+            sym=method != "awq",
+            desc_act=desc_act,
+            calibration=None,
+            samples=8,
+            seq_len=64,
+        )
         got = _answer(load_engine(Path(out), device="cpu", dtype="float32"))
     assert got == _answer(load_engine(Path(out), device="cpu", dtype="float32"))
 

@@ -1,4 +1,5 @@
 """GGUF import: weights, config and tokenizer against transformers' own GGUF loader."""
+
 from __future__ import annotations
 
 import subprocess
@@ -39,7 +40,7 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
     blocks = generator.integers(0, 256, size=(300, size), dtype=np.uint8)
     halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}.get(type_name, (0,))
     for at in halves:
-        blocks[:, at:at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
+        blocks[:, at : at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
     expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1)
     monkeypatch.setattr("qwen2cli.gguf_dequant.VALUES_PER_CHUNK", 7 * values)  # 300 blocks in chunks of 7
     got = dequantize(blocks, type_name)
@@ -53,8 +54,9 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
 def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name,
-                                                     dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+    ).eval()
     engine = load_engine(imported, device="cpu", dtype="float32")
     ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -76,8 +78,9 @@ def test_tiny_tokenizer_matches_transformers_gguf_tokenizer(tiny_gguf, imported)
 
 def _import_cli(path, tmp_path):
     env = {"QWEN2_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "qwen2cli", "import", str(path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen2cli", "import", str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_bad_files_are_one_line_errors(tiny_gguf, tmp_path):
@@ -86,13 +89,18 @@ def test_bad_files_are_one_line_errors(tiny_gguf, tmp_path):
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("this is not a GGUF file\n" * 10)
     llama = write_tiny_gguf(tmp_path / "llama.gguf", architecture="llama")
-    for path, fragment in ((truncated, "not a readable GGUF"), (not_gguf, "not a readable GGUF"),
-                           (llama, "'llama' model"), (tmp_path / "missing.gguf", "no such GGUF")):
+    for path, fragment in (
+        (truncated, "not a readable GGUF"),
+        (not_gguf, "not a readable GGUF"),
+        (llama, "'llama' model"),
+        (tmp_path / "missing.gguf", "no such GGUF"),
+    ):
         done = _import_cli(path, tmp_path)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and fragment in done.stderr, done.stderr
     assert not list((tmp_path / "home" / "models").glob("*")) or all(
-        p.name.startswith(".") for p in (tmp_path / "home" / "models").iterdir())
+        p.name.startswith(".") for p in (tmp_path / "home" / "models").iterdir()
+    )
 
 
 def test_import_command_installs_into_the_store(tiny_gguf, tmp_path):
@@ -122,8 +130,13 @@ def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
     for prompt in ["def quicksort(items):", "The capital of Australia is", "用Python写一个快速排序："]:
         ids = ours.encode(prompt)
         with torch.inference_mode():
-            out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                                     eos_token_id=sorted(engine.stop_ids), pad_token_id=151643)[0, len(ids):]
+            out = reference.generate(
+                torch.tensor([ids]),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=sorted(engine.stop_ids),
+                pad_token_id=151643,
+            )[0, len(ids) :]
         expected = reference_tokenizer.decode([t for t in out.tolist() if t not in engine.stop_ids])
         got = "".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + 30)))
         assert got == expected

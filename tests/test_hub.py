@@ -1,4 +1,5 @@
 """Downloads from a hub-compatible server on 127.0.0.1: full, resumed, corrupt, hostile, refused, offline, racing."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ def hub(tiny_model, tmp_path):
 
 
 def qwen2(hub: Hub, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**hub.env, **(extra_env or {})}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen2cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**hub.env, **(extra_env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def installed(hub: Hub) -> list[str]:
@@ -47,7 +54,9 @@ def test_full_download_then_run(hub, tiny_model):
     done = qwen2(hub, "download", REPO)
     assert done.returncode == 0, done.stderr
     path = Path(done.stdout.strip())
-    assert path.is_dir() and (path / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert (
+        path.is_dir() and (path / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    )
     answer = qwen2(hub, "run", REPO, "hi", "--max-tokens", "3", "--temperature", "0")
     assert answer.returncode == 0, answer.stderr
     listing = qwen2(hub, "list", "--json")
@@ -98,8 +107,10 @@ def test_offline_mode_is_served_from_the_store(hub):
 
 def test_two_concurrent_downloads_end_with_one_good_copy(hub, tiny_model):
     command = [sys.executable, "-m", "qwen2cli", "download", REPO]
-    racers = [subprocess.Popen(command, env=hub.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    racers = [
+        subprocess.Popen(command, env=hub.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [racer.communicate(timeout=300) for racer in racers]
     assert [racer.returncode for racer in racers] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0]

@@ -1,4 +1,5 @@
 """The int8 KV cache: half the bytes, and on the real model the same greedy text and nearly the same perplexity."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,17 @@ def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_f
     # rounding alone (in bfloat16 both caches round, and which near-tie flips over 32 tokens follows every other
     # rounding too: 5 of 6 with torch's attention for prompts, 3 of 6 with quant/attention.c's float32 one, whose
     # logits are the closer to float32's)
-    greedy = {kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind)
-              for kind in ("float", "int8")}
-    prompts = ["def fibonacci(n):", "The three laws of thermodynamics are", "SELECT name FROM users WHERE",
-               "请解释什么是递归。", "Once upon a time, in a small village,", "import numpy as np\n\narr = np."]
+    greedy = {
+        kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind) for kind in ("float", "int8")
+    }
+    prompts = [
+        "def fibonacci(n):",
+        "The three laws of thermodynamics are",
+        "SELECT name FROM users WHERE",
+        "请解释什么是递归。",
+        "Once upon a time, in a small village,",
+        "import numpy as np\n\narr = np.",
+    ]
     params = SamplingParams(temperature=0, max_tokens=32, repeat_penalty=1.0)
     same = 0
     for prompt in prompts:

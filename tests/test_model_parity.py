@@ -1,4 +1,5 @@
 """Our decoder against transformers' Qwen2ForCausalLM on tiny random checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ VARIANTS = {
 def pair(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), with_tokenizer=False,
-                                      **VARIANTS[request.param])
+    directory = write_tiny_checkpoint(
+        tmp_path_factory.mktemp(request.param), with_tokenizer=False, **VARIANTS[request.param]
+    )
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
     ours = load_model(directory, device="cpu", dtype="float32")
     return reference, ours
@@ -51,7 +53,7 @@ def test_cached_decoding_matches_full_forward(pair):
         expected = reference(ids).logits
         cache = KVCache(ours.config, 64)
         prefix = ours.model(ids[:, :7], cache, 0)  # a chunked start, then one token at a time
-        steps = [ours.model(ids[:, i:i + 1], cache, i) for i in range(7, ids.shape[1])]
+        steps = [ours.model(ids[:, i : i + 1], cache, i) for i in range(7, ids.shape[1])]
     got = torch.cat([prefix, *steps], dim=1)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
@@ -60,8 +62,9 @@ def test_greedy_64_tokens_identical(pair):
     reference, ours = pair
     ids = _ids(8, seed=3)
     with torch.no_grad():
-        expected = reference.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, 8:].tolist()
+        expected = reference.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, 8:
+        ].tolist()
         cache = KVCache(ours.config, 128)
         logits = ours.model(ids, cache, 0, last_only=True)
         got = []
@@ -78,8 +81,9 @@ def test_auto_dtype_rule():
     from qwen2cli.checkpoint import resolve_dtype
     from qwen2cli.config import config_from_dict
 
-    base = config_from_dict({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
-                             "num_attention_heads": 2})
+    base = config_from_dict(
+        {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    )
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", replace(base, torch_dtype="float32"), cpu) == torch.float32
     assert resolve_dtype("auto", replace(base, torch_dtype="bfloat16"), cpu) == torch.bfloat16
@@ -113,8 +117,9 @@ def test_read_state_dict_gives_the_stored_values(tiny_model):
     reference = load_file(str(path))
     converted = {name for name in reference if "mlp" in name}
     transient = frozenset(name for name in reference if "self_attn" in name)
-    state = read_state_dict([path], lambda name, t: (torch.bfloat16 if name in converted else t.dtype, t.device),
-                            transient)
+    state = read_state_dict(
+        [path], lambda name, t: (torch.bfloat16 if name in converted else t.dtype, t.device), transient
+    )
     assert state.keys() == reference.keys() and converted and transient
     for name, tensor in state.items():
         expected = reference[name].to(torch.bfloat16) if name in converted else reference[name]

@@ -1,4 +1,5 @@
 """Our Qwen2-MoE block against transformers' Qwen2MoeForCausalLM on tiny random checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,10 +19,21 @@ def write_tiny_moe(directory, vocab_size: int = 256, **overrides):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                            shared_expert_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, eos_token_id=None,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides)
+    config = Qwen2MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **overrides,
+    )
     model = Qwen2MoeForCausalLM(config).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -54,8 +66,11 @@ def test_quantizable_input_sizes_from_the_config(pair):
     from qwen2cli.quantized_load import keeps_float
 
     _, ours = pair
-    sizes = {module.in_features for name, module in ours.model.model.layers.named_modules()
-             if isinstance(module, torch.nn.Linear) and not keeps_float(name)}
+    sizes = {
+        module.in_features
+        for name, module in ours.model.model.layers.named_modules()
+        if isinstance(module, torch.nn.Linear) and not keeps_float(name)
+    }
     assert 32 in sizes  # the experts' down projections
     assert ours.config.linear_input_sizes() == sizes
 
@@ -67,7 +82,7 @@ def test_full_forward_and_cached_decoding_match(pair):
         expected = reference(ids).logits
         full = ours.model(ids, KVCache(ours.config, 32), 0)
         cache = KVCache(ours.config, 32)
-        steps = [ours.model(ids[:, :5], cache, 0)] + [ours.model(ids[:, i:i + 1], cache, i) for i in range(5, 24)]
+        steps = [ours.model(ids[:, :5], cache, 0)] + [ours.model(ids[:, i : i + 1], cache, i) for i in range(5, 24)]
     torch.testing.assert_close(full, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
 
@@ -91,8 +106,8 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     """GPTQ over every expert (experts few tokens reach fall back to an identity Hessian), saved, loaded, run; AWQ
     likewise (its gate/up scales scored on the whole MoE block's output; no clipping, AWQ's default)."""
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import quantize_model
     from qwen2cli.quant.linear import QuantLinear
+    from qwen2cli.quantize import quantize_model
     from tests.tiny_tokenizer import write_tiny_tokenizer
 
     source = tmp_path / "moe"
@@ -100,8 +115,18 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     write_tiny_tokenizer(source)
     reference = load_engine(source, device="cpu", dtype="float32")
     engine = load_engine(source, device="cpu", dtype="float32")  # quantize_model swaps its Linears in place
-    out = quantize_model(engine, tmp_path / f"moe-{method}", method=method, bits=4, group_size=32, sym=method == "gptq",
-                         desc_act=False, calibration=None, samples=8, seq_len=32)
+    out = quantize_model(
+        engine,
+        tmp_path / f"moe-{method}",
+        method=method,
+        bits=4,
+        group_size=32,
+        sym=method == "gptq",
+        desc_act=False,
+        calibration=None,
+        samples=8,
+        seq_len=32,
+    )
     quantized = load_engine(out, device="cpu", dtype="float32")
     experts = quantized.loaded.model.model.layers[0].mlp.experts
     assert all(isinstance(expert.gate_proj, QuantLinear) for expert in experts)

@@ -1,4 +1,5 @@
 """Shell pipes: only answer text on stdout, one answer per stdin line in chat, a closed pipe ends quietly."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,13 @@ def run(args: list[str], stdin: str = "", *, timeout: int = 300) -> subprocess.C
 
 def expected_raw(model_dir, prompt: str, max_tokens: int) -> str:
     engine = load_engine(model_dir, device="cpu", dtype="auto")
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, repeat_penalty=engine.config.generation.repetition_penalty)
+    params = SamplingParams(
+        temperature=0, max_tokens=max_tokens, repeat_penalty=engine.config.generation.repetition_penalty
+    )
     ids = engine.tokenizer.encode(prompt)
-    return "".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + max_tokens + 1)))
+    return "".join(
+        c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + max_tokens + 1))
+    )
 
 
 def test_run_prints_only_model_text(tiny_model):
@@ -41,24 +46,30 @@ def test_run_json(tiny_model):
 
 
 def test_prompt_and_piped_stdin_are_joined(tiny_model):
-    joined = run(["run", str(tiny_model), "summarize:", "--raw", "--temperature", "0", "--max-tokens", "3", "--json"],
-                 "some text\n")
-    direct = run(["run", str(tiny_model), "summarize:\nsome text", "--raw", "--temperature", "0", "--max-tokens", "3",
-                  "--json"])
+    joined = run(
+        ["run", str(tiny_model), "summarize:", "--raw", "--temperature", "0", "--max-tokens", "3", "--json"],
+        "some text\n",
+    )
+    direct = run(
+        ["run", str(tiny_model), "summarize:\nsome text", "--raw", "--temperature", "0", "--max-tokens", "3", "--json"]
+    )
     assert json.loads(joined.stdout)["usage"]["prompt_tokens"] == json.loads(direct.stdout)["usage"]["prompt_tokens"]
     assert json.loads(joined.stdout)["text"] == json.loads(direct.stdout)["text"]
 
 
 def test_closed_pipe_exits_quietly(tiny_model):
-    pipeline = (f"{sys.executable} -m qwen2cli run {tiny_model} --raw --temperature 0.9 --max-tokens 200 hello "
-                "| head -c 20")
+    pipeline = (
+        f"{sys.executable} -m qwen2cli run {tiny_model} --raw --temperature 0.9 --max-tokens 200 hello | head -c 20"
+    )
     done = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == b"" and len(done.stdout) == 20
 
 
 def test_chat_answers_each_stdin_line(tiny_model):
-    done = run(["chat", str(tiny_model), "--temperature", "0", "--max-tokens", "3"], "one\n/set max_tokens 2\ntwo\nthree\n")
+    done = run(
+        ["chat", str(tiny_model), "--temperature", "0", "--max-tokens", "3"], "one\n/set max_tokens 2\ntwo\nthree\n"
+    )
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout
     assert done.stderr.count("prompt tokens") == 3  # one stats line per answer, on stderr
@@ -75,8 +86,11 @@ def test_chat_context_overflow_keeps_going(tiny_model):
 
 @pytest.mark.real
 def test_real_three_questions_three_answers(real_model_dir):
-    questions = ["What is 2+2? Reply with the number only.", "What is the capital of Italy? One word.",
-                 "What color is the sky on a clear day? One word."]
+    questions = [
+        "What is 2+2? Reply with the number only.",
+        "What is the capital of Italy? One word.",
+        "What color is the sky on a clear day? One word.",
+    ]
     done = run(["chat", str(real_model_dir), "--temperature", "0", "--max-tokens", "16"], "\n".join(questions) + "\n")
     assert done.returncode == 0, done.stderr
     answers = done.stdout.strip().split("\n")

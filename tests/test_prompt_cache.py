@@ -1,5 +1,6 @@
 """The chat template's opening cached on disk: the same answer with and without the file, logits equal to a plain
 prefill of the whole prompt, a damaged or foreign file ignored, other models and dtypes kept apart."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,19 @@ def test_opening_from_disk_gives_the_logits_of_a_full_prefill(tiny_model, tmp_pa
 
 def test_run_answers_the_same_with_and_without_the_file(tiny_model, tmp_path):
     env = {**os.environ, "QWEN2_HOME": str(tmp_path)}
-    command = [sys.executable, "-m", "qwen2cli", "run", str(tiny_model), "what is a tokenizer?", "--json",
-               "--temperature", "0", "--max-tokens", "12"]
+    command = [
+        sys.executable,
+        "-m",
+        "qwen2cli",
+        "run",
+        str(tiny_model),
+        "what is a tokenizer?",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+    ]
     answers = []
     for _ in range(2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -1,5 +1,6 @@
 """quant/: exact packing (checked by an independent reader), kernels against the reference path, GPTQ vs RTN,
 and quantize -> save -> load -> generate end to end."""
+
 from __future__ import annotations
 
 import json
@@ -12,16 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import qwen2cli.quant.linear
 from qwen2cli import quant
 from qwen2cli.quant.config import QuantConfig
 from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
-from qwen2cli.quant.linear import (DEQUANT_MIN_ROWS, QuantLinear, int4pack_cpu_layout_known, int4pack_cpu_tile,
-                          quantize_linear, unpack_int4pack_cpu)
+from qwen2cli.quant.linear import (
+    DEQUANT_MIN_ROWS,
+    QuantLinear,
+    int4pack_cpu_layout_known,
+    int4pack_cpu_tile,
+    quantize_linear,
+    unpack_int4pack_cpu,
+)
 from qwen2cli.quant.native import native_library
 from qwen2cli.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from qwen2cli.quant.rtn import quantize_rtn
-
 
 # CPU int4/int8: quant/qgemv.c where it builds (test_native_kernel_builds_where_it_can says where that must be)
 NATIVE = native_library() is not None
@@ -70,8 +75,9 @@ def test_gptq_pack_round_trip_and_independent_reader(bits, group, sym):
     back_codes, back_zeros = unpack_gptq(qweight, qzeros, bits=bits)
     assert torch.equal(back_codes, codes) and torch.equal(back_zeros, zeros)
     size = 128 if group == -1 else group
-    layer = QuantLinear.from_quantized(codes, scales, zeros, torch.arange(128) // size, None,
-                                       QuantConfig(bits=bits, group_size=group, sym=sym))
+    layer = QuantLinear.from_quantized(
+        codes, scales, zeros, torch.arange(128) // size, None, QuantConfig(bits=bits, group_size=group, sym=sym)
+    )
     independent = read_gptq_independently(layer.qweight, layer.qzeros, layer.scales.float(), layer.g_idx, bits)
     assert torch.equal(independent, layer.dequantized_weight())
 
@@ -84,10 +90,17 @@ def test_awq_pack_round_trip_and_independent_reader(group):
     qweight, qzeros = pack_awq(codes, zeros)
     assert qweight.shape == (128, 2) and qzeros.shape == (128 // group, 2)
     assert all(torch.equal(a, b) for a, b in zip(unpack_awq(qweight, qzeros), (codes, zeros)))
-    layer = QuantLinear.from_quantized(codes, scales, zeros, torch.arange(128) // group, None,
-                                       QuantConfig(method="awq", bits=4, group_size=group, sym=False))
-    assert torch.equal(read_awq_independently(layer.qweight, layer.qzeros, layer.scales.float(), group),
-                       layer.dequantized_weight())
+    layer = QuantLinear.from_quantized(
+        codes,
+        scales,
+        zeros,
+        torch.arange(128) // group,
+        None,
+        QuantConfig(method="awq", bits=4, group_size=group, sym=False),
+    )
+    assert torch.equal(
+        read_awq_independently(layer.qweight, layer.qzeros, layer.scales.float(), group), layer.dequantized_weight()
+    )
 
 
 def test_autogptq_symmetric_zeros_read_as_eight():
@@ -112,10 +125,20 @@ def test_gptq_v2_zeros_are_not_offset():
     assert torch.equal(layer.dequantized_weight(), independent)
 
 
-@pytest.mark.parametrize("shape,bits,group,method,act_order", [
-    ((96, 64), 4, 32, "gptq", False), ((256, 48), 4, 128, "gptq", True), ((192, 40), 4, 64, "awq", False),
-    ((160, 24), 8, -1, "gptq", False), ((128, 32), 8, 32, "gptq", False), ((96, 16), 4, 32, "gptq", True),
-    ((128, 96), 4, 32, "gptq", True), ((64, 160), 4, 64, "awq", False), ((64, 80), 8, -1, "gptq", False)])
+@pytest.mark.parametrize(
+    "shape,bits,group,method,act_order",
+    [
+        ((96, 64), 4, 32, "gptq", False),
+        ((256, 48), 4, 128, "gptq", True),
+        ((192, 40), 4, 64, "awq", False),
+        ((160, 24), 8, -1, "gptq", False),
+        ((128, 32), 8, 32, "gptq", False),
+        ((96, 16), 4, 32, "gptq", True),
+        ((128, 96), 4, 32, "gptq", True),
+        ((64, 160), 4, 64, "awq", False),
+        ((64, 80), 8, -1, "gptq", False),
+    ],
+)
 def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, monkeypatch):
     torch.manual_seed(0)
     in_features, out_features = shape
@@ -147,19 +170,23 @@ def test_fast_kernels_equal_reference(shape, bits, group, method, act_order, mon
         # float32 throughout, no bfloat16 activations: as close as the order of summation allows (float32 chosen
         # here: CPUs with bfloat16 arithmetic take bfloat16 by default)
         monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
-        torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(), rtol=1e-4
+        )
         # in bfloat16, as on CPUs that multiply it natively: activations and unpacked weights rounded to 8 bits
         monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.bfloat16)
-        torch.testing.assert_close(layer(long_x), long_reference, atol=0.02 * long_reference.abs().max().item(),
-                                   rtol=0.02)
+        torch.testing.assert_close(
+            layer(long_x), long_reference, atol=0.02 * long_reference.abs().max().item(), rtol=0.02
+        )
     else:  # rows not in whole tiles of 32: the kernel for long inputs too
-        torch.testing.assert_close(layer(long_x), long_reference, atol=0.05 * long_reference.abs().max().item(),
-                                   rtol=0.02)
+        torch.testing.assert_close(
+            layer(long_x), long_reference, atol=0.05 * long_reference.abs().max().item(), rtol=0.02
+        )
 
 
-@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
-                    "says why)")
+@pytest.mark.skipif(
+    not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)"
+)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits, monkeypatch):
     """Checkpoints' float16 scales go to the kernel as float16 with int16 zeros (exact); scales float16 cannot hold
@@ -176,12 +203,14 @@ def test_native_kernel_keeps_float32_scales_that_float16_cannot_hold(bits, monke
         layer.post_load()
         assert ("scales32" in layer._fast) == widen and ("scales16" in layer._fast) != widen
         torch.testing.assert_close(layer(x), reference, atol=0.05 * reference.abs().max().item(), rtol=0.02)
-        torch.testing.assert_close(layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(),
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            layer(long_x), long_reference, atol=1e-4 * long_reference.abs().max().item(), rtol=1e-4
+        )
 
 
-@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
-                    "says why)")
+@pytest.mark.skipif(
+    not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)"
+)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_native_unpacking_gives_the_layers_weights(bits):
     """Long inputs' weight rows unpacked in C (quant/qgemv.c q_unpack) are the layer's dequantized weights: exactly,
@@ -199,8 +228,9 @@ def test_native_unpacking_gives_the_layers_weights(bits):
         for dtype in (torch.float32, torch.bfloat16):
             rows = layer._native_rows(8, 40, torch.empty(32, 192, dtype=dtype))
             if widen:  # stored * scale + offset: a float32 rounding apart (bfloat16: a rounding step at most)
-                torch.testing.assert_close(rows, weight[8:40].to(dtype), atol=1e-6,
-                                           rtol=2**-8 if dtype == torch.bfloat16 else 0)
+                torch.testing.assert_close(
+                    rows, weight[8:40].to(dtype), atol=1e-6, rtol=2**-8 if dtype == torch.bfloat16 else 0
+                )
             else:
                 assert torch.equal(rows, weight[8:40].to(dtype))
 
@@ -283,7 +313,7 @@ def test_static_groups_keep_contiguous_groups_under_act_order():
     result = hessian.quantize(weight, bits=4, group_size=32, sym=False, desc_act=True, static_groups=True)
     assert torch.equal(result.g_idx, torch.arange(128, dtype=torch.int32) // 32)
     for group in range(4):
-        scale, zero = group_params(weight[:, group * 32:(group + 1) * 32], bits=4, sym=False)
+        scale, zero = group_params(weight[:, group * 32 : (group + 1) * 32], bits=4, sym=False)
         assert torch.equal(result.scales[group], scale[:, 0]) and torch.equal(result.zeros[group], zero[:, 0].int())
     plain_order = hessian.quantize(weight, bits=4, group_size=32, sym=False, static_groups=True)
     assert not torch.equal(result.codes, plain_order.codes)  # act-order changed the order of the updates
@@ -332,8 +362,9 @@ def test_gptq_clip_search_never_rounds_worse_than_min_max():
     weight[::7, 3] *= 8  # a few outliers, where clipping pays
     plain = group_params(weight, bits=4, sym=False)
     searched = search_group_params(weight, bits=4, sym=False)
-    error = [(dequantize(quantize(weight, s, z, bits=4), s, z) - weight).abs().pow(2.4).sum(1)
-             for s, z in (plain, searched)]
+    error = [
+        (dequantize(quantize(weight, s, z, bits=4), s, z) - weight).abs().pow(2.4).sum(1) for s, z in (plain, searched)
+    ]
     assert (error[1] <= error[0] + 1e-6).all() and error[1].sum() < 0.95 * error[0].sum()
 
 
@@ -397,7 +428,6 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     """The clipping search reads every calibration token through each Linear's input Gram matrix, derived from
     the statistics taken before scaling (D G D, D = diag(1/scales)): it must equal the Gram matrix of the inputs
     the scaled layer actually feeds that Linear, measured here by hooks on the Linears themselves."""
-    import qwen2cli.quant.awq
     from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
     from qwen2cli.quantize import _quantizable, _run_layer
@@ -406,8 +436,17 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
-    quant_config = quantization_for(config, method="awq", bits=4, group_size=32, sym=False, desc_act=False,
-                                    damp_percent=0.01, mse=0.0, hessian_shrink=None)
+    quant_config = quantization_for(
+        config,
+        method="awq",
+        bits=4,
+        group_size=32,
+        sym=False,
+        desc_act=False,
+        damp_percent=0.01,
+        mse=0.0,
+        hessian_shrink=None,
+    )
     hidden = torch.randn(4, 16, config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
     rope = model._rope_tables(0, 16, hidden.device)
     monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
@@ -423,9 +462,12 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
         awq_layer(layer, hidden, rope, config, quant_config, clip=True)
         linears = _quantizable(layer)
         seen = {name: [] for name in linears}
-        handles = [linear.register_forward_pre_hook(
-            lambda module, args, n=name: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
-            for name, linear in linears.items()]
+        handles = [
+            linear.register_forward_pre_hook(
+                lambda module, args, n=name: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).clone())
+            )
+            for name, linear in linears.items()
+        ]
         try:
             after = _run_layer(layer, hidden, rope, config)  # the scaled float layer, not yet quantized
         finally:
@@ -441,16 +483,17 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     for name in clipped:
         x = torch.cat(seen[name])
         expected = x.t() @ x
-        torch.testing.assert_close(grams[linears[name].weight.data_ptr()], expected, rtol=1e-4,
-                                   atol=1e-4 * expected.abs().max().item())
+        torch.testing.assert_close(
+            grams[linears[name].weight.data_ptr()], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+        )
 
 
 def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     """The q/k/v scale search's objective is the attention block's relative output error: zero with the Linears'
     own weights; with v_proj's weight zeroed every value is v_proj's bias, so every output is o_proj of it, whatever
     the attention weights; a partial error for a change to q; the Linears keep their own weights afterwards."""
-    from qwen2cli.kv_cache import KVCache
     from qwen2cli.generate import load_engine
+    from qwen2cli.kv_cache import KVCache
     from qwen2cli.quantize_awq import module_error
 
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
@@ -463,8 +506,9 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     with torch.no_grad():
         error = module_error(attention, linears, inputs, rope, config)
         assert error(own) == 0
-        references = [attention(x, rope, KVCache(config, 16, batch_size=2, dtype=x.dtype, device=x.device), 0)
-                      for x in inputs]
+        references = [
+            attention(x, rope, KVCache(config, 16, batch_size=2, dtype=x.dtype, device=x.device), 0) for x in inputs
+        ]
         group = attention.num_heads // attention.num_kv_heads
         values = attention.v_proj.bias.view(attention.num_kv_heads, -1).repeat_interleave(group, 0).reshape(-1)
         constant = attention.o_proj(values)  # every token's output when each value is the bias
@@ -479,9 +523,9 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
 
 def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
     """v_proj -> o_proj is a scale group only when v_proj's outputs are o_proj's inputs (no GQA)."""
-    from tests.conftest import write_tiny_checkpoint
     from qwen2cli.checkpoint import load_model
     from qwen2cli.quantize_awq import scale_groups
+    from tests.conftest import write_tiny_checkpoint
 
     for kv_heads, expected in ((2, False), (4, True)):
         directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
@@ -496,9 +540,15 @@ def test_layer_without_calibration_falls_back_and_says_so():
     assert result.fallback and "no calibration" in result.fallback
 
 
-@pytest.mark.parametrize("kwargs,message", [({"method": "awq", "bits": 8}, "4-bit only"), ({"bits": 3}, "3-bit"),
-                                            ({"method": "hqq"}, "unknown quantization method"),
-                                            ({"group_size": 48}, "group size 48")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "awq", "bits": 8}, "4-bit only"),
+        ({"bits": 3}, "3-bit"),
+        ({"method": "hqq"}, "unknown quantization method"),
+        ({"group_size": 48}, "group size 48"),
+    ],
+)
 def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kwargs)
@@ -510,8 +560,14 @@ def test_config_round_trips_through_hf_json():
 
 
 def _qwen2(*args: str, home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen2cli", *args], capture_output=True, text=True, timeout=600,
-                          env={"QWEN2_HOME": str(home), "PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "qwen2cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"QWEN2_HOME": str(home), "PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("method,bits,group", [("gptq", 4, "32"), ("awq", 4, "32"), ("rtn", 8, "-1")])
@@ -520,8 +576,22 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     from qwen2cli.kv_cache import KVCache
 
     damp = ["--damp", "0.05"] if method == "gptq" else []
-    done = _qwen2("quantize", str(tiny_model), "--method", method, "--bits", str(bits), "--group-size", group,
-                  "--samples", "8", "--seq-len", "64", *damp, home=tmp_path)
+    done = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--method",
+        method,
+        "--bits",
+        str(bits),
+        "--group-size",
+        group,
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        *damp,
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
     assert path.endswith(f":{method}-int{bits}")
@@ -556,8 +626,9 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
             # bfloat16 activations otherwise: int4pack-cpu's layout read back for whole tiles only)
             unpacked = rows > DEQUANT_MIN_ROWS and ("scales32" in layer._fast or "scales16" in layer._fast)
             tolerance = 1e-4 if unpacked else 0.05
-            torch.testing.assert_close(layer(x), reference, rtol=tolerance,
-                                       atol=tolerance * reference.abs().max().item())
+            torch.testing.assert_close(
+                layer(x), reference, rtol=tolerance, atol=tolerance * reference.abs().max().item()
+            )
 
 
 def test_awq_clip_through_the_command(tiny_model, tmp_path):
@@ -568,14 +639,31 @@ def test_awq_clip_through_the_command(tiny_model, tmp_path):
     tensors = {}
     for extra in ([], ["--clip"]):
         out = tmp_path / ("clip" if extra else "plain")
-        done = _qwen2("quantize", str(tiny_model), "--method", "awq", "--group-size", "32", "--samples", "8",
-                      "--seq-len", "64", *extra, "--out", str(out), home=tmp_path)
+        done = _qwen2(
+            "quantize",
+            str(tiny_model),
+            "--method",
+            "awq",
+            "--group-size",
+            "32",
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            *extra,
+            "--out",
+            str(out),
+            home=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         tensors[bool(extra)] = load_file(out / "model.safetensors")
         answer = _qwen2("run", str(out), "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
         assert answer.returncode == 0, answer.stderr
-    assert any(not torch.equal(tensors[True][name], tensors[False][name]) for name in tensors[False]
-               if name.endswith("qweight"))
+    assert any(
+        not torch.equal(tensors[True][name], tensors[False][name])
+        for name in tensors[False]
+        if name.endswith("qweight")
+    )
 
 
 def test_static_groups_through_the_command(tiny_model, tmp_path):
@@ -583,13 +671,37 @@ def test_static_groups_through_the_command(tiny_model, tmp_path):
     contiguous one (nothing to reorder at load), and the checkpoint answers; --no-desc-act turns both off."""
     from safetensors.torch import load_file
 
-    plain = _qwen2("quantize", str(tiny_model), "--no-desc-act", "--group-size", "32", "--samples", "4",
-                   "--seq-len", "32", "--out", str(tmp_path / "plain"), home=tmp_path)
+    plain = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--no-desc-act",
+        "--group-size",
+        "32",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "plain"),
+        home=tmp_path,
+    )
     assert plain.returncode == 0, plain.stderr
     config = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
     assert config["desc_act"] is False and config["static_groups"] is False
-    done = _qwen2("quantize", str(tiny_model), "--group-size", "32", "--asym",
-                  "--samples", "8", "--seq-len", "64", "--out", str(tmp_path / "q"), home=tmp_path)
+    done = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--group-size",
+        "32",
+        "--asym",
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--out",
+        str(tmp_path / "q"),
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["desc_act"] is True and config["static_groups"] is True
@@ -612,13 +724,15 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     bf16 = tmp_path / "bf16"
     shutil.copytree(tiny_model, bf16)
     weights = load_file(bf16 / "model.safetensors")
-    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors", metadata={"format": "pt"}
+    )
     config = json.loads((bf16 / "config.json").read_text())
     config.pop("dtype", None)
     (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
-    options = dict(method=method, bits=4, group_size=32, sym=False, desc_act=False, calibration=None, samples=4,
-                   seq_len=32)
+    options = dict(
+        method=method, bits=4, group_size=32, sym=False, desc_act=False, calibration=None, samples=4, seq_len=32
+    )
     later_dtypes = []
     engine = load_engine(bf16, device="cpu", dtype="bfloat16")
     layers = engine.loaded.model.model.layers
@@ -629,8 +743,25 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     quantize_model(engine, tmp_path / "from-bf16", progress=progress, **options)
     quantize_model(load_engine(bf16, device="cpu", dtype="float32"), tmp_path / "from-f32", **options)
     assert later_dtypes and set(later_dtypes) == {torch.bfloat16}
-    done = _qwen2("quantize", str(bf16), "--method", method, "--bits", "4", "--group-size", "32", "--asym",
-                  "--no-desc-act", "--samples", "4", "--seq-len", "32", "--out", str(tmp_path / "cli"), home=tmp_path)
+    done = _qwen2(
+        "quantize",
+        str(bf16),
+        "--method",
+        method,
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--asym",
+        "--no-desc-act",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "cli"),
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     reference = load_file(tmp_path / "from-f32" / "model.safetensors")
     for made in ("from-bf16", "cli"):
@@ -651,19 +782,30 @@ def test_save_weights_writes_what_safetensors_writes(tmp_path, float_dtype):
     from qwen2cli.checkpoint import save_weights
 
     generator = torch.Generator().manual_seed(0)
-    state = {"w.f32": torch.randn(5, 7, generator=generator), "w.bf16": torch.randn(3, 8).bfloat16(),
-             "w.f16": torch.randn(9).half(), "q.i32": torch.randint(-2**31, 2**31 - 1, (4, 6), dtype=torch.int32),
-             "q.i8": torch.randint(-128, 127, (11,), dtype=torch.int8), "mask": torch.rand(6) > 0.5,
-             "view": torch.randn(6, 4).t(), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
-             "ids": torch.arange(5)}
+    state = {
+        "w.f32": torch.randn(5, 7, generator=generator),
+        "w.bf16": torch.randn(3, 8).bfloat16(),
+        "w.f16": torch.randn(9).half(),
+        "q.i32": torch.randint(-(2**31), 2**31 - 1, (4, 6), dtype=torch.int32),
+        "q.i8": torch.randint(-128, 127, (11,), dtype=torch.int8),
+        "mask": torch.rand(6) > 0.5,
+        "view": torch.randn(6, 4).t(),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(5),
+    }
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(float_dtype) if float_dtype is not None and tensor.is_floating_point() else tensor
 
     save_weights(state, tmp_path / "ours.safetensors", float_dtype=float_dtype)
-    save_file({k: cast(v).contiguous() for k, v in state.items()}, tmp_path / "theirs.safetensors",
-              metadata={"format": "pt"})
-    with safe_open(tmp_path / "ours.safetensors", "pt") as ours, safe_open(tmp_path / "theirs.safetensors", "pt") as theirs:
+    save_file(
+        {k: cast(v).contiguous() for k, v in state.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt"}
+    )
+    with (
+        safe_open(tmp_path / "ours.safetensors", "pt") as ours,
+        safe_open(tmp_path / "theirs.safetensors", "pt") as theirs,
+    ):
         assert sorted(ours.keys()) == sorted(theirs.keys()) == sorted(state)
         assert ours.metadata() == theirs.metadata()
         for name in state:
@@ -675,17 +817,31 @@ def test_save_weights_writes_what_safetensors_writes(tmp_path, float_dtype):
 def test_quantize_bad_input(tiny_model, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("Only a few words of calibration text.\n")
-    cases = [(["--method", "hqq"], "unknown --method"), (["--method", "awq", "--bits", "8"], "4-bit only"),
-             (["--group-size", "256"], "does not divide"),
-             (["--calib", str(small), "--group-size", "32"], "calibration text is"), (["--damp", "0"], "--damp must be"),
-             (["--shrink", "1.5"], "shrinkage must be in [0, 1]"), (["--shrink", "x"], "--shrink must be"),
-             (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups"),
-             (["--clip"], "--clip is an AWQ option")]
+    cases = [
+        (["--method", "hqq"], "unknown --method"),
+        (["--method", "awq", "--bits", "8"], "4-bit only"),
+        (["--group-size", "256"], "does not divide"),
+        (["--calib", str(small), "--group-size", "32"], "calibration text is"),
+        (["--damp", "0"], "--damp must be"),
+        (["--shrink", "1.5"], "shrinkage must be in [0, 1]"),
+        (["--shrink", "x"], "--shrink must be"),
+        (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups"),
+        (["--clip"], "--clip is an AWQ option"),
+    ]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    first = _qwen2("quantize", str(tiny_model), "--method", "rtn", "--out", str(tmp_path / "q1"), "--group-size", "32",
-                   home=tmp_path)
+    first = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--method",
+        "rtn",
+        "--out",
+        str(tmp_path / "q1"),
+        "--group-size",
+        "32",
+        home=tmp_path,
+    )
     assert first.returncode == 0, first.stderr
     again = _qwen2("quantize", str(tmp_path / "q1"), "--out", str(tmp_path / "q2"), home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
@@ -696,10 +852,9 @@ def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     """`--load-in` on CPU: every decoder Linear becomes a QuantLinear on a packed kernel; logits stay within the
     same bounds as a quantized checkpoint of the same kind; the head becomes int8 rows, the (untied) embedding
     stays float."""
-    from qwen2cli.quant.head import Int8Rows
-
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
+    from qwen2cli.quant.head import Int8Rows
 
     original = load_model(tiny_model, device="cpu", dtype="float32")
     quantized = load_model(tiny_model, device="cpu", dtype="float32", load_in=load_in)
@@ -735,7 +890,7 @@ def test_fused_projections_compute_what_the_separate_layers_do(tiny_model, load_
         with torch.no_grad():
             logits = [loaded.model(ids[:, :130], cache, 0)[0]]  # 130 rows: the separate layers' long path
             for position in range(130, 140):
-                logits.append(loaded.model(ids[:, position:position + 1], cache, position)[0])
+                logits.append(loaded.model(ids[:, position : position + 1], cache, position)[0])
         return torch.cat(logits)
 
     torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=0)
@@ -777,7 +932,7 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
         with torch.no_grad():
             logits = [model(ids[:, :12], cache, 0)[0]]
             for position in range(12, 36):
-                logits.append(model(ids[:, position:position + 1], cache, position)[0])
+                logits.append(model(ids[:, position : position + 1], cache, position)[0])
             logits.append(model(ids[:, 36:48], cache, 36)[0])
         first_layer[mode] = (cache.keys[0][:, :, :48].float(), cache.values[0][:, :, :48].float())
         return torch.cat(logits).float()
@@ -820,8 +975,17 @@ def test_a_dropped_quantized_model_is_freed_at_once(tiny_model):
 def test_load_in_bad_input(tiny_model, tmp_path):
     bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
     assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr
-    quantized = _qwen2("quantize", str(tiny_model), "--method", "rtn", "--group-size", "32", "--out",
-                       str(tmp_path / "q"), home=tmp_path)
+    quantized = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--out",
+        str(tmp_path / "q"),
+        home=tmp_path,
+    )
     assert quantized.returncode == 0, quantized.stderr
     again = _qwen2("run", str(tmp_path / "q"), "hi", "--load-in", "8bit", home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
@@ -858,8 +1022,9 @@ def test_int8_rows_quantize_in_chunks_and_compute_what_they_stand_for():
     assert head(many).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
-                    "says why)")
+@pytest.mark.skipif(
+    not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)"
+)
 def test_a_quantized_load_builds_the_kernels_into_the_store_once(tmp_path):
     """Loading a quantized checkpoint compiles the native kernels into QWEN2_HOME's cache, where the next process
     finds them: the int8 head asked for them before the cache was set, and every load compiled them afresh into a
@@ -867,8 +1032,9 @@ def test_a_quantized_load_builds_the_kernels_into_the_store_once(tmp_path):
     from tests.conftest import write_tiny_checkpoint
 
     source = write_tiny_checkpoint(tmp_path / "float")
-    done = _qwen2("quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"),
-                  home=tmp_path)
+    done = _qwen2(
+        "quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"), home=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     kernels = tmp_path / "cache" / "kernels"
     shutil.rmtree(kernels, ignore_errors=True)
@@ -882,14 +1048,15 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
     """A quantized checkpoint on CPU runs its head as int8 rows quantized from the file (a tied embedding looks up
     the same table): its logits stay within 4% of the same checkpoint with the float head (random tiny weights:
     a tied table's rounded rows move every layer's int8-rounded activations too; 0.9% with torch's kernels)."""
-    from qwen2cli.quant.head import Int8Lookup, Int8Rows
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
+    from qwen2cli.quant.head import Int8Lookup, Int8Rows
     from tests.conftest import write_tiny_checkpoint
 
     source = write_tiny_checkpoint(tmp_path / "float", tie=tie)
-    done = _qwen2("quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"),
-                  home=tmp_path)
+    done = _qwen2(
+        "quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"), home=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     int8 = load_model(tmp_path / "q", device="cpu", dtype="float32")
     full = load_model(tmp_path / "q", device="cpu", dtype="float32", int8_head=False)
@@ -907,8 +1074,9 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
     text.write_text("The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n" * 8)
     scores = []
     for extra in ([], ["--float-head"]):  # the command line's way to keep the float head
-        done = _qwen2("perplexity", str(tmp_path / "q"), "--file", str(text), "--ctx", "64", "--json", *extra,
-                      home=tmp_path)
+        done = _qwen2(
+            "perplexity", str(tmp_path / "q"), "--file", str(text), "--ctx", "64", "--json", *extra, home=tmp_path
+        )
         assert done.returncode == 0, done.stderr
         scores.append(json.loads(done.stdout)["ppl"])
     assert scores[0] != scores[1] and abs(scores[0] - scores[1]) < 0.02 * scores[1]
@@ -921,22 +1089,39 @@ def test_native_kernel_builds_where_it_can():
     import shutil
     from pathlib import Path
 
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
-    can = (platform.machine() == "x86_64" and shutil.which("gcc") is not None and {"avx2", "fma"} <= set(flags)
-           and os.environ.get("QWEN2_NATIVE") != "0")
+    flags = (
+        next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+        if Path("/proc/cpuinfo").exists()
+        else []
+    )
+    can = (
+        platform.machine() == "x86_64"
+        and shutil.which("gcc") is not None
+        and {"avx2", "fma"} <= set(flags)
+        and os.environ.get("QWEN2_NATIVE") != "0"
+    )
     if not can:
         pytest.skip("no gcc, or not an x86-64 CPU with AVX2 and FMA: torch's int4 kernel is used")
     assert native_library() is not None
 
 
-@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can "
-                    "says why)")
+@pytest.mark.skipif(
+    not NATIVE, reason="the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)"
+)
 def test_native_exp_is_within_two_ulp_of_exp():
     """The C layer's SiLU and softmax use their own 8-wide exp: against float64 exp over the range where float32's
     exp is finite and normal, within 2 ulp; clamped outside it (tiny stays tiny, overflow stays huge)."""
     library = native_library()
-    x = torch.cat([torch.linspace(-87.3, 88.37, 200_000), torch.tensor([-1e4, -200., -88., 89., 200., 1e4, 0., 1.])])
+    x = torch.cat(
+        [torch.linspace(-87.3, 88.37, 200_000), torch.tensor([-1e4, -200.0, -88.0, 89.0, 200.0, 1e4, 0.0, 1.0])]
+    )
     x = x.to(torch.float32).contiguous()
     out = torch.empty_like(x)
     library.qlayer_exp(x.data_ptr(), out.data_ptr(), x.numel())
@@ -952,14 +1137,16 @@ def _native_builds() -> list:
     from qwen2cli.quant.native import FLAGS, native_flags
 
     return [pytest.param(tuple(FLAGS), id="avx2")] + (
-        [pytest.param(native_flags(), id="avx512-vnni")] if native_flags() != tuple(FLAGS) else [])
+        [pytest.param(native_flags(), id="avx512-vnni")] if native_flags() != tuple(FLAGS) else []
+    )
 
 
 @pytest.mark.parametrize("flags", _native_builds())
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows,in_features,out_features,group", [(1, 96, 40, 32), (3, 384, 24, 128),
-                                                                 (127, 256, 8, 64), (2, 512, 16, 256),
-                                                                 (5, 224, 8, 224)])
+@pytest.mark.parametrize(
+    "rows,in_features,out_features,group",
+    [(1, 96, 40, 32), (3, 384, 24, 128), (127, 256, 8, 64), (2, 512, 16, 256), (5, 224, 8, 224)],
+)
 def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_features, out_features, group):
     """qgemv.c rounds the activations to int8 in blocks of 32 (scale: the block's |x| max / 127): its result may
     differ from x W^T by at most sum_i |w_i| * (that scale / 2), a bound computed here from x alone. Each build
@@ -1000,8 +1187,17 @@ def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_feat
 def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path):
     """A quantized checkpoint's files are read before the weights (for the int8 head and repacking): a truncated
     one is the same one-line "corrupt or truncated" error as a float checkpoint's."""
-    done = _qwen2("quantize", str(tiny_model), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"),
-                  home=tmp_path)
+    done = _qwen2(
+        "quantize",
+        str(tiny_model),
+        "--method",
+        "rtn",
+        "--group-size",
+        "32",
+        "--out",
+        str(tmp_path / "q"),
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     weights = tmp_path / "q" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -1009,9 +1205,16 @@ def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path
     assert broken.returncode == 1 and "corrupt or truncated" in broken.stderr and "Traceback" not in broken.stderr
 
 
-@pytest.mark.parametrize("heads,kv_heads,length,start,head_dim,dtype", [
-    (14, 2, 131, 0, 64, torch.float32), (4, 2, 37, 5, 16, torch.float32), (8, 1, 130, 70, 128, torch.bfloat16),
-    (2, 2, 3, 200, 32, torch.bfloat16), (6, 3, 64, 64, 48, torch.float32)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,length,start,head_dim,dtype",
+    [
+        (14, 2, 131, 0, 64, torch.float32),
+        (4, 2, 37, 5, 16, torch.float32),
+        (8, 1, 130, 70, 128, torch.bfloat16),
+        (2, 2, 3, 200, 32, torch.bfloat16),
+        (6, 3, 64, 64, 48, torch.float32),
+    ],
+)
 def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, length, start, head_dim, dtype):
     """quant/attention.c (AVX-512 builds) against causal attention written out in float64: chunks at an offset into
     the cache, row counts not a multiple of its 4-row tiles, keys across several 64-key blocks, bfloat16 caches,
@@ -1030,7 +1233,7 @@ def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, lengt
     got = prefill_attention(q, keys, values, start)
     group = heads // kv_heads
     k, v = (t[:, :keys_total].double().repeat_interleave(group, dim=0) for t in (keys, values))
-    scores = q.double() @ k.transpose(1, 2) / head_dim ** 0.5  # (heads, length, keys)
+    scores = q.double() @ k.transpose(1, 2) / head_dim**0.5  # (heads, length, keys)
     allowed = torch.arange(keys_total)[None, :] <= start + torch.arange(length)[:, None]
     expected = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
@@ -1048,8 +1251,17 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     engine = load_engine(tiny_model, device="cpu", dtype="float32")
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
-    quant_config = quantization_for(config, method="gptq", bits=4, group_size=32, sym=True, desc_act=False,
-                                    damp_percent=0.01, mse=0.0, hessian_shrink=None)
+    quant_config = quantization_for(
+        config,
+        method="gptq",
+        bits=4,
+        group_size=32,
+        sym=True,
+        desc_act=False,
+        damp_percent=0.01,
+        mse=0.0,
+        hessian_shrink=None,
+    )
     hidden = torch.randn(3, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
     rope = model._rope_tables(0, 16, hidden.device)
     monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
@@ -1067,19 +1279,23 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     monkeypatch.setattr(GPTQ, "add_batch", spy)
     with torch.no_grad():
         fast = _run_layer(layer, hidden, rope, config)
-        stage = {name: linear for name, linear in _quantizable(layer).items()
-                 if name.endswith(("gate_proj", "up_proj"))}
+        stage = {
+            name: linear for name, linear in _quantizable(layer).items() if name.endswith(("gate_proj", "up_proj"))
+        }
         _gptq_stage(layer, stage, hidden, rope, config, quant_config)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # the products did run in bfloat16
     torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
     x = torch.cat(seen)
     assert collectors and collectors[-1].gram.full().dtype == torch.float32
-    torch.testing.assert_close(collectors[-1].gram.full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+    torch.testing.assert_close(
+        collectors[-1].gram.full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item()
+    )
     # AWQ's statistics: the Gram matrix of down_proj's inputs (more tokens than its 128 inputs: a Gram, not rows)
     name = next(name for name in _quantizable(layer) if name.endswith("down_proj"))
     inputs = []
     handle = layer.get_submodule(name).register_forward_pre_hook(
-        lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone()))
+        lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())
+    )
     more = torch.randn(12, 16, config.hidden_size, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
@@ -1088,7 +1304,9 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
         handle.remove()
     x = torch.cat(inputs)
     assert x.shape[0] > x.shape[1] and stats.gram[name].full().dtype == torch.float32
-    torch.testing.assert_close(stats.gram[name].full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item())
+    torch.testing.assert_close(
+        stats.gram[name].full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item()
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -1123,7 +1341,9 @@ def test_mo_catalogues_read_as_gettext_reads_them():
 
     from qwen2cli.calibration import CALIBRATION_LANGUAGES, LOCALE_DIR, mo_translations
 
-    catalogues = [sorted((LOCALE_DIR / language / "LC_MESSAGES").glob("*.mo"))[:3] for language in ("zh_CN", "ar", "de")]
+    catalogues = [
+        sorted((LOCALE_DIR / language / "LC_MESSAGES").glob("*.mo"))[:3] for language in ("zh_CN", "ar", "de")
+    ]
     assert all(catalogues), f"no gettext catalogues under {LOCALE_DIR}: install a system with locales"
     for path in sum(catalogues, []):
         with path.open("rb") as handle:
@@ -1150,8 +1370,17 @@ def test_default_calibration_is_multilingual_and_the_same_on_every_run(tmp_path)
     assert translations(locale_dir=tmp_path) == []
     digests = set()
     for seed in ("1", "2"):
-        done = subprocess.run([sys.executable, "-c", "from qwen2cli.calibration import default_calibration_text as t;"
-                               "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())"],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from qwen2cli.calibration import default_calibration_text as t;"
+                "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        )
         digests.add(done.stdout.strip())
     assert digests == {hashlib.sha256(text.encode()).hexdigest()}

@@ -27,8 +27,11 @@ CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration 
 AWQ_CALIBRATION = ["--samples", "4", "--seq-len", "128"]
 INT4 = ["--bits", "4", "--group-size", "128", "--asym"]
 GPTQ = ["--method", "gptq", "--damp", "0.1", *CALIBRATION]
-QUANTIZATIONS = {"gptq4": [*GPTQ, *INT4], "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
-                 "gptq8": [*GPTQ, "--bits", "8"]}
+QUANTIZATIONS = {
+    "gptq4": [*GPTQ, *INT4],
+    "awq4": ["--method", "awq", *INT4, *AWQ_CALIBRATION],
+    "gptq8": [*GPTQ, "--bits", "8"],
+}
 # The jobs below run at once, one thread each: on 2 cores, two one-thread jobs do 1.4x the work of one two-thread
 # job, and this file is the suite's longest, so its jobs taking more than half the cores shortens the whole run.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,8 +39,14 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def qwen2(*args: str, timeout: int = 1800) -> str:
     """`qwen2 ARGS` on one thread; its stdout, after asserting it succeeded."""
-    done = subprocess.run([sys.executable, "-m", "qwen2cli", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, env=ONE_THREAD)
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen2cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=ONE_THREAD,
+    )
     assert done.returncode == 0, (args, done.stderr[-2000:])
     return done.stdout
 
@@ -57,12 +66,15 @@ def jobs(real_model_dir, tmp_path_factory):
         return path, json.loads(qwen2("perplexity", str(path), *score))["ppl"]
 
     with ThreadPoolExecutor(len(QUANTIZATIONS) + 1) as pool:
-        rtn4 = pool.submit(lambda: json.loads(qwen2("perplexity", str(real_model_dir), "--load-in", "4bit",
-                                                    *score))["ppl"])
+        rtn4 = pool.submit(
+            lambda: json.loads(qwen2("perplexity", str(real_model_dir), "--load-in", "4bit", *score))["ppl"]
+        )
         futures = {name: pool.submit(quantize_and_score, name) for name in QUANTIZATIONS}
         results = {name: future.result() for name, future in futures.items()}
-    return {"paths": {name: path for name, (path, _) in results.items()},
-            "ppl": {"rtn4": rtn4.result(), **{name: ppl for name, (_, ppl) in results.items()}}}
+    return {
+        "paths": {name: path for name, (path, _) in results.items()},
+        "ppl": {"rtn4": rtn4.result(), **{name: ppl for name, (_, ppl) in results.items()}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +104,28 @@ def test_int4_perplexity_bounded(ppl, method):
 
 def test_quantized_checkpoints_answer(quantized):
     def answer(name: str) -> str:
-        return qwen2("run", str(quantized[name]), "--temperature", "0", "--max-tokens", "12",
-                     "What is the capital of France? One word.", timeout=300)
+        return qwen2(
+            "run",
+            str(quantized[name]),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "What is the capital of France? One word.",
+            timeout=300,
+        )
 
     with ThreadPoolExecutor(len(quantized)) as pool:
         answers = dict(zip(quantized, pool.map(answer, quantized)))
     assert all("Paris" in text for text in answers.values()), answers
 
 
-PROMPTS = ["Write a Python function that reverses a string.", "用一句话介绍长城。",
-           "Explain what a hash table is in two sentences.", "def quicksort(xs):"]
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "用一句话介绍长城。",
+    "Explain what a hash table is in two sentences.",
+    "def quicksort(xs):",
+]
 
 
 def native_choices_behind(path: Path, tokens: int = 20) -> list[float]:
@@ -123,8 +147,14 @@ def native_choices_behind(path: Path, tokens: int = 20) -> list[float]:
     for prompt in PROMPTS:
         ids = prompt_ids(engine, prompt, raw=False, system=None)
         paths.use("native")
-        chunks = list(generate(engine, ids, params=SamplingParams(temperature=0, max_tokens=tokens),
-                               cache=engine.new_cache(len(ids) + tokens + 1)))
+        chunks = list(
+            generate(
+                engine,
+                ids,
+                params=SamplingParams(temperature=0, max_tokens=tokens),
+                cache=engine.new_cache(len(ids) + tokens + 1),
+            )
+        )
         paths.use("python")
         cache = engine.new_cache(len(ids) + tokens + 1)
         with torch.inference_mode():
@@ -157,8 +187,9 @@ def errors_against_exact(path: Path, prompts: list[str], tokens: int = 8) -> lis
             cache = engine.new_cache(len(ids) + tokens + 1)
             with torch.inference_mode():
                 prefill(engine, cache, ids)
-                logits[mode, prompt] = torch.stack([model(torch.tensor([[token]]), cache, cache.pos,
-                                                          last_only=True)[0, -1] for token in forced]).float()
+                logits[mode, prompt] = torch.stack(
+                    [model(torch.tensor([[token]]), cache, cache.pos, last_only=True)[0, -1] for token in forced]
+                ).float()
 
     def error(mode: str, prompt: str) -> float:
         exact = logits["exact", prompt]

@@ -1,4 +1,5 @@
 """The real Qwen2.5-Coder-0.5B-Instruct: our greedy text and logits against transformers'."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +14,7 @@ LONG_PROMPT = "".join(f"Line {i}: the value of item {i} is {i * 7 % 13}.\n" for 
 PROMPTS = {
     "english": "The three most important rules of writing clear prose are",
     "chinese": "请用一句话介绍长城：",
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "sql": "-- list the ten customers with the largest total order value\nSELECT",
     "mixed": "Translate to French: 'The cat sleeps on the warm windowsill.' ->",
     "long": LONG_PROMPT,
@@ -36,12 +37,32 @@ def test_greedy_48_tokens_match_transformers(real_model_dir, reference, name):
     if name == "long":
         assert ids.shape[1] >= 1000
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=[151643, 151645],
-                             pad_token_id=151643)[0, ids.shape[1]:]
+        out = model.generate(
+            ids, max_new_tokens=48, do_sample=False, eos_token_id=[151643, 151645], pad_token_id=151643
+        )[0, ids.shape[1] :]
     expected = tokenizer.decode([t for t in out.tolist() if t not in (151643, 151645)])
-    done = subprocess.run([sys.executable, "-m", "qwen2cli", "run", "--raw", "--temperature", "0", "--max-tokens", "48",
-                           "--dtype", "float32", str(real_model_dir), "--", prompt],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen2cli",
+            "run",
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "--dtype",
+            "float32",
+            str(real_model_dir),
+            "--",
+            prompt,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected
 
@@ -72,7 +93,9 @@ def test_padding_rows_are_never_sampled(real_model_dir):
     prompt = engine.tokenizer.encode("def add(a, b):")
     with torch.no_grad():  # point every padding row along the prompt's last hidden state, scaled far past any real row
         head[151665:] = head[prompt[-1]] * 1000
-    for params in (SamplingParams(temperature=0, max_tokens=6),
-                   SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_tokens=6, seed=3)):
+    for params in (
+        SamplingParams(temperature=0, max_tokens=6),
+        SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_tokens=6, seed=3),
+    ):
         *_, last = generate(engine, prompt, params=params, cache=KVCache(engine.config, 64))
         assert last.stats.generated_ids and max(last.stats.generated_ids) < 151665

@@ -1,4 +1,5 @@
 """The REPL through a real pseudo-terminal (pexpect): streaming, settings, regen, undo, save/load, Ctrl-C, Ctrl-D."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,22 @@ def ignore_interrupts() -> None:
 
 
 def spawn(model_dir, tmp_path, *extra: str) -> pexpect.spawn:
-    env = {"QWEN2_HOME": str(tmp_path / "home"), "TERM": "dumb", "NO_COLOR": "1", "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
-    child = pexpect.spawn(sys.executable, ["-m", "qwen2cli", "chat", str(model_dir), *extra], env=env,
-                          encoding="utf-8", timeout=180, dimensions=(50, 200), preexec_fn=ignore_interrupts)
+    env = {
+        "QWEN2_HOME": str(tmp_path / "home"),
+        "TERM": "dumb",
+        "NO_COLOR": "1",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen2cli", "chat", str(model_dir), *extra],
+        env=env,
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(50, 200),
+        preexec_fn=ignore_interrupts,
+    )
     child.expect_exact(PROMPT)
     return child
 
@@ -118,5 +131,10 @@ def test_ctrl_c_at_empty_prompt_says_how_to_quit(tiny_model, tmp_path):
 
 @pytest.mark.real
 def test_real_model_session(real_model_dir, tmp_path):
-    conversation(real_model_dir, tmp_path, "What is the capital of France? One word.",
-                 "Write a long story about a lighthouse keeper.", slow=True)
+    conversation(
+        real_model_dir,
+        tmp_path,
+        "What is the capital of France? One word.",
+        "Write a long story about a lighthouse keeper.",
+        slow=True,
+    )

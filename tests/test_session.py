@@ -1,4 +1,5 @@
 """ChatSession: the cache follows the conversation; each turn prefills only what is new; overflow drops old turns."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def answer(turn) -> str:
 
 def from_scratch(engine, messages: list[Message], content_ids=()) -> tuple[str, list[int]]:
     """Render the whole conversation and generate with a fresh cache: no reuse at all."""
-    ids = encode_chat(engine.tokenizer, messages, default_system=default_system_prompt(engine.tokenizer.chat_template),
-                      content_ids=content_ids)
+    ids = encode_chat(
+        engine.tokenizer,
+        messages,
+        default_system=default_system_prompt(engine.tokenizer.chat_template),
+        content_ids=content_ids,
+    )
     chunks = list(generate(engine, ids, params=GREEDY, cache=engine.new_cache(1024)))
     return "".join(c.text for c in chunks), [t for t in chunks[-1].stats.generated_ids if t not in engine.stop_ids]
 
@@ -90,8 +95,9 @@ def test_undo_and_regenerate_reuse_the_common_prefix(engine):
 
 
 def test_overflow_drops_oldest_turns_and_keeps_system(engine):
-    session = ChatSession(engine, params=SamplingParams(temperature=0, max_tokens=8, repeat_penalty=1.0), ctx=96,
-                          system="sys")
+    session = ChatSession(
+        engine, params=SamplingParams(temperature=0, max_tokens=8, repeat_penalty=1.0), ctx=96, system="sys"
+    )
     dropped = 0
     for index in range(12):
         turn = session.ask(f"message number {index} with several words in it")

@@ -1,4 +1,5 @@
 """Our tiktoken-based tokenizer against Hugging Face `tokenizers` loading the same files."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import unicodedata
 
 import pytest
 import tiktoken
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
@@ -86,8 +88,9 @@ def test_stream_decoder_never_splits_a_character(tiny_dir):
     tokenizer = Qwen2Tokenizer.from_dir(tiny_dir)
     text = "emoji 👨‍👩‍👧 and 中文 and é"
     ids = tokenizer.encode(text)
-    assert any(len(tokenizer.decode([i]).encode()) != len(tokenizer.token_bytes(i)) for i in ids), \
+    assert any(len(tokenizer.decode([i]).encode()) != len(tokenizer.token_bytes(i)) for i in ids), (
         "the text should contain tokens that are partial UTF-8 characters"
+    )
     decoder = tokenizer.stream_decoder()
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
@@ -99,8 +102,9 @@ def test_vocab_and_merges_files_equal_tokenizer_json(tiny_dir, tmp_path, corpus)
     (tmp_path / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
     merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"added_tokens_decoder": {str(t["id"]): {"content": t["content"], "special": True}
-                                       for t in data["added_tokens"]}}
+    config = {
+        "added_tokens_decoder": {str(t["id"]): {"content": t["content"], "special": True} for t in data["added_tokens"]}
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     from_files = Qwen2Tokenizer.from_dir(tmp_path)
     from_json = Qwen2Tokenizer.from_dir(tiny_dir)
@@ -127,7 +131,6 @@ def test_cached_tables_are_reused_and_refreshed(tiny_dir, tmp_path, monkeypatch)
     assert Qwen2Tokenizer.from_dir(copy).chat_template == "changed"
 
 
-
 def test_cached_tables_equal_the_built_ones_and_a_truncated_cache_is_rebuilt(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2_HOME", str(tmp_path / "home"))
     built = tables_from_files(tiny_dir)
@@ -138,6 +141,7 @@ def test_cached_tables_equal_the_built_ones_and_a_truncated_cache_is_rebuilt(tin
     assert _load_cached(cache) is None
     assert Qwen2Tokenizer.from_dir(tiny_dir).encode(EDGE_CASES[0]) == Qwen2Tokenizer(built).encode(EDGE_CASES[0])
     assert vars(_load_cached(cache)) == vars(built)
+
 
 @pytest.mark.real
 def test_real_tokenizer_matches_tokenizers_and_round_trips(real_pair, corpus):
@@ -189,8 +193,12 @@ def assert_same_bpe(directory, *, samples: int) -> None:
     model = BPE(vocab=data["model"]["vocab"], merges=merges)
     ours = Qwen2Tokenizer.from_dir(directory)
     tables = tables_from_files(directory)  # the ranks ours hands tiktoken
-    whole = tiktoken.Encoding("whole-text", pat_str=r"[\s\S]+",
-                              mergeable_ranks=dict(zip(tables.ranked, range(len(tables.ranked)))), special_tokens={})
+    whole = tiktoken.Encoding(
+        "whole-text",
+        pat_str=r"[\s\S]+",
+        mergeable_ranks=dict(zip(tables.ranked, range(len(tables.ranked)))),
+        special_tokens={},
+    )
     pieces = sorted({left + right for left, right in merges})
     generator = random.Random(0)
     checked = 0
@@ -229,13 +237,26 @@ def test_decoding_any_ids_matches_tokenizers(tiny_dir):
 def test_added_tokens_of_every_kind_match_tokenizers(tiny_dir, tmp_path):
     """Normalized added tokens match after NFC (and decode from their NFC text); raw ones match before it."""
     reference = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
-    reference.add_tokens([AddedToken("e\u0301x", normalized=True), AddedToken("ab c", normalized=True),
-                          AddedToken("<tool_call>", normalized=False), AddedToken("\u00c5", normalized=False)])
+    reference.add_tokens(
+        [
+            AddedToken("e\u0301x", normalized=True),
+            AddedToken("ab c", normalized=True),
+            AddedToken("<tool_call>", normalized=False),
+            AddedToken("\u00c5", normalized=False),
+        ]
+    )
     reference.add_special_tokens([AddedToken("\u226f", normalized=False)])
     reference.save(str(tmp_path / "tokenizer.json"))
     ours = Qwen2Tokenizer.from_dir(tmp_path)
-    texts = ["e\u0301x", "\u00e9x", "A\u030a \u00c5", "<|im_end|>\u0338 >\u0338 \u226f", "xab cx<tool_call>hi",
-             "\u00e9\u0301x", "<|im_start|>e\u0301x<|im_end|>"]
+    texts = [
+        "e\u0301x",
+        "\u00e9x",
+        "A\u030a \u00c5",
+        "<|im_end|>\u0338 >\u0338 \u226f",
+        "xab cx<tool_call>hi",
+        "\u00e9\u0301x",
+        "<|im_start|>e\u0301x<|im_end|>",
+    ]
     for text in texts:
         expected = reference.encode(text, add_special_tokens=False).ids
         assert ours.encode(text) == expected, text
@@ -267,13 +288,16 @@ def test_stream_decoder_flushes_a_cut_character_as_replacement(tiny_dir):
     assert decoder.flush() == "\ufffd"
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d["added_tokens"][0].update(lstrip=True), "lstrip"),
-    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
-    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
-    (lambda d: d["model"]["merges"].append(["q", "z"]), "missing from the vocabulary"),
-    (lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["added_tokens"][0].update(lstrip=True), "lstrip"),
+        (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+        (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
+        (lambda d: d["model"]["merges"].append(["q", "z"]), "missing from the vocabulary"),
+        (lambda d: d["model"].update(type="WordPiece"), "WordPiece"),
+    ],
+)
 def test_tokenizers_we_cannot_match_exactly_are_refused(tiny_dir, tmp_path, change, message):
     data = json.loads((tiny_dir / "tokenizer.json").read_text())
     change(data)

@@ -1,4 +1,5 @@
 """Tiny qwen2 GGUF files written with gguf.GGUFWriter, covering the tensor types llama.cpp files use."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ LAYER_TYPES = [  # per layer: q, k, v, o, gate, up, down
     ["F16", "BF16", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
     ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "F32", "BF16", "Q4_0"],
 ]
-NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 
 
 def _k_quant_bytes(rows: int, cols: int, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +83,9 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
     def add(name: str, shape: tuple[int, ...], kind: str, scale: float = 0.05) -> None:
         values = (rng.standard_normal(shape) * scale).astype(np.float32)
         if kind in BLOCK_BYTES:
-            writer.add_tensor(name, _k_quant_bytes(shape[0], shape[1], kind, rng),
-                              raw_dtype=gguf.GGMLQuantizationType[kind])
+            writer.add_tensor(
+                name, _k_quant_bytes(shape[0], shape[1], kind, rng), raw_dtype=gguf.GGMLQuantizationType[kind]
+            )
         elif kind == "F32":
             writer.add_tensor(name, values)
         else:
@@ -86,8 +95,15 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
     add("token_embd.weight", (vocab_size, hidden), "Q8_0", 0.5)
     add("output_norm.weight", (hidden,), "F32", 1.0)
     add("output.weight", (vocab_size, hidden), "Q6_K")
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (128, hidden), "v_proj": (128, hidden), "o_proj": (hidden, hidden),
-              "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (128, hidden),
+        "v_proj": (128, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden),
+        "down_proj": (hidden, intermediate),
+    }
     for layer in range(layers):
         for (module, shape), kind in zip(shapes.items(), LAYER_TYPES[layer]):
             add(f"blk.{layer}.{NAMES[module]}.weight", shape, kind)
