@@ -308,7 +308,8 @@ def quantize(
         bool,
         typer.Option(
             "--clip/--no-clip",
-            help="AWQ: also search each group's clipping range on the calibration (AutoAWQ's auto_clip). Off by default: on Qwen2.5-Coder-0.5B it made perplexity worse (README).",
+            help="AWQ: also search each group's clipping range on the calibration (AutoAWQ's auto_clip). "
+            "Off by default: on Qwen2.5-Coder-0.5B it made perplexity worse (docs/quantization.md).",
         ),
     ] = False,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric zero points.")] = True,
@@ -346,7 +347,7 @@ def quantize(
     hessian_shrink = _shrink_option(shrink)
     if clip and method != "awq":
         raise BadInput("--clip is an AWQ option (GPTQ and RTN take each group's range from its weights)")
-    # GPTQ's default is act-order with static groups: the best measured on every text at group 128 (README), and
+    # GPTQ's default is act-order with static groups: the best measured at group 128 (docs/quantization.md), and
     # the groups stay contiguous, so the checkpoint loads and runs as fast as one without act-order
     desc_act = (method == "gptq") if desc_act is None else desc_act
     static_groups = (method == "gptq" and desc_act) if static_groups is None else static_groups
@@ -373,7 +374,7 @@ def quantize(
 
     keep_freed_memory()
     # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and
-    # would be 30 GB in float32 (the bar: a 7B quantizes on a 24 GB machine)
+    # would be 30 GB in float32, so a 7B quantizes on a 24 GB machine
     stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
     engine = load_engine(model_dir, device=device, dtype=stored)
     text = read_calibration(Path(calib)) if calib else None
