@@ -8,7 +8,7 @@ command's defaults: act-order with static groups, `--shrink auto`) and is made w
 time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation text the tests assemble
 (tests.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
 float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
-(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp); the issue's bar is 0.5. Checkpoints are kept under --work.
+(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp), 1.0 being all of it. Checkpoints are kept under --work.
 """
 
 from __future__ import annotations

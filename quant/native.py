@@ -1,7 +1,7 @@
 """The int4/int8 x float32 row kernels of quant/qgemv.c, quant/qlayer.c's one-token decoder layer on them, and
 quant/attention.c's prompt attention (AVX-512 builds), compiled with the system's C compiler at first use.
 
-torch's CPU int4 and int8 kernels compute bfloat16 products and, on AVX2, stream weights at ~5 and ~8.5 GB/s;
+torch's CPU int4 and int8 kernels compute bfloat16 products and stream weights slowly on AVX2 (docs/performance.md);
 qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
 caller's, else a private temporary one), loaded with ctypes; absent (None) where there is no compiler, no AVX2/FMA,
 not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels."""

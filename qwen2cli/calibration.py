@@ -18,7 +18,7 @@ LOCALE_DIR = Path("/usr/share/locale")
 
 
 def default_calibration_text() -> str:
-    """Real text every CPython install carries, under the Python Software Foundation License (see README):
+    """Real text every CPython install carries, under the Python Software Foundation License (docs/quantization.md):
     the language reference's topics from pydoc_data (English prose with code examples), standard-library
     docstrings (prose) and source (code), and some of that prose as ChatML question/answer turns; then, where
     the system has them, human translations in other languages from its gettext catalogues (`translations`)."""
