@@ -40,12 +40,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, config: Qwen2Config, device: torch.device) -> torch.dtype:
-    """'auto' -> the checkpoint's dtype on CUDA. On CPU, measured on the real 0.5B model
-    (benchmarks/vs_transformers.py): on an AVX-512/AMX host bfloat16 prefilled 2x and decoded 1.6x faster than
-    float32; on an AVX2-only host (no native bfloat16 arithmetic) bfloat16 decodes 2.2x faster (14.0 vs 6.4 tok/s)
-    but prefills 5.7x slower (28 vs 161 tok/s). Decoding dominates a chat's time and float32 copies double the
-    memory, so bfloat16 and float16 checkpoints run in bfloat16 (loaded without a copy); float32 checkpoints (GGUF
-    imports) stay float32, exact and loaded without a 2-second conversion. `--dtype float32` favours long prompts."""
+    """'auto' -> the checkpoint's dtype on CUDA. On CPU, bfloat16 and float16 checkpoints run in bfloat16 (loaded
+    without a copy; bfloat16 decodes faster than float32 on every CPU measured, and decoding dominates a chat's time);
+    float32 checkpoints (GGUF imports) stay float32, exact and loaded without a conversion. Where the CPU has no native
+    bfloat16 arithmetic, `--dtype float32` prefills long prompts faster (docs/performance.md)."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise BadInput(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
