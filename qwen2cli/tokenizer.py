@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tiktoken
 
@@ -25,7 +25,8 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-NORMAL_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+NormalForm = Literal["NFC", "NFD", "NFKC", "NFKD"]
+NORMAL_FORMS: tuple[NormalForm, ...] = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -37,7 +38,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class ByteLevelAlphabet:
@@ -77,10 +78,10 @@ def _read_json(path: Path) -> Any:
         raise BadCheckpoint(f"cannot read {path}: {exc}") from exc
 
 
-def _pattern_from(pre_tokenizer: dict | None) -> str:
+def _pattern_from(pre_tokenizer: dict[str, Any] | None) -> str:
     """The regex of Qwen2's pre-tokenizer (Split, then ByteLevel without its own regex); others are refused."""
-    steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
-    split, byte_level = steps if len(steps) == 2 else ({}, {})
+    steps: list[dict[str, Any]] = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
+    split, byte_level = steps if len(steps) == 2 else [{}, {}]
     if (
         split.get("type") == "Split"
         and "Regex" in split.get("pattern", {})
@@ -95,7 +96,7 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     raise BadCheckpoint(f"unsupported tokenizer pre-tokenizer {kinds}: qwen2cli handles Qwen2's Split + ByteLevel")
 
 
-def _normalizer_from(normalizer: dict | None) -> str | None:
+def _normalizer_from(normalizer: dict[str, Any] | None) -> NormalForm | None:
     """'NFC' (Qwen's own files), None (what transformers writes from a GGUF); others are refused."""
     if not normalizer:
         return None
@@ -142,7 +143,7 @@ class TokenizerTables:
     bytes_by_id: list[bytes]  # what each id decodes to, as `tokenizers` decodes it
     added_tokens: list[AddedToken]
     pattern: str
-    normalizer: str | None
+    normalizer: NormalForm | None
     chat_template: str | None
 
 
@@ -152,7 +153,7 @@ def build_tables(
     merges: Sequence[tuple[str, str]],
     added: Sequence[AddedToken],
     pattern: str,
-    normalizer: str | None,
+    normalizer: NormalForm | None,
     chat_template: str | None,
 ) -> TokenizerTables:
     """Ranks in merge order (the order Hugging Face's BPE applies merges), single bytes first."""
@@ -175,9 +176,10 @@ def build_tables(
     bytes_by_id = [b""] * size
     for token, token_id in vocab.items():
         bytes_by_id[token_id] = alphabet.to_bytes(token)
-    for token in added:  # `tokenizers` decodes a normalized added token from its normalized text
-        shown = unicodedata.normalize(normalizer, token.content) if token.normalized and normalizer else token.content
-        bytes_by_id[token.id] = alphabet.to_bytes(shown)
+    for added_token in added:  # `tokenizers` decodes a normalized added token from its normalized text
+        text = added_token.content
+        shown = unicodedata.normalize(normalizer, text) if added_token.normalized and normalizer else text
+        bytes_by_id[added_token.id] = alphabet.to_bytes(shown)
     return TokenizerTables(
         ranked=ranked,
         rank_to_id=[id_of[piece] for piece in ranked],
@@ -201,7 +203,7 @@ class Qwen2Tokenizer:
     def __init__(self, tables: TokenizerTables) -> None:
         self._identity = all(rank == token_id for rank, token_id in enumerate(tables.rank_to_id))
         self._rank_to_id = [] if self._identity else tables.rank_to_id
-        ranks = dict(zip(tables.ranked, range(len(tables.ranked))))
+        ranks = dict(zip(tables.ranked, range(len(tables.ranked)), strict=True))
         self._bpe = tiktoken.Encoding("qwen2", pat_str=tables.pattern, mergeable_ranks=ranks, special_tokens={})
         # tiktoken copies the ranks into its Rust tables and keeps this dict only for features we do not use:
         # emptied, it frees ~15 MB (the tokenizer held ~70 MB for Qwen2's 151k tokens)
@@ -218,7 +220,9 @@ class Qwen2Tokenizer:
         if self._identity:
             ranked = tables.ranked
             self._bytes_by_id = [
-                entry if entry == piece else piece for entry, piece in zip(ranked, self._bytes_by_id)
+                # the table covers the merge-ranked ids only; the ids past it (added tokens) are appended as they are
+                entry if entry == piece else piece
+                for entry, piece in zip(ranked, self._bytes_by_id, strict=False)
             ] + self._bytes_by_id[len(ranked) :]
         self.vocab_size = max([*tables.rank_to_id, *self.special_tokens.values()]) + 1
         self.chat_template = tables.chat_template
@@ -302,6 +306,12 @@ class Qwen2Tokenizer:
         return StreamDecoder(self)
 
 
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    """One BPE merge, written "left right" (merges.txt, older tokenizer.json) or ["left", "right"] (newer)."""
+    left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return left, right
+
+
 def tables_from_files(model_dir: Path) -> TokenizerTables:
     """Tokenizer tables from the checkpoint's own files (tokenizer.json, or vocab.json + merges.txt)."""
     config_path = model_dir / "tokenizer_config.json"
@@ -317,7 +327,7 @@ def tables_from_files(model_dir: Path) -> TokenizerTables:
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             raise BadCheckpoint(f"tokenizer.json holds a {model.get('type')} model; Qwen2 uses byte-level BPE")
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        merges = [_merge_pair(m) for m in model["merges"]]
         return build_tables(
             vocab=model["vocab"],
             merges=merges,
@@ -328,7 +338,7 @@ def tables_from_files(model_dir: Path) -> TokenizerTables:
         )
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
         lines = (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+        merges = [_merge_pair(line) for line in lines if line and not line.startswith("#version")]
         return build_tables(
             vocab=_read_json(model_dir / "vocab.json"),
             merges=merges,
@@ -373,7 +383,7 @@ def _unpack(data: memoryview, offset: int) -> tuple[list[bytes], int]:
     blob = bytes(data[position : position + total])  # slicing bytes is ~4x faster than views
     if len(blob) != total:
         raise ValueError("truncated tokenizer cache")
-    return [blob[begin:end] for begin, end in zip([0, *ends], ends)], position + len(blob)
+    return [blob[begin:end] for begin, end in zip([0, *ends], ends, strict=False)], position + len(blob)
 
 
 def _save_cached(tables: TokenizerTables, path: Path) -> None:
