@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .generate import load_engine, prefill
+from .load_options import DEFAULT_LOAD, LoadOptions
 
 FILLER = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。 def add(a, b):\n    return a + b\n"
 
@@ -37,17 +38,14 @@ def peak_rss_mb() -> float:
 
 def run_bench(
     model_dir: Path,
+    options: LoadOptions = DEFAULT_LOAD,
     *,
     prompt_tokens: int = 512,
     new_tokens: int = 128,
-    device: str = "auto",
-    dtype: str = "auto",
-    load_in: str | None = None,
-    float_head: bool = False,
 ) -> BenchResult:
     """Load, prefill `prompt_tokens`, then decode `new_tokens` greedily (ignoring stop tokens), timing each part."""
     started = time.perf_counter()
-    engine = load_engine(model_dir, device=device, dtype=dtype, load_in=load_in, float_head=float_head)
+    engine = load_engine(model_dir, options)
     load_s = time.perf_counter() - started
     ids = engine.tokenizer.encode(FILLER * (prompt_tokens // 20 + 1))[:prompt_tokens]
     cache = engine.new_cache(prompt_tokens + new_tokens + 1)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import Qwen2Config, load_config
+from .config import Qwen2Config, load_config, with_context
 from .errors import BadCheckpoint, BadInput
+from .load_options import DEFAULT_LOAD, LoadOptions
 from .model import Qwen2ForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,19 +23,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class LoadedModel:
     model: Qwen2ForCausalLM
-    config: Qwen2Config
+    config: Qwen2Config  # as built: with YaRN or dual chunk attention when the options asked for them
     device: torch.device
     dtype: torch.dtype
+    ctx: int  # the context the options resolved to (LoadOptions.context_for the checkpoint's trained context)
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; refuse 'cuda' without a GPU."""
+    """'auto' -> CUDA when present, else CPU; refuse 'cuda' without a GPU (LoadOptions has checked the name)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput("--device cuda asked for, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise BadInput(f"unknown device {device!r}: use auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -45,9 +44,7 @@ def resolve_dtype(dtype: str, config: Qwen2Config, device: torch.device) -> torc
     float32 checkpoints (GGUF imports) stay float32, exact and loaded without a conversion. Where the CPU has no native
     bfloat16 arithmetic, `--dtype float32` prefills long prompts faster (docs/performance.md)."""
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise BadInput(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-        return DTYPES[dtype]
+        return DTYPES[dtype]  # a name LoadOptions has checked
     if device.type == "cuda":
         return DTYPES.get(config.torch_dtype or "", torch.bfloat16)
     return torch.float32 if config.torch_dtype == "float32" else torch.bfloat16
@@ -161,48 +158,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "default") -> Qwen2Config:
-    """Dual chunk attention when asked; else YaRN when `ctx` exceeds the trained context (Qwen's recipe)."""
-    if attention not in ("default", "dca"):
-        raise BadInput(f"unknown --attention {attention!r}: use default or dca")
-    if attention == "dca" and config.dual_chunk_attention_config is None:
-        chunk_size = config.max_position_embeddings
-        dca = {
-            "chunk_size": chunk_size,
-            "local_size": max(1, chunk_size // 32),
-            "original_max_position_embeddings": chunk_size,
-        }
-        return replace(config, dual_chunk_attention_config=dca)
-    if ctx is None or ctx <= config.max_position_embeddings or config.rope_scaling is not None:
-        return config
-    original = config.max_position_embeddings
-    factor = float(2 ** math.ceil(math.log2(ctx / original)))  # 2x, 4x ... as Qwen documents (factor 4 for 128K)
-    scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
-    return replace(config, rope_scaling=scaling, max_position_embeddings=int(original * factor))
-
-
-def load_model(
-    model_dir: Path,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    ctx: int | None = None,
-    attention: str = "default",
-    load_in: str | None = None,
-    int8_head: bool | None = None,
-) -> LoadedModel:
-    """Load a checkpoint directory into a ready-to-run model in eval mode, sized for a `ctx`-token context;
-    `load_in` ('8bit' or '4bit') quantizes an unquantized checkpoint's Linears as it loads. `int8_head`: the head
-    (and a tied embedding) as int8 rows; None: for quantized models (a checkpoint's or --load-in's) on CPU, where
-    the bfloat16 head was a third of a decoded token's time and of the model's memory."""
+def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedModel:
+    """Load a checkpoint directory into a ready-to-run model in eval mode as `options` say. `load_in` quantizes an
+    unquantized checkpoint's Linears as it loads. The head (and a tied embedding) runs as int8 rows for quantized
+    models (a checkpoint's or load_in's) on CPU, where the bfloat16 head was a third of a decoded token's time and
+    of the model's memory, unless `float_head`."""
     model_dir = Path(model_dir)
-    if load_in not in (None, "8bit", "4bit"):
-        raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
-    config = with_context(load_config(model_dir), ctx, attention=attention)
+    stored = load_config(model_dir)
+    config = with_context(stored, options.ctx, attention=options.attention)
+    load_in = options.load_in
     if load_in is not None and config.quantization_config is not None:
         raise BadInput(f"{model_dir} is already quantized; --load-in is for unquantized checkpoints")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, config, torch_device)
+    torch_device = resolve_device(options.device)
+    torch_dtype = resolve_dtype(options.dtype, config, torch_device)
     files = weight_files(model_dir)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
@@ -211,15 +179,12 @@ def load_model(
         from .quantized_load import swap_quantized_modules
 
         swap_quantized_modules(model, config, dtype=torch_dtype)
-    if int8_head is None:
-        int8_head = torch_device.type == "cpu" and (quantized or load_in is not None)
+    int8_head = not options.float_head and torch_device.type == "cpu" and (quantized or load_in is not None)
     head_names: frozenset[str] = frozenset()
     home = tensor_homes(files) if quantized or int8_head else {}  # read once for the head and for repacking
     if int8_head:
         from .quantized_load import install_int8_head
 
-        if torch_device.type != "cpu":
-            raise BadInput("the int8 head runs on CPU only")
         head_names = install_int8_head(model, config, home)
     # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
     # view of the file, and only the rows a prompt uses are ever read into memory
@@ -274,7 +239,8 @@ def load_model(
         model.fast_decode = NativeDecoder.build(model)
     model.eval().requires_grad_(False)
     release_freed_memory()
-    return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype)
+    ctx = options.context_for(stored.max_position_embeddings)
+    return LoadedModel(model=model, config=config, device=torch_device, dtype=torch_dtype, ctx=ctx)
 
 
 def _shape_of(model: torch.nn.Module, name: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .errors import BadInput, OutputClosed, report
+from .load_options import LoadOptions
 from .options import (
     AttentionOpt,
     CtxOpt,
@@ -73,6 +74,18 @@ def _resolve_config(model: str | None):
     return model_dir, load_config(model_dir)
 
 
+def _resolve_to_load(model: str | None, options: LoadOptions):
+    """MODEL -> (directory, its Qwen2Config), saying on stderr when the asked-for context rescales RoPE."""
+    from .config import context_notice
+    from .console import dim
+
+    model_dir, config = _resolve_config(model)
+    notice = context_notice(config, options.ctx, attention=options.attention)
+    if notice is not None:
+        dim(notice)
+    return model_dir, config
+
+
 def _read_stdin() -> str:
     """Piped standard input, or '' when stdin is a terminal or closed."""
     if sys.stdin is None or sys.stdin.isatty():
@@ -94,7 +107,7 @@ def run(
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = None,
-    ctx: CtxOpt = 4096,
+    ctx: CtxOpt = None,
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
     load_in: LoadInOpt = None,
@@ -105,25 +118,28 @@ def run(
     """Answer one prompt and print only the answer on stdout."""
     from .console import print_json, write_answer
 
+    options = LoadOptions(
+        device=device,
+        dtype=dtype,
+        ctx=ctx,
+        kv_cache=kv_cache,
+        attention=attention,
+        load_in=load_in,
+        float_head=float_head,
+    )
     piped = _read_stdin().rstrip("\n")
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
-    model_dir, _ = _resolve_config(model)
+    model_dir, _ = _resolve_to_load(model, options)
     from .runner import answer_once  # torch loads here
 
     result = answer_once(
         model_dir,
         text,
+        options=options,
         raw=raw,
         system=system,
-        ctx=ctx,
-        device=device,
-        dtype=dtype,
-        kv_cache=kv_cache,
-        attention=attention,
-        load_in=load_in,
-        float_head=float_head,
         sampling=lambda engine: _sampling(
             engine,
             temperature=temperature,
@@ -154,7 +170,7 @@ def chat(
     repeat_penalty: RepeatPenaltyOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = None,
-    ctx: CtxOpt = 4096,
+    ctx: CtxOpt = None,
     kv_cache: KvCacheOpt = "float",
     attention: AttentionOpt = "default",
     load_in: LoadInOpt = None,
@@ -163,15 +179,7 @@ def chat(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Chat in a REPL; with stdin not a terminal, one user turn per input line."""
-    from .generate import load_engine
-    from .repl import run_chat
-    from .session import ChatSession, read_transcript
-
-    transcript = read_transcript(Path(load)) if load else None
-    if model is None and transcript is not None:
-        model = transcript.get("model")
-    engine = load_engine(
-        _resolve(model),
+    options = LoadOptions(
         device=device,
         dtype=dtype,
         ctx=ctx,
@@ -180,6 +188,14 @@ def chat(
         load_in=load_in,
         float_head=float_head,
     )
+    from .generate import load_engine
+    from .repl import run_chat
+    from .session import ChatSession, read_transcript
+
+    transcript = read_transcript(Path(load)) if load else None
+    if model is None and transcript is not None:
+        model = transcript.get("model")
+    engine = load_engine(_resolve_to_load(model, options)[0], options)
     params = _sampling(
         engine,
         temperature=temperature,
@@ -190,7 +206,7 @@ def chat(
         seed=seed,
         max_tokens=max_tokens,
     )
-    session = ChatSession(engine, params=params, ctx=ctx, system=system)
+    session = ChatSession(engine, params=params, system=system)
     if load:
         session.load(Path(load))
         if system is not None:
@@ -247,22 +263,13 @@ def bench(
     """Prefill and decode tokens/s, time to first token, load time, peak RSS."""
     from .console import print_json
 
+    options = LoadOptions(device=device, dtype=dtype, load_in=load_in, float_head=float_head)
     if prompt_tokens < 1 or new_tokens < 1:
         raise BadInput("-p and -n must be at least 1")
-    model_dir, _ = _resolve_config(model)
+    model_dir, _ = _resolve_to_load(model, options)
     from .bench import as_dict, run_bench  # torch loads here
 
-    result = as_dict(
-        run_bench(
-            model_dir,
-            prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens,
-            device=device,
-            dtype=dtype,
-            load_in=load_in,
-            float_head=float_head,
-        )
-    )
+    result = as_dict(run_bench(model_dir, options, prompt_tokens=prompt_tokens, new_tokens=new_tokens))
     if json_output:
         print_json(result)
     else:
@@ -376,7 +383,7 @@ def quantize(
     # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and
     # would be 30 GB in float32, so a 7B quantizes on a 24 GB machine
     stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
-    engine = load_engine(model_dir, device=device, dtype=stored)
+    engine = load_engine(model_dir, LoadOptions(device=device, dtype=stored))
     text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:
 
@@ -430,19 +437,18 @@ def perplexity_command(
 
     from .console import print_json
 
+    options = LoadOptions(device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in, float_head=float_head)
     if file is None:
         raise BadInput("--file is required")
     try:
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
-    model_dir, _ = _resolve_config(model)
+    model_dir, _ = _resolve_to_load(model, options)
     from .generate import load_engine  # torch loads here
     from .perplexity import perplexity
 
-    engine = load_engine(
-        model_dir, device=device, dtype=dtype, kv_cache=kv_cache, load_in=load_in, float_head=float_head
-    )
+    engine = load_engine(model_dir, options)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,42 @@ def quantization_for(config: Qwen2Config, **options: Any):
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     return quant
+
+
+def yarn_for_context(config: Qwen2Config, ctx: int | None) -> dict[str, Any] | None:
+    """The YaRN rope scaling an asked-for context needs: only for an explicit `ctx` beyond the trained context of a
+    model that has no scaling of its own (factor 2x, 4x ... as Qwen documents, 4 for 128K); else None."""
+    trained = config.max_position_embeddings
+    if ctx is None or ctx <= trained or config.rope_scaling is not None:
+        return None
+    factor = float(2 ** math.ceil(math.log2(ctx / trained)))
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": trained}
+
+
+def with_context(config: Qwen2Config, ctx: int | None, *, attention: str = "default") -> Qwen2Config:
+    """The config a model is built from: dual chunk attention added when asked and absent; else YaRN for an
+    explicit `ctx` beyond the trained context (yarn_for_context); else the checkpoint's own."""
+    if attention == "dca" and config.dual_chunk_attention_config is None:
+        chunk_size = config.max_position_embeddings
+        dca = {
+            "chunk_size": chunk_size,
+            "local_size": max(1, chunk_size // 32),
+            "original_max_position_embeddings": chunk_size,
+        }
+        return replace(config, dual_chunk_attention_config=dca)
+    scaling = yarn_for_context(config, ctx)
+    if scaling is None:
+        return config
+    extended = int(config.max_position_embeddings * scaling["factor"])
+    return replace(config, rope_scaling=scaling, max_position_embeddings=extended)
+
+
+def context_notice(config: Qwen2Config, ctx: int | None, *, attention: str = "default") -> str | None:
+    """The one line that tells a user their asked-for context rescales the model's RoPE, or None."""
+    scaled = with_context(config, ctx, attention=attention).rope_scaling
+    if scaled is None or scaled is config.rope_scaling:
+        return None
+    return (
+        f"context {ctx} is beyond the model's trained {config.max_position_embeddings}: "
+        f"RoPE scaled with YaRN (factor {scaled['factor']:g})"
+    )

@@ -11,8 +11,9 @@ import torch
 
 from .checkpoint import LoadedModel, load_model
 from .config import Qwen2Config, load_config
-from .errors import BadInput, ContextOverflow
+from .errors import ContextOverflow
 from .kv_cache import Int8KVCache, KVCache
+from .load_options import DEFAULT_LOAD, LoadOptions
 from .sampling import SamplingParams, pick_token
 from .tokenizer import Qwen2Tokenizer
 
@@ -29,48 +30,30 @@ class Engine:
     model_dir: Path
     stop_ids: frozenset[int]
     sampleable_vocab: int  # logits rows at or past this index are padding and never sampled
+    options: LoadOptions = DEFAULT_LOAD  # what it was loaded with
     load_seconds: float = 0.0
-    kv_cache: str = "float"  # or "int8"
 
     @property
     def config(self) -> Qwen2Config:
         return self.loaded.config
 
+    @property
+    def ctx(self) -> int:
+        """The context in tokens: the one asked for, else min(4096, the model's trained context)."""
+        return self.loaded.ctx
+
     def new_cache(self, max_len: int) -> KVCache:
         """A KV cache of `max_len` positions on the model's device, in its dtype (int8 when asked)."""
-        kind = Int8KVCache if self.kv_cache == "int8" else KVCache
+        kind = Int8KVCache if self.options.kv_cache == "int8" else KVCache
         return kind(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
 
 
-def load_engine(
-    model_dir: Path,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    ctx: int | None = None,
-    kv_cache: str = "float",
-    attention: str = "default",
-    load_in: str | None = None,
-    float_head: bool = False,
-) -> Engine:
-    """Load model and tokenizer from a checkpoint directory and work out the stop ids. `float_head`: a quantized
-    model's head stays float (by default it runs as int8 rows on CPU)."""
-    if kv_cache not in ("float", "int8"):
-        raise BadInput(f"unknown --kv-cache {kv_cache!r}: use float or int8")
-    if ctx is not None and ctx < 2:
-        raise BadInput(f"--ctx must be at least 2 tokens, got {ctx}")
+def load_engine(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> Engine:
+    """Load model and tokenizer from a checkpoint directory as `options` say, and work out the stop ids."""
     started = time.perf_counter()
     load_config(Path(model_dir))  # a missing or foreign config.json is the first thing to report
     tokenizer = Qwen2Tokenizer.from_dir(Path(model_dir))
-    loaded = load_model(
-        Path(model_dir),
-        device=device,
-        dtype=dtype,
-        ctx=ctx,
-        attention=attention,
-        load_in=load_in,
-        int8_head=False if float_head else None,
-    )
+    loaded = load_model(Path(model_dir), options)
     stops = set(loaded.config.eos_token_ids)
     stops.update(i for i in (tokenizer.token_to_id(t) for t in STOP_TOKEN_TEXTS) if i is not None)
     sampleable = min(loaded.config.vocab_size, tokenizer.vocab_size)  # ids the tokenizer can produce
@@ -80,8 +63,8 @@ def load_engine(
         model_dir=Path(model_dir),
         stop_ids=frozenset(stops),
         sampleable_vocab=sampleable,
+        options=options,
         load_seconds=time.perf_counter() - started,
-        kv_cache=kv_cache,
     )
 
 

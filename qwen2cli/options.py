@@ -21,7 +21,15 @@ RepeatPenaltyOpt = Annotated[float | None, typer.Option("--repeat-penalty", help
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Stop after this many new tokens.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt (default: the model's own).")]
-CtxOpt = Annotated[int, typer.Option("--ctx", help="Context window in tokens (KV cache size).")]
+CtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx",
+        help="Context window in tokens (KV cache size). Default: 4096, or the model's trained context if shorter; "
+        "a longer one than trained scales RoPE with YaRN.",
+        show_default=False,
+    ),
+]
 KvCacheOpt = Annotated[str, typer.Option("--kv-cache", help="float, or int8 (half the memory).")]
 AttentionOpt = Annotated[
     str, typer.Option("--attention", help="default, or dca (dual chunk attention for long contexts).")

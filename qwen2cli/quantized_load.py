@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Qwen2Config
-from .errors import BadCheckpoint, BadInput, MissingDependency
+from .errors import BadCheckpoint, MissingDependency
 
 PACKED = ("qweight", "qzeros", "g_idx")  # what QuantLinear.post_load reads
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
@@ -142,15 +142,10 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Pat
     return frozenset({"lm_head.weight"})
 
 
-LOAD_IN = ("8bit", "4bit")
-
-
 def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) -> str:
-    """`--load-in 8bit|4bit`: quantize an unquantized model's Linears as it loads (not the head, embeddings or
-    routers). CUDA: bitsandbytes (LLM.int8 / NF4). CPU: our round-to-nearest, int8 per channel or int4 in groups of
-    128 (asymmetric), on torch's packed CPU kernels. Returns what was used, for `info`."""
-    if load_in not in LOAD_IN:
-        raise BadInput(f"unknown --load-in {load_in!r}: use 8bit or 4bit")
+    """`--load-in 8bit|4bit` (LoadOptions checked the name): quantize an unquantized model's Linears as it loads
+    (not the head, embeddings or routers). CUDA: bitsandbytes (LLM.int8 / NF4). CPU: our round-to-nearest, int8 per
+    channel or int4 in groups of 128 (asymmetric), on torch's packed CPU kernels. Returns what was used, for `info`."""
     if device.type == "cuda":
         return _bitsandbytes(model, load_in, keeps_float)
     from .checkpoint import release_freed_memory

@@ -8,6 +8,7 @@ from typing import Any
 
 from .chatml import Message, default_system_prompt, encode_chat
 from .generate import Engine, generate, load_engine
+from .load_options import LoadOptions
 from .sampling import SamplingParams
 
 
@@ -23,33 +24,20 @@ def answer_once(
     model_dir: Path,
     text: str,
     *,
+    options: LoadOptions,
     raw: bool,
     system: str | None,
-    ctx: int,
-    device: str,
-    dtype: str,
-    kv_cache: str,
-    attention: str,
-    load_in: str | None = None,
-    float_head: bool = False,
     sampling: Callable[[Engine], SamplingParams],
     on_text: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     """Generate one answer, streaming text to `on_text`; return text, finish reason and usage."""
-    engine = load_engine(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        ctx=ctx,
-        kv_cache=kv_cache,
-        attention=attention,
-        load_in=load_in,
-        float_head=float_head,
-    )
+    engine = load_engine(model_dir, options)
     params = sampling(engine)
     ids = prompt_ids(engine, text, raw=raw, system=system)
-    cache = engine.new_cache(min(ctx, len(ids) + params.max_tokens + 1))
-    if not raw and attention == "default":  # the template's opening comes from disk when this model saw it before
+    cache = engine.new_cache(min(engine.ctx, len(ids) + params.max_tokens + 1))
+    if (
+        not raw and options.attention == "default"
+    ):  # the template's opening comes from disk when this model saw it before
         from .prompt_cache import fill_opening, shared_prefix_length
 
         others = [prompt_ids(engine, other, raw=False, system=system) for other in ("a", "b")]

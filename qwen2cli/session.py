@@ -69,15 +69,18 @@ class Turn:
 class ChatSession:
     """Messages, sampling settings and a KV cache for one conversation with one model."""
 
-    def __init__(self, engine: Engine, *, params: SamplingParams, ctx: int, system: str | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, params: SamplingParams, ctx: int | None = None, system: str | None = None
+    ) -> None:
+        """`ctx`: the tokens the conversation may hold; default the engine's context."""
         self.engine = engine
         self.params = params
-        self.ctx = ctx
+        self.ctx = engine.ctx if ctx is None else ctx
         self.system = system
         self.messages: list[Message] = []  # user and assistant turns, alternating
         self.cut_flags: list[bool] = []  # per assistant message: stopped by the user?
         self.answer_ids: list[list[int] | None] = []  # per assistant message: its tokens as generated
-        self.cache = engine.new_cache(ctx)
+        self.cache = engine.new_cache(self.ctx)
         self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
 
     # -- rendering -------------------------------------------------------------------------------------------
