@@ -33,9 +33,9 @@ def main() -> None:
     import torch
 
     from benchmarks.quant_layer_error import WINDOW, run_with_input_hooks, windows
+    from devtools.real_model import real_hf_dir
     from qwen2cli.calibration import calibration_batches, default_calibration_text
     from qwen2cli.generate import load_engine
-    from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
     engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--haystack", type=Path, help="a text file to use as the haystack")
     args = parser.parse_args()
     if args.model is None:
-        from tests.real_model import real_hf_dir
+        from devtools.real_model import real_hf_dir
 
         args.model = str(real_hf_dir())
     import torch

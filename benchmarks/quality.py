@@ -6,7 +6,7 @@
 Each configuration is `METHOD BITS - g GROUP` (rtn4-g128, gptq4-g32, awq4-g128, gptq8, rtn8; GPTQ with the
 command's defaults: act-order with static groups, `--shrink auto`) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
 time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation text the tests assemble
-(tests.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
+(devtools.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
 float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
 (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp), 1.0 being all of it. Checkpoints are kept under --work.
 """
@@ -77,10 +77,10 @@ def main() -> None:
 
     import torch
 
+    from devtools.corpus import documentation_text
+    from devtools.real_model import real_hf_dir
     from qwen2cli.generate import load_engine
     from qwen2cli.perplexity import perplexity
-    from tests.corpus import documentation_text
-    from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
     source = real_hf_dir()

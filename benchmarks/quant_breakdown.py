@@ -5,8 +5,8 @@ replaced alone by the checkpoint's dequantized weights, and the log-perplexity t
 
 DIRs are GPTQ-format checkpoints of the real model (`qwen2 quantize --method gptq|rtn`): their weights stand in
 one for one for the float ones. (AWQ folds its scales into the norms and Linears before it, so an AWQ Linear
-cannot be swapped in alone.) The float model is the real model's float32 copy (tests.real_model.real_hf_dir);
-the text is the licence text the tests score (tests.corpus.documentation_text), windows of 512 tokens. Each row
+cannot be swapped in alone.) The float model is the real model's float32 copy (devtools.real_model.real_hf_dir);
+the text is the licence text the tests score (devtools.corpus.documentation_text), windows of 512 tokens. Each row
 prints as JSON: {"part", "checkpoint", "dlogppl"}, dlogppl = log ppl with that part quantized - log ppl float.
 The parts' sum comes close to the whole's (printed first as part "all"): the losses add up, so a method's rows
 against RTN's show which Linears its objective fails to help end to end.
@@ -77,10 +77,10 @@ def main() -> None:
 
     import torch
 
+    from devtools.corpus import documentation_text
+    from devtools.real_model import real_hf_dir
     from qwen2cli.generate import load_engine
     from qwen2cli.perplexity import perplexity
-    from tests.corpus import documentation_text
-    from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
     checkpoints = {name: dequantized_weights(directory) for name, directory in named_checkpoints(args.checkpoints)}

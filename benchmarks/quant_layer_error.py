@@ -37,7 +37,7 @@ def windows(tokenizer, source: str) -> list[list[int]]:
         picked = [rest[int(j)] for j in torch.linspace(0, len(rest) - 1, 16).round().long().tolist()]
         return [ids[i * WINDOW : (i + 1) * WINDOW] for i in picked]
     if source == "licence":
-        from tests.corpus import documentation_text
+        from devtools.corpus import documentation_text
 
         text = documentation_text(40_000)
     else:
@@ -81,8 +81,8 @@ def main() -> None:
     import torch
 
     from benchmarks.quant_breakdown import dequantized_weights, named_checkpoints
+    from devtools.real_model import real_hf_dir
     from qwen2cli.generate import load_engine
-    from tests.real_model import real_hf_dir
 
     torch.set_num_threads(2)
     named = named_checkpoints(args.checkpoints)

@@ -60,7 +60,7 @@ def main() -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tests.tiny_tokenizer import write_tiny_tokenizer
+    from devtools.tiny_tokenizer import write_tiny_tokenizer
 
     config = Qwen2Config(
         **SHAPES[args.size],

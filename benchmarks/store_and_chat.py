@@ -5,7 +5,7 @@
 
 1. import: wall time of `qwen2 import <real GGUF> --name bench-import` into a fresh QWEN2_HOME.
 2. download: the float32 Hugging Face copy of the real model (model.safetensors ~2.5 GB) served as `bench/qwen-real`
-   by tests/hub_server.py on 127.0.0.1; wall time of `qwen2 download bench/qwen-real` (HF_ENDPOINT at the server,
+   by devtools/hub_server.py on 127.0.0.1; wall time of `qwen2 download bench/qwen-real` (HF_ENDPOINT at the server,
    fresh QWEN2_HOME; the CLI also checks each file's sha256) against `curl -s -o /dev/null` of model.safetensors.
    MB/s are 10^6 bytes per second of wall time. The test server hashes every file on each listing request, so
    the listing's own wall time (curl of /api/models/...) is shown apart: it is inside the download's time.
@@ -83,8 +83,8 @@ def measure_import(gguf: Path, home: Path) -> dict:
 
 
 def measure_download(hf_dir: Path, home: Path) -> dict:
+    from devtools.hub_server import HubServer, HubState
     from qwen2cli.hub import wanted
-    from tests.hub_server import HubServer, HubState
 
     state = HubState()
     state.add_directory(HUB_REPO, hf_dir)
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--tmp", help="parent directory of the temporary stores (default: the system's)")
     args = parser.parse_args()
-    from tests.real_model import real_gguf, real_hf_dir
+    from devtools.real_model import real_gguf, real_hf_dir
 
     results: dict = {}
     work = Path(tempfile.mkdtemp(prefix="qwen2-store-bench-", dir=args.tmp))

@@ -30,11 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
+    from devtools.corpus import build_corpus
     from qwen2cli.tokenizer import Qwen2Tokenizer
-    from tests.corpus import build_corpus
 
     if args.model is None:
-        from tests.real_model import real_hf_dir
+        from devtools.real_model import real_hf_dir
 
         args.model = str(real_hf_dir())
     documents = build_corpus()

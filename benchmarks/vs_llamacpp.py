@@ -205,7 +205,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(measure_ours(args.target, args.p, args.n, args.repeats)))
         return
-    from tests.real_model import real_gguf, real_hf_dir
+    from devtools.real_model import real_gguf, real_hf_dir
 
     python = ensure_llamacpp()
     gguf = real_gguf()

@@ -12,7 +12,7 @@ weights before any update; llm-compressor's default "static"), damping 0.01; our
 shrinkage. AWQ: per-channel scales searched on each block's output (llm-compressor's has no clipping search; ours
 runs without one by default), then round to nearest. Calibration: the default calibration text, the same
 `calibration_batches` windows on both sides. Perplexity: windows of 512 over the licence texts the tests score
-(tests.corpus.documentation_text) and each --text file; ours with qwen2cli.perplexity on the checkpoint `qwen2
+(devtools.corpus.documentation_text) and each --text file; ours with qwen2cli.perplexity on the checkpoint `qwen2
 quantize` wrote, llm-compressor's with transformers on its fake-quantized model (both give the float model 7.941 on
 the licences). "recovery" is the share of the same side's RTN loss a method wins back (1.0: all of it).
 llm-compressor's AWQ takes about a minute a layer at 32 x 512 on 2 cores, four at 128 x 512.
@@ -59,7 +59,7 @@ def ensure_venv() -> Path:
 
 
 def texts(files: list[Path]) -> dict[str, str]:
-    from tests.corpus import documentation_text
+    from devtools.corpus import documentation_text
 
     out = {"licence": documentation_text(40_000)}
     for path in files:
@@ -79,8 +79,8 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from devtools.real_model import real_hf_dir
     from qwen2cli.calibration import calibration_batches, default_calibration_text
-    from tests.real_model import real_hf_dir
 
     source = str(real_hf_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -148,9 +148,9 @@ def reference(python: Path, method: str, args: argparse.Namespace) -> dict[str, 
 
 def ours(method: str, work: Path, scored: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     from benchmarks.quality import quantize
+    from devtools.real_model import real_hf_dir
     from qwen2cli.generate import load_engine
     from qwen2cli.perplexity import perplexity
-    from tests.real_model import real_hf_dir
 
     source = real_hf_dir()
     if method != "float":

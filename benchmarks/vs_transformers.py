@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from tests.real_model import real_hf_dir
+        from devtools.real_model import real_hf_dir
 
         args.model = str(real_hf_dir())
     if args.side:

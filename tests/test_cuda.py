@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import Int8KVCache, KVCache
-from tests.conftest import write_tiny_checkpoint
 
 DEVICE = os.environ.get("QWEN2_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU here (QWEN2_TEST_DEVICE=cpu runs these on the CPU)")

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.dca import DualChunkConfig, dual_chunk_attention, rotate
 from qwen2cli.kv_cache import KVCache
-from tests.conftest import write_tiny_checkpoint
 
 
 def rope_angle_tables(dim: int, max_pos: int, theta: float = 10000.0):

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
+from devtools.corpus import build_corpus
 from qwen2cli.generate import generate, load_engine
 from qwen2cli.gguf_dequant import DECODERS, dequantize
 from qwen2cli.gguf_import import import_gguf
 from qwen2cli.kv_cache import KVCache
 from qwen2cli.sampling import SamplingParams
 from qwen2cli.tokenizer import Qwen2Tokenizer
-from tests.corpus import build_corpus
 from tests.tiny_gguf import write_tiny_gguf
 
 
@@ -113,7 +113,7 @@ def test_import_command_installs_into_the_store(tiny_gguf, tmp_path):
 def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.real_model import real_gguf, real_hf_dir
+    from devtools.real_model import real_gguf, real_hf_dir
 
     gguf_path = real_gguf()
     target = import_gguf(gguf_path, tmp_path / "real")

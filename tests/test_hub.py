@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer, HubState
+from devtools.hub_server import HubServer, HubState
 
 REPO = "Qwen/Tiny-Test"
 Hub = namedtuple("Hub", "state url env home")

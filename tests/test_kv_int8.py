@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from devtools.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 from qwen2cli.generate import generate, load_engine
 from qwen2cli.kv_cache import Int8KVCache, KVCache
 from qwen2cli.perplexity import perplexity
 from qwen2cli.sampling import SamplingParams
-from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 
 
 def test_int8_cache_halves_a_bfloat16_cache(tiny_model):

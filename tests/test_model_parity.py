@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import KVCache
-from tests.conftest import write_tiny_checkpoint
 
 VARIANTS = {
     "untied-2kv": {},

@@ -105,10 +105,10 @@ def test_greedy_64_tokens_identical(pair):
 def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     """GPTQ over every expert (experts few tokens reach fall back to an identity Hessian), saved, loaded, run; AWQ
     likewise (its gate/up scales scored on the whole MoE block's output; no clipping, AWQ's default)."""
+    from devtools.tiny_tokenizer import write_tiny_tokenizer
     from qwen2cli.generate import load_engine
     from qwen2cli.quant.linear import QuantLinear
     from qwen2cli.quantize import quantize_model
-    from tests.tiny_tokenizer import write_tiny_tokenizer
 
     source = tmp_path / "moe"
     write_tiny_moe(source, vocab_size=512, norm_topk_prob=True)

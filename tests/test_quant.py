@@ -523,9 +523,9 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
 
 def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
     """v_proj -> o_proj is a scale group only when v_proj's outputs are o_proj's inputs (no GQA)."""
+    from devtools.tiny_checkpoint import write_tiny_checkpoint
     from qwen2cli.checkpoint import load_model
     from qwen2cli.quantize_awq import scale_groups
-    from tests.conftest import write_tiny_checkpoint
 
     for kv_heads, expected in ((2, False), (4, True)):
         directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
@@ -1029,7 +1029,7 @@ def test_a_quantized_load_builds_the_kernels_into_the_store_once(tmp_path):
     """Loading a quantized checkpoint compiles the native kernels into QWEN2_HOME's cache, where the next process
     finds them: the int8 head asked for them before the cache was set, and every load compiled them afresh into a
     private directory (1.8 s of a 3.8 s load)."""
-    from tests.conftest import write_tiny_checkpoint
+    from devtools.tiny_checkpoint import write_tiny_checkpoint
 
     source = write_tiny_checkpoint(tmp_path / "float")
     done = _qwen2(
@@ -1048,10 +1048,10 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
     """A quantized checkpoint on CPU runs its head as int8 rows quantized from the file (a tied embedding looks up
     the same table): its logits stay within 4% of the same checkpoint with the float head (random tiny weights:
     a tied table's rounded rows move every layer's int8-rounded activations too; 0.9% with torch's kernels)."""
+    from devtools.tiny_checkpoint import write_tiny_checkpoint
     from qwen2cli.checkpoint import load_model
     from qwen2cli.kv_cache import KVCache
     from qwen2cli.quant.head import Int8Lookup, Int8Rows
-    from tests.conftest import write_tiny_checkpoint
 
     source = write_tiny_checkpoint(tmp_path / "float", tie=tie)
     done = _qwen2(

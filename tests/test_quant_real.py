@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
+from devtools.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 
 pytestmark = pytest.mark.real
 CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration text, few tokens for CI's time

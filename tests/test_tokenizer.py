@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
+from devtools.corpus import EDGE_CASES, build_corpus, gettext_corpus
+from devtools.tiny_tokenizer import write_tiny_tokenizer
 from qwen2cli.errors import BadCheckpoint
 from qwen2cli.tokenizer import Qwen2Tokenizer, _load_cached, tables_from_files
-from tests.corpus import EDGE_CASES, build_corpus, gettext_corpus
-from tests.tiny_tokenizer import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

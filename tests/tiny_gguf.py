@@ -43,7 +43,7 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
     import gguf
     from tokenizers import Tokenizer
 
-    from tests.tiny_tokenizer import CHAT_TEMPLATE, write_tiny_tokenizer
+    from devtools.tiny_tokenizer import CHAT_TEMPLATE, write_tiny_tokenizer
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
