@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qwen2cli.generate import generate, load_engine
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.sampling import SamplingParams
 
 
@@ -44,9 +45,9 @@ def _answer(engine, **sampling) -> str:
     ],
 )
 def test_loading_and_generating_make_no_tensor_on_the_default_device(tiny_model, options, sampling):
-    expected = _answer(load_engine(tiny_model, device="cpu", dtype="float32", **options), **sampling)
+    expected = _answer(load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32", **options)), **sampling)
     with default_device_meta():
-        got = _answer(load_engine(tiny_model, device="cpu", dtype="float32", **options), **sampling)
+        got = _answer(load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32", **options)), **sampling)
     assert got == expected
 
 
@@ -60,7 +61,7 @@ def test_quantizing_and_loading_make_no_tensor_on_the_default_device(
 
     with default_device_meta():
         out = quantize_model(
-            load_engine(tiny_model, device="cpu", dtype="float32"),
+            load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32")),
             tmp_path / method,
             method=method,
             bits=bits,
@@ -71,8 +72,8 @@ def test_quantizing_and_loading_make_no_tensor_on_the_default_device(
             samples=8,
             seq_len=64,
         )
-        got = _answer(load_engine(Path(out), device="cpu", dtype="float32"))
-    assert got == _answer(load_engine(Path(out), device="cpu", dtype="float32"))
+        got = _answer(load_engine(Path(out), LoadOptions(device="cpu", dtype="float32")))
+    assert got == _answer(load_engine(Path(out), LoadOptions(device="cpu", dtype="float32")))
 
 
 def test_moe_forward_makes_no_tensor_on_the_default_device(tmp_path):
@@ -82,7 +83,7 @@ def test_moe_forward_makes_no_tensor_on_the_default_device(tmp_path):
 
     write_tiny_moe(tmp_path / "moe", norm_topk_prob=True)
     ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(0))
-    loaded = load_model(tmp_path / "moe", device="cpu", dtype="float32")
+    loaded = load_model(tmp_path / "moe", LoadOptions(device="cpu", dtype="float32"))
     with torch.no_grad():
         expected = loaded.model(ids, KVCache(loaded.config, 16), 0)
         with default_device_meta():

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from qwen2cli.generate import generate, load_engine
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.sampling import SamplingParams
 
 QWEN2 = [sys.executable, "-m", "qwen2cli"]
@@ -19,7 +20,7 @@ def run(args: list[str], stdin: str = "", *, timeout: int = 300) -> subprocess.C
 
 
 def expected_raw(model_dir, prompt: str, max_tokens: int) -> str:
-    engine = load_engine(model_dir, device="cpu", dtype="auto")
+    engine = load_engine(model_dir, LoadOptions(device="cpu", dtype="auto"))
     params = SamplingParams(
         temperature=0, max_tokens=max_tokens, repeat_penalty=engine.config.generation.repetition_penalty
     )

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from qwen2cli.generate import load_engine, prefill
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.prompt_cache import fill_opening, shared_prefix_length
 from qwen2cli.runner import prompt_ids
 
@@ -29,7 +30,7 @@ def _opening(engine, text):
 
 def test_opening_from_disk_gives_the_logits_of_a_full_prefill(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2_HOME", str(tmp_path))
-    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     ids, shared = _opening(engine, "tell me about tokenizers")
     assert 0 < shared < len(ids) and ids[shared - 1] != ids[shared]
     full = engine.new_cache(256)
@@ -52,7 +53,7 @@ def test_opening_from_disk_gives_the_logits_of_a_full_prefill(tiny_model, tmp_pa
     assert torch.equal(prefill(engine, cache, ids[shared:]), results[0])
     # another dtype, and each --load-in quantization, is another file
     for options in ({"dtype": "bfloat16"}, {"load_in": "8bit"}, {"load_in": "4bit"}):
-        other = load_engine(tiny_model, device="cpu", **options)
+        other = load_engine(tiny_model, LoadOptions(device="cpu", **options))
         fill_opening(other, other.new_cache(256), ids[:shared])
     assert len(list(files.glob("*.safetensors"))) == 4
 

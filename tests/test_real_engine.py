@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from qwen2cli.load_options import LoadOptions
+
 pytestmark = pytest.mark.real
 
 LONG_PROMPT = "".join(f"Line {i}: the value of item {i} is {i * 7 % 13}.\n" for i in range(90)) + "Summary:"
@@ -73,7 +75,7 @@ def test_last_position_logits_within_1e_3(real_model_dir, reference):
 
     model, tokenizer = reference
     ids = tokenizer(PROMPTS["code"] + PROMPTS["chinese"], return_tensors="pt").input_ids
-    ours = load_model(real_model_dir, device="cpu", dtype="float32")
+    ours = load_model(real_model_dir, LoadOptions(device="cpu", dtype="float32"))
     with torch.inference_mode():
         expected = model(ids).logits[0, -1]
         got = ours.model(ids, KVCache(ours.config, ids.shape[1] + 1), 0, last_only=True)[0, -1]
@@ -87,7 +89,7 @@ def test_padding_rows_are_never_sampled(real_model_dir):
     from qwen2cli.kv_cache import KVCache
     from qwen2cli.sampling import SamplingParams
 
-    engine = load_engine(real_model_dir, device="cpu", dtype="float32")
+    engine = load_engine(real_model_dir, LoadOptions(device="cpu", dtype="float32"))
     assert engine.sampleable_vocab == 151665 < engine.config.vocab_size
     head = engine.loaded.model.lm_head.weight
     prompt = engine.tokenizer.encode("def add(a, b):")

@@ -9,6 +9,7 @@ import pytest
 from qwen2cli.chatml import Message, default_system_prompt, encode_chat
 from qwen2cli.errors import ContextOverflow
 from qwen2cli.generate import generate, load_engine
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.sampling import SamplingParams
 from qwen2cli.session import ChatSession
 
@@ -17,7 +18,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, repeat_penalty=1.0)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return load_engine(tiny_model, device="cpu", dtype="float32")
+    return load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
 
 
 def answer(turn) -> str:
@@ -71,7 +72,7 @@ def _content(history: list[Message], answers: list[list[int]]) -> list[list[int]
 
 @pytest.mark.real
 def test_real_greedy_conversation_equals_from_scratch(real_model_dir):
-    real = load_engine(real_model_dir, device="cpu", dtype="float32")
+    real = load_engine(real_model_dir, LoadOptions(device="cpu", dtype="float32"))
     session = ChatSession(real, params=GREEDY, ctx=1024)
     history: list[Message] = []
     for question in ["What is the capital of France?", "And of Japan?", "Write one line of Python that adds 2 and 3."]:
