@@ -26,9 +26,9 @@ UNPACK_BLOCK_FLOATS = 1 << 20
 
 @functools.cache
 def long_input_dtype() -> torch.dtype:
-    """The dtype of that GEMM: bfloat16 where the CPU multiplies bfloat16 itself (AMX or AVX512_BF16: oneDNN's
-    bfloat16 GEMM ran 1.5x float32's there, ../shared/PERFORMANCE.md), float32 elsewhere (AVX2 has no bfloat16
-    arithmetic: converting made it slower than float32). QWEN2_LONG_DTYPE=float32|bfloat16 overrides."""
+    """The dtype of that GEMM: bfloat16 where the CPU multiplies bfloat16 itself (AMX or AVX512_BF16), float32
+    elsewhere (AVX2 has no bfloat16 arithmetic). QWEN2_LONG_DTYPE=float32|bfloat16 overrides. The measurements
+    behind the choice: docs/cpu-kernels.md."""
     chosen = os.environ.get("QWEN2_LONG_DTYPE")
     if chosen in ("float32", "bfloat16"):
         return getattr(torch, chosen)
