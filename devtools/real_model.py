@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 HF_NAME = "qwen2.5-coder-0.5b-instruct-hf"
@@ -75,7 +76,7 @@ def _write_hf_dir(gguf_path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=gguf_path.parent, prefix=".hf-"))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         # a GGUF-loaded model is marked "quantized with gguf" though its weights are plain tensors: save as float32
