@@ -36,7 +36,8 @@ class SamplingParams:
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty as transformers applies it: divide positive, multiply negative logits of seen tokens."""
+    """CTRL's repetition penalty as transformers applies it: positive logits of seen tokens are divided by it,
+    negative ones multiplied."""
     if penalty == 1.0:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)

@@ -66,7 +66,10 @@ def test_typed_special_tokens_stay_text(tokenizers):
 
 
 def test_default_system_prompts():
-    qwen25 = "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    qwen25 = (
+        "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\\n' }}"
+    )
     qwen2 = (
         "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     )
