@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -38,7 +40,7 @@ def main() -> None:
     from qwen2cli.generate import load_engine
 
     torch.set_num_threads(2)
-    engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
+    engine = load_engine(real_hf_dir(), LoadOptions(device="cpu", dtype="float32"))
     model = engine.loaded.model
     names = [
         name

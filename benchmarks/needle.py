@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -71,11 +73,9 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     engine = load_engine(
         Path(args.model),
-        device=args.device,
-        dtype=args.dtype,
-        ctx=max(lengths),
-        kv_cache=args.kv_cache,
-        attention=args.attention,
+        LoadOptions(
+            device=args.device, dtype=args.dtype, ctx=max(lengths), kv_cache=args.kv_cache, attention=args.attention
+        ),
     )
     text = args.haystack.read_text() if args.haystack else haystack_text()
     filler = engine.tokenizer.encode_ordinary(text)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -90,7 +92,7 @@ def main() -> None:
         out = args.work / f"{config}-{args.samples}x{args.seq_len}"
         rows[config] = {"dir": out, "quantize_s": quantize(source, out, config, args)}
     for name, row in rows.items():
-        result = perplexity(load_engine(row["dir"], device="cpu", dtype="float32"), text, ctx=512)
+        result = perplexity(load_engine(row["dir"], LoadOptions(device="cpu", dtype="float32")), text, ctx=512)
         row.update(ppl=result.ppl, tokens=result.tokens, size_mb=size_on_disk(row["dir"]) / 1e6)
     fp = rows["float32"]["ppl"]
     for name, row in rows.items():

@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -84,7 +86,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     checkpoints = {name: dequantized_weights(directory) for name, directory in named_checkpoints(args.checkpoints)}
-    engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
+    engine = load_engine(real_hf_dir(), LoadOptions(device="cpu", dtype="float32"))
     model = engine.loaded.model
     text = documentation_text(args.text_chars)
     linears = list(next(iter(checkpoints.values())))

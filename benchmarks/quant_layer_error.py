@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -88,7 +90,7 @@ def main() -> None:
     named = named_checkpoints(args.checkpoints)
     weights = {name: dequantized_weights(directory) for name, directory in named}
     (base, _), (other, _) = named
-    engine = load_engine(real_hf_dir(), device="cpu", dtype="float32")
+    engine = load_engine(real_hf_dir(), LoadOptions(device="cpu", dtype="float32"))
     model = engine.loaded.model
     linears = sorted(
         (name for name in weights[base] if name.endswith(f".{args.linear}")),

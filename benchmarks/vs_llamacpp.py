@@ -153,9 +153,12 @@ def requantize(python: Path, source: Path, target: Path, ftype: str) -> Path:
 
 def measure_ours(model_dir: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     from qwen2cli.bench import as_dict, run_bench
+    from qwen2cli.load_options import LoadOptions
 
     runs = [
-        as_dict(run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device="cpu"))
+        as_dict(
+            run_bench(Path(model_dir), LoadOptions(device="cpu"), prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        )
         for _ in range(repeats)
     ]
     return {

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from qwen2cli.load_options import LoadOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -159,7 +161,7 @@ def ours(method: str, work: Path, scored: dict[str, str], args: argparse.Namespa
             source, out, f"{method}4-g128", argparse.Namespace(samples=args.samples, seq_len=args.seq_len, calib=None)
         )
         source = out
-    engine = load_engine(source, device="cpu", dtype="float32")
+    engine = load_engine(source, LoadOptions(device="cpu", dtype="float32"))
     return {name: perplexity(engine, text, ctx=512).ppl for name, text in scored.items()}
 
 

@@ -64,10 +64,16 @@ def measure_transformers(
 
 def measure_ours(model_dir: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, device: str) -> dict:
     from qwen2cli.bench import as_dict, run_bench
+    from qwen2cli.load_options import LoadOptions
 
     runs = [
         as_dict(
-            run_bench(Path(model_dir), prompt_tokens=prompt_tokens, new_tokens=new_tokens, device=device, dtype=dtype)
+            run_bench(
+                Path(model_dir),
+                LoadOptions(device=device, dtype=dtype),
+                prompt_tokens=prompt_tokens,
+                new_tokens=new_tokens,
+            )
         )
         for _ in range(repeats)
     ]

@@ -65,7 +65,8 @@ def real_float_perplexity(real_model_dir) -> float:
     (computed once: both compare against it)."""
     from devtools.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
     from qwen2cli.generate import load_engine
+    from qwen2cli.load_options import LoadOptions
     from qwen2cli.perplexity import perplexity
 
-    engine = load_engine(real_model_dir, device="cpu", dtype="float32")
+    engine = load_engine(real_model_dir, LoadOptions(device="cpu", dtype="float32"))
     return perplexity(engine, documentation_text(PERPLEXITY_TEXT_CHARS), ctx=PERPLEXITY_CTX).ppl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qwen2cli.model import MLP, Attention
+from qwen2cli.model import MLP, Attention, Qwen2ForCausalLM
 from qwen2cli.quant.linear import QuantLinear
 
 
@@ -17,7 +17,7 @@ class DecodePaths:
     over the same kernels, fused projections included; 'separate', the Python path with one kernel call per
     layer; 'exact', every layer on its dequantize-then-matmul reference (float math, no int8 activations)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Qwen2ForCausalLM) -> None:
         self.model, self.native = model, model.fast_decode
         self.kernels = {m: m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
         self.fused = {m: getattr(m, _slot(m)) for m in model.modules() if isinstance(m, (Attention, MLP))}

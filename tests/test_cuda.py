@@ -18,6 +18,7 @@ import torch
 from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import Int8KVCache, KVCache
+from qwen2cli.load_options import LoadOptions
 
 DEVICE = os.environ.get("QWEN2_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU here (QWEN2_TEST_DEVICE=cpu runs these on the CPU)")
@@ -51,7 +52,7 @@ def test_float32_logits_and_greedy_match_transformers(checkpoints, variant):
         .to(DEVICE)
         .eval()
     )
-    ours = load_model(directory, device=DEVICE, dtype="float32")
+    ours = load_model(directory, LoadOptions(device=DEVICE, dtype="float32"))
     assert ours.device.type == DEVICE and ours.model.lm_head.weight.device.type == DEVICE
     ids = _ids(40, seed=1)
     with torch.no_grad():
@@ -83,7 +84,7 @@ def test_half_precision_is_as_close_to_float32_as_transformers(checkpoints, dtyp
     with torch.no_grad():
         exact = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(DEVICE).eval()(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).to(DEVICE).eval()(ids)
-        ours = load_model(directory, device=DEVICE, dtype=dtype)
+        ours = load_model(directory, LoadOptions(device=DEVICE, dtype=dtype))
         assert ours.dtype == getattr(torch, dtype)
         got = ours.model(ids, KVCache(ours.config, 64, dtype=ours.dtype, device=ours.device), 0)
     assert got.dtype == ours.dtype
@@ -91,7 +92,7 @@ def test_half_precision_is_as_close_to_float32_as_transformers(checkpoints, dtyp
 
 
 def test_auto_dtype_on_the_device_follows_the_checkpoint(checkpoints):
-    loaded = load_model(checkpoints["untied"], device=DEVICE)  # a float32 checkpoint
+    loaded = load_model(checkpoints["untied"], LoadOptions(device=DEVICE))  # a float32 checkpoint
     assert loaded.dtype == torch.float32 and loaded.device.type == DEVICE
 
 
@@ -99,7 +100,7 @@ def test_moe_matches_transformers(tmp_path):
     from tests.test_moe_parity import write_tiny_moe
 
     reference = write_tiny_moe(tmp_path / "moe", vocab_size=512, norm_topk_prob=True).to(DEVICE)
-    ours = load_model(tmp_path / "moe", device=DEVICE, dtype="float32")
+    ours = load_model(tmp_path / "moe", LoadOptions(device=DEVICE, dtype="float32"))
     ids = _ids(24, seed=3)
     with torch.no_grad():
         expected = reference(ids).logits
@@ -125,7 +126,7 @@ def test_dual_chunk_attention_and_int8_cache_equal_the_cpu(checkpoints, tmp_path
         for cache_kind in (KVCache, Int8KVCache):
             outputs = []
             for device in ("cpu", DEVICE):
-                loaded = load_model(dual, device=device, dtype="float32")
+                loaded = load_model(dual, LoadOptions(device=device, dtype="float32"))
                 cache = cache_kind(loaded.config, 160, device=loaded.device)
                 pieces = [loaded.model(ids[:, :70].to(device), cache, 0)]
                 pieces += [loaded.model(ids[:, i : i + 1].to(device), cache, i) for i in range(70, 150)]
@@ -212,12 +213,12 @@ def test_quantize_on_the_device_then_load_anywhere(checkpoints, tmp_path, method
     )
     assert done.returncode == 0, done.stderr
     ids = _ids(24, seed=6)
-    float_model = load_model(checkpoints["untied"], device="cpu", dtype="float32")
+    float_model = load_model(checkpoints["untied"], LoadOptions(device="cpu", dtype="float32"))
     with torch.no_grad():
         expected = float_model.model(ids.cpu(), KVCache(float_model.config, 32), 0)
         logits = {}
         for device in ("cpu", DEVICE):
-            loaded = load_model(tmp_path / "q", device=device, dtype="float32")
+            loaded = load_model(tmp_path / "q", LoadOptions(device=device, dtype="float32"))
             layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
             assert len(layers) == 7 * loaded.config.num_hidden_layers
             if device != "cpu" and bits == 4:
@@ -233,8 +234,8 @@ def test_load_in_quantizes_on_the_device(checkpoints, load_in, bound):
     from qwen2cli.quant.linear import QuantLinear
 
     directory = checkpoints["untied"]
-    original = load_model(directory, device=DEVICE, dtype="bfloat16")
-    quantized = load_model(directory, device=DEVICE, dtype="bfloat16", load_in=load_in)
+    original = load_model(directory, LoadOptions(device=DEVICE, dtype="bfloat16"))
+    quantized = load_model(directory, LoadOptions(device=DEVICE, dtype="bfloat16", load_in=load_in))
     if ON_CUDA:
         import bitsandbytes as bnb
 

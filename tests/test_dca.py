@@ -12,6 +12,7 @@ from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.dca import DualChunkConfig, dual_chunk_attention, rotate
 from qwen2cli.kv_cache import KVCache
+from qwen2cli.load_options import LoadOptions
 
 
 def rope_angle_tables(dim: int, max_pos: int, theta: float = 10000.0):
@@ -117,7 +118,9 @@ def tiny_pair(tmp_path_factory):
     # chunks of 64 keys: on AVX-512 builds the model's prompts and decoding run quant/attention.c's kernel
     config["dual_chunk_attention_config"] = {"chunk_size": 72, "local_size": 8, "original_max_position_embeddings": 72}
     (dual / "config.json").write_text(json.dumps(config))
-    return load_model(plain, device="cpu", dtype="float32"), load_model(dual, device="cpu", dtype="float32")
+    return load_model(plain, LoadOptions(device="cpu", dtype="float32")), load_model(
+        dual, LoadOptions(device="cpu", dtype="float32")
+    )
 
 
 def test_equals_ordinary_attention_within_one_chunk(tiny_pair):

@@ -13,6 +13,7 @@ from qwen2cli.generate import generate, load_engine
 from qwen2cli.gguf_dequant import DECODERS, dequantize
 from qwen2cli.gguf_import import import_gguf
 from qwen2cli.kv_cache import KVCache
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.sampling import SamplingParams
 from qwen2cli.tokenizer import Qwen2Tokenizer
 from tests.tiny_gguf import write_tiny_gguf
@@ -57,7 +58,7 @@ def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
     reference = AutoModelForCausalLM.from_pretrained(
         tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
     ).eval()
-    engine = load_engine(imported, device="cpu", dtype="float32")
+    engine = load_engine(imported, LoadOptions(device="cpu", dtype="float32"))
     ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(ids).logits
@@ -125,7 +126,7 @@ def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
     # once (dequantizing the GGUF again here took minutes of CI's time). Its tokenizer is built from the GGUF
     # above, not read back from that copy: the saved tokenizer.json does not encode every text the same way.
     reference = AutoModelForCausalLM.from_pretrained(real_hf_dir(), dtype=torch.float32).eval()
-    engine = load_engine(target, device="cpu", dtype="float32")
+    engine = load_engine(target, LoadOptions(device="cpu", dtype="float32"))
     params = SamplingParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
     for prompt in ["def quicksort(items):", "The capital of Australia is", "用Python写一个快速排序："]:
         ids = ours.encode(prompt)

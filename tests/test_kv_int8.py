@@ -8,12 +8,13 @@ import torch
 from devtools.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
 from qwen2cli.generate import generate, load_engine
 from qwen2cli.kv_cache import Int8KVCache, KVCache
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.perplexity import perplexity
 from qwen2cli.sampling import SamplingParams
 
 
 def test_int8_cache_halves_a_bfloat16_cache(tiny_model):
-    engine = load_engine(tiny_model, device="cpu", dtype="bfloat16")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="bfloat16"))
     full = KVCache(engine.config, 256, dtype=torch.bfloat16)
     small = Int8KVCache(engine.config, 256, dtype=torch.bfloat16)
     assert small.bytes_per_token() < 0.6 * full.bytes_per_token()
@@ -26,7 +27,8 @@ def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_f
     # rounding too: 5 of 6 with torch's attention for prompts, 3 of 6 with quant/attention.c's float32 one, whose
     # logits are the closer to float32's)
     greedy = {
-        kind: load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache=kind) for kind in ("float", "int8")
+        kind: load_engine(real_model_dir, LoadOptions(device="cpu", dtype="float32", kv_cache=kind))
+        for kind in ("float", "int8")
     }
     prompts = [
         "def fibonacci(n):",
@@ -45,7 +47,7 @@ def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_f
             texts.append("".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(64))))
         same += texts[0] == texts[1]
     assert same >= 5
-    int8 = load_engine(real_model_dir, device="cpu", dtype="float32", kv_cache="int8")
+    int8 = load_engine(real_model_dir, LoadOptions(device="cpu", dtype="float32", kv_cache="int8"))
     float_ppl = real_float_perplexity  # the same text, windows and dtype with the float cache (conftest)
     int8_ppl = perplexity(int8, documentation_text(PERPLEXITY_TEXT_CHARS), ctx=PERPLEXITY_CTX).ppl
     assert abs(int8_ppl - float_ppl) <= 0.005 * float_ppl, (float_ppl, int8_ppl)
@@ -54,7 +56,7 @@ def test_real_greedy_and_perplexity_match_the_float_cache(real_model_dir, real_f
 def test_info_reports_cache_bytes_and_context_for_a_budget(tiny_model):
     from qwen2cli.model_info import describe
 
-    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     facts = describe(tiny_model, memory="1GiB")
     assert facts["kv_bytes_per_token"]["bfloat16"] == KVCache(engine.config, 64, dtype=torch.bfloat16).bytes_per_token()
     assert facts["kv_bytes_per_token"]["int8"] == Int8KVCache(engine.config, 64).bytes_per_token()

@@ -8,6 +8,7 @@ import torch
 from devtools.tiny_checkpoint import write_tiny_checkpoint
 from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import KVCache
+from qwen2cli.load_options import LoadOptions
 
 VARIANTS = {
     "untied-2kv": {},
@@ -27,7 +28,7 @@ def pair(request, tmp_path_factory):
         tmp_path_factory.mktemp(request.param), with_tokenizer=False, **VARIANTS[request.param]
     )
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
-    ours = load_model(directory, device="cpu", dtype="float32")
+    ours = load_model(directory, LoadOptions(device="cpu", dtype="float32"))
     return reference, ours
 
 
@@ -95,7 +96,7 @@ def test_embedding_table_kept_as_stored_changes_no_logit(tmp_path):
     """On CPU an untied embedding table stays in its stored dtype (a view of the file, only looked-up rows read) and
     rows are cast as they are looked up: the logits equal those of the table cast whole at load, bit for bit."""
     directory = write_tiny_checkpoint(tmp_path / "tiny", with_tokenizer=False)
-    ours = load_model(directory, device="cpu", dtype="bfloat16")
+    ours = load_model(directory, LoadOptions(device="cpu", dtype="bfloat16"))
     table = ours.model.model.embed_tokens.weight
     assert table.dtype == torch.float32 and ours.model.lm_head.weight.dtype == torch.bfloat16
     ids = _ids(12)

@@ -7,6 +7,7 @@ import torch
 
 from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import KVCache
+from qwen2cli.load_options import LoadOptions
 
 VARIANTS = {
     "norm-topk": {"norm_topk_prob": True},
@@ -49,7 +50,7 @@ def write_tiny_moe(directory, vocab_size: int = 256, **overrides):
 def pair(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     reference = write_tiny_moe(directory, **VARIANTS[request.param])
-    return reference, load_model(directory, device="cpu", dtype="float32")
+    return reference, load_model(directory, LoadOptions(device="cpu", dtype="float32"))
 
 
 def test_layers_are_sparse_where_configured(pair):
@@ -113,8 +114,10 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     source = tmp_path / "moe"
     write_tiny_moe(source, vocab_size=512, norm_topk_prob=True)
     write_tiny_tokenizer(source)
-    reference = load_engine(source, device="cpu", dtype="float32")
-    engine = load_engine(source, device="cpu", dtype="float32")  # quantize_model swaps its Linears in place
+    reference = load_engine(source, LoadOptions(device="cpu", dtype="float32"))
+    engine = load_engine(
+        source, LoadOptions(device="cpu", dtype="float32")
+    )  # quantize_model swaps its Linears in place
     out = quantize_model(
         engine,
         tmp_path / f"moe-{method}",
@@ -127,7 +130,7 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
         samples=8,
         seq_len=32,
     )
-    quantized = load_engine(out, device="cpu", dtype="float32")
+    quantized = load_engine(out, LoadOptions(device="cpu", dtype="float32"))
     experts = quantized.loaded.model.model.layers[0].mlp.experts
     assert all(isinstance(expert.gate_proj, QuantLinear) for expert in experts)
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(3))

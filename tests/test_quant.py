@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qwen2cli import quant
+from qwen2cli.load_options import LoadOptions
 from qwen2cli.quant.config import QuantConfig
 from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
 from qwen2cli.quant.linear import (
@@ -433,7 +434,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     from qwen2cli.quantize import _quantizable, _run_layer
     from qwen2cli.quantize_awq import awq_layer
 
-    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
     quant_config = quantization_for(
@@ -496,7 +497,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     from qwen2cli.kv_cache import KVCache
     from qwen2cli.quantize_awq import module_error
 
-    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
     attention = model.model.layers[0].self_attn
     linears = [attention.q_proj, attention.k_proj, attention.v_proj]
@@ -529,7 +530,7 @@ def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
 
     for kv_heads, expected in ((2, False), (4, True)):
         directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
-        layer = load_model(directory, device="cpu", dtype="float32").model.model.layers[0]
+        layer = load_model(directory, LoadOptions(device="cpu", dtype="float32")).model.model.layers[0]
         groups = scale_groups(layer)
         assert any(g.prev == "self_attn.v_proj" for g in groups) is expected
         assert [g.prev for g in groups][-1] == "mlp.up_proj"
@@ -603,8 +604,8 @@ def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, g
     assert config["quantization_config"]["quant_method"] == ("awq" if method == "awq" else "gptq")
     answer = _qwen2("run", path, "hello", "--max-tokens", "4", "--temperature", "0", home=tmp_path)
     assert answer.returncode == 0, answer.stderr
-    original = load_engine(tiny_model, device="cpu", dtype="float32")
-    quantized = load_engine(__import__("pathlib").Path(path), device="cpu", dtype="float32")
+    original = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
+    quantized = load_engine(__import__("pathlib").Path(path), LoadOptions(device="cpu", dtype="float32"))
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = original.loaded.model(ids, KVCache(original.config, 32), 0)
@@ -734,14 +735,14 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
         method=method, bits=4, group_size=32, sym=False, desc_act=False, calibration=None, samples=4, seq_len=32
     )
     later_dtypes = []
-    engine = load_engine(bf16, device="cpu", dtype="bfloat16")
+    engine = load_engine(bf16, LoadOptions(device="cpu", dtype="bfloat16"))
     layers = engine.loaded.model.model.layers
 
     def progress(_, done, total):
         later_dtypes.extend(p.dtype for layer in layers[done:] for p in layer.parameters())
 
     quantize_model(engine, tmp_path / "from-bf16", progress=progress, **options)
-    quantize_model(load_engine(bf16, device="cpu", dtype="float32"), tmp_path / "from-f32", **options)
+    quantize_model(load_engine(bf16, LoadOptions(device="cpu", dtype="float32")), tmp_path / "from-f32", **options)
     assert later_dtypes and set(later_dtypes) == {torch.bfloat16}
     done = _qwen2(
         "quantize",
@@ -856,8 +857,8 @@ def test_load_in_quantizes_at_load(tiny_model, load_in, bound, kernel):
     from qwen2cli.kv_cache import KVCache
     from qwen2cli.quant.head import Int8Rows
 
-    original = load_model(tiny_model, device="cpu", dtype="float32")
-    quantized = load_model(tiny_model, device="cpu", dtype="float32", load_in=load_in)
+    original = load_model(tiny_model, LoadOptions(device="cpu", dtype="float32"))
+    quantized = load_model(tiny_model, LoadOptions(device="cpu", dtype="float32", load_in=load_in))
     layers = [m for m in quantized.model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 * quantized.config.num_hidden_layers and {m.kernel for m in layers} == {kernel}
     assert isinstance(quantized.model.lm_head, Int8Rows)
@@ -879,7 +880,7 @@ def test_fused_projections_compute_what_the_separate_layers_do(tiny_model, load_
 
     if not NATIVE:
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
-    loaded = load_model(tiny_model, device="cpu", dtype="bfloat16", load_in=load_in)
+    loaded = load_model(tiny_model, LoadOptions(device="cpu", dtype="bfloat16", load_in=load_in))
     paths = DecodePaths(loaded.model)
     assert len(paths.fused) == 2 * loaded.config.num_hidden_layers and None not in paths.fused.values()
 
@@ -911,7 +912,7 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
 
     if not NATIVE:
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
-    loaded = load_model(tiny_model, device="cpu", dtype=dtype)
+    loaded = load_model(tiny_model, LoadOptions(device="cpu", dtype=dtype))
     model = loaded.model
     for block in model.model.layers:  # sharper attention than random weights give: positions must matter
         for projection in (block.self_attn.q_proj, block.self_attn.k_proj):
@@ -961,7 +962,7 @@ def test_a_dropped_quantized_model_is_freed_at_once(tiny_model):
 
     from qwen2cli.checkpoint import load_model
 
-    loaded = load_model(tiny_model, device="cpu", dtype="float32", load_in="4bit")
+    loaded = load_model(tiny_model, LoadOptions(device="cpu", dtype="float32", load_in="4bit"))
     assert loaded.model.fast_decode is not None or not NATIVE
     model = weakref.ref(loaded.model)
     gc.disable()
@@ -1058,12 +1059,14 @@ def test_quantized_checkpoint_loads_with_an_int8_head(tmp_path, tie):
         "quantize", str(source), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q"), home=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    int8 = load_model(tmp_path / "q", device="cpu", dtype="float32")
-    full = load_model(tmp_path / "q", device="cpu", dtype="float32", int8_head=False)
+    int8 = load_model(tmp_path / "q", LoadOptions(device="cpu", dtype="float32"))
+    full = load_model(tmp_path / "q", LoadOptions(device="cpu", dtype="float32", float_head=True))
     assert isinstance(int8.model.lm_head, Int8Rows) and isinstance(full.model.lm_head, torch.nn.Linear)
     embedding = int8.model.model.embed_tokens
     assert isinstance(embedding, Int8Lookup) if tie else isinstance(embedding, torch.nn.Embedding)
-    assert not isinstance(load_model(source, device="cpu").model.lm_head, Int8Rows)  # float models keep theirs
+    assert not isinstance(
+        load_model(source, LoadOptions(device="cpu")).model.lm_head, Int8Rows
+    )  # float models keep theirs
     ids = torch.randint(0, 400, (1, 160), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for length in (4, 160):  # the int8 kernel and the long-input path
@@ -1248,7 +1251,7 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     from qwen2cli.quantize import _gptq_stage, _quantizable, _run_layer
     from qwen2cli.quantize_awq import capture_inputs
 
-    engine = load_engine(tiny_model, device="cpu", dtype="float32")
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
     quant_config = quantization_for(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from devtools.corpus import PERPLEXITY_CTX, PERPLEXITY_TEXT_CHARS, documentation_text
+from qwen2cli.load_options import LoadOptions
 
 pytestmark = pytest.mark.real
 CALIBRATION = ["--samples", "8", "--seq-len", "128"]  # the default calibration text, few tokens for CI's time
@@ -139,7 +140,9 @@ def native_choices_behind(path: Path, tokens: int = 20) -> list[float]:
     from qwen2cli.sampling import SamplingParams
     from tests.decode_paths import DecodePaths
 
-    engine = load_engine(path, device="cpu", dtype="float32")  # the Python path then rounds nothing to bfloat16
+    engine = load_engine(
+        path, LoadOptions(device="cpu", dtype="float32")
+    )  # the Python path then rounds nothing to bfloat16
     model = engine.loaded.model
     paths = DecodePaths(model)
     assert paths.native is not None, "a quantized checkpoint on CPU decodes through the native layers"
@@ -175,7 +178,7 @@ def errors_against_exact(path: Path, prompts: list[str], tokens: int = 8) -> lis
     from qwen2cli.runner import prompt_ids
     from tests.decode_paths import DecodePaths
 
-    engine = load_engine(path, device="cpu", dtype="float32")
+    engine = load_engine(path, LoadOptions(device="cpu", dtype="float32"))
     model = engine.loaded.model
     paths = DecodePaths(model)
     forced = engine.tokenizer.encode(" Sure, here is a short and clear answer for you.")[:tokens]

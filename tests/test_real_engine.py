@@ -100,4 +100,4 @@ def test_padding_rows_are_never_sampled(real_model_dir):
         SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_tokens=6, seed=3),
     ):
         *_, last = generate(engine, prompt, params=params, cache=KVCache(engine.config, 64))
-        assert last.stats.generated_ids and max(last.stats.generated_ids) < 151665
+        assert last.stats is not None and last.stats.generated_ids and max(last.stats.generated_ids) < 151665

@@ -8,10 +8,10 @@ import pytest
 
 from qwen2cli.chatml import Message, default_system_prompt, encode_chat
 from qwen2cli.errors import ContextOverflow
-from qwen2cli.generate import generate, load_engine
+from qwen2cli.generate import Stats, generate, load_engine
 from qwen2cli.load_options import LoadOptions
 from qwen2cli.sampling import SamplingParams
-from qwen2cli.session import ChatSession
+from qwen2cli.session import ChatSession, Turn
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, repeat_penalty=1.0)
 
@@ -21,8 +21,14 @@ def engine(tiny_model):
     return load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
 
 
-def answer(turn) -> str:
+def answer(turn: Turn) -> str:
     return "".join(turn.stream())
+
+
+def stats_of(turn: Turn) -> Stats:
+    """The stats of a turn whose answer was read to its end."""
+    assert turn.stats is not None, "the answer was not read to its end"
+    return turn.stats
 
 
 def from_scratch(engine, messages: list[Message], content_ids=()) -> tuple[str, list[int]]:
@@ -34,7 +40,9 @@ def from_scratch(engine, messages: list[Message], content_ids=()) -> tuple[str, 
         content_ids=content_ids,
     )
     chunks = list(generate(engine, ids, params=GREEDY, cache=engine.new_cache(1024)))
-    return "".join(c.text for c in chunks), [t for t in chunks[-1].stats.generated_ids if t not in engine.stop_ids]
+    stats = chunks[-1].stats
+    assert stats is not None, "the last chunk carries the stats"
+    return "".join(c.text for c in chunks), [t for t in stats.generated_ids if t not in engine.stop_ids]
 
 
 def test_second_turn_prefills_only_new_tokens(engine):
@@ -44,18 +52,18 @@ def test_second_turn_prefills_only_new_tokens(engine):
     cached_after_first = session.cache.pos
     second = session.ask("and again")
     answer(second)
-    assert second.stats.prefilled_tokens == len(second.prompt_ids) - cached_after_first
+    assert stats_of(second).prefilled_tokens == len(second.prompt_ids) - cached_after_first
     # what is new: the previous answer's last sampled token (never fed), its closing <|im_end|> and "\n", and the
     # new user turn with the assistant header
     new_turn = encode_chat(engine.tokenizer, [Message("user", "and again")], default_system=None)
-    assert second.stats.prefilled_tokens == len(new_turn) + 3
+    assert stats_of(second).prefilled_tokens == len(new_turn) + 3
 
 
 def test_cached_conversation_equals_from_scratch(engine):
     """The tiny model's answers are not valid UTF-8, so the fresh render reuses their token ids, as the session does."""
     session = ChatSession(engine, params=GREEDY, ctx=512)
     history: list[Message] = []
-    answers: list[list[int] | None] = []
+    answers: list[list[int]] = []
     for question in ["first question", "second one", "a third, longer question with more words"]:
         got = answer(session.ask(question))
         history.append(Message("user", question))
@@ -88,11 +96,11 @@ def test_undo_and_regenerate_reuse_the_common_prefix(engine):
     first_two = answer(session.ask("two"))
     again = session.regenerate()
     assert answer(again) == first_two
-    assert again.stats.prefilled_tokens < len(again.prompt_ids) // 2
+    assert stats_of(again).prefilled_tokens < len(again.prompt_ids) // 2
     assert session.undo() and len(session.messages) == 2
     third = session.ask("three")
     answer(third)
-    assert third.stats.prefilled_tokens < len(third.prompt_ids)
+    assert stats_of(third).prefilled_tokens < len(third.prompt_ids)
 
 
 def test_overflow_drops_oldest_turns_and_keeps_system(engine):
