@@ -1,5 +1,5 @@
 /* Causal grouped-query attention over a prompt chunk, flash-style (online softmax over blocks of 64 keys), float32,
- * AVX-512: torch's CPU flash attention ran a 512-token prompt's at ~85 GFLOP/s here, a fifth of the prompt's time.
+ * AVX-512; faster than torch's CPU flash attention on prompts (measured: docs/performance.md).
  *
  * q (heads, length, d) and out (same), any row and head strides; keys and values (kv_heads, >= start + length, d),
  * float32 or bfloat16, any row and head strides. Query row i sits at position start + i and takes keys 0..start + i;

@@ -17,8 +17,7 @@ from .rtn import quantize_rtn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # From this many rows (prompt tokens) on, the CPU kernels' per-row cost exceeds unpacking the weight to float32
-# once and using an ordinary GEMM (measured on a 2-core AVX2 host, 4864x896 at 512 rows: int4 kernel 69 ms,
-# unpack 8 ms + float32 GEMM 28 ms; the int4 kernel wins below ~110 rows, and at one row by 20x)
+# once and using an ordinary GEMM (the measurements: docs/performance.md, "Thresholds in the code")
 DEQUANT_MIN_ROWS = 128
 # Floats of weight unpacked per step of that GEMM (4 MB: a block stays in cache between its unpacking and its GEMM)
 UNPACK_BLOCK_FLOATS = 1 << 20
