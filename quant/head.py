@@ -17,8 +17,8 @@ from .native import native_library, native_matmul
 
 QUANTIZE_ROWS = 4096  # rows quantized at a time: in cache, 3x faster than 16384 (0.35 s for 151936 x 896)
 CHUNK_ROWS = 16384  # rows dequantized at a time for long inputs (~58 MB of float32 at 896 columns)
-# From this many input rows on, a float32 matmul over dequantized chunks beats the int8 kernel (measured on a
-# 2-core AVX2 host, 151936 x 896: at 512 rows 1.5 s vs 2.5 s; at 64 rows 0.48 s vs 0.35 s)
+# From this many input rows on, a float32 matmul over dequantized chunks beats the int8 kernel (measured:
+# docs/performance.md, "Thresholds in the code")
 DEQUANT_MIN_ROWS = 128
 
 
