@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The wheel as a user gets it: build it, install it (not editable) into a fresh venv, and run the command from a
+# directory outside the checkout: --help, the catalogue, and a tiny model's answer.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+python -m pip wheel -q --no-deps -w "$work/dist" "$repo"
+python -m venv "$work/venv"
+"$work/venv/bin/pip" install -q "$work"/dist/qwen2cli-*.whl torch==2.13.0
+# the tiny checkpoint is written by transformers, which only the development environment has
+(cd "$repo" && python -m devtools.tiny_checkpoint "$work/tiny" >/dev/null 2>"$work/tiny.log") || { cat "$work/tiny.log" >&2; exit 1; }
+
+cd "$work"
+export QWEN2_HOME="$work/home"
+qwen2="$work/venv/bin/qwen2"
+# the installed package, not the checkout, and nothing but qwen2cli at the top of site-packages
+"$work/venv/bin/python" - <<'PY'
+import importlib.util, pathlib, sys
+import qwen2cli
+site = pathlib.Path(qwen2cli.__file__).resolve().parents[1]
+assert site.name == "site-packages", f"qwen2cli imported from {site}, not from the venv"
+stray = [name for name in ("quant", "devtools", "tests", "benchmarks") if importlib.util.find_spec(name)]
+sys.exit(f"the wheel installed top-level packages {stray}" if stray else 0)
+PY
+"$qwen2" --help >/dev/null
+"$qwen2" models >/dev/null
+"$qwen2" run "$work/tiny" --raw "hello" --max-tokens 4 --temperature 0 >/dev/null
+echo "wheel smoke: the installed qwen2 ran --help, models and run from outside the checkout"
