@@ -1,0 +1,230 @@
+"""One model serving several requests: a worker thread owns the model and a few cache slots, admits waiting
+requests into free slots (reusing the longest cached prompt prefix), and steps every active request one token
+at a time, so answers stream side by side; each request's tokens are exactly those it would get alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import Engine, prefill
+from ..kv_cache import KVCache
+from ..sampling import SamplingParams, pick_token
+from .constrain import Constraint
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request: finish_reason "stop", "length" or "cancelled", and its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass
+class Job:
+    """A request to continue `prompt_ids`; `emit` is called from the worker thread with each Event."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    constraint: Constraint | None = None
+    banned_ids: tuple[int, ...] = ()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Slot:
+    """A KV cache and the token ids whose keys and values it holds."""
+
+    cache: KVCache
+    fed_ids: list[int] = field(default_factory=list)
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class Active:
+    job: Job
+    slot: Slot
+    logits: torch.Tensor  # the next token's logits (vocab,)
+    seen: torch.Tensor  # (vocab,) bool: prompt and answer tokens, for the repetition penalty
+    counts: torch.Tensor  # (vocab,) float: answer tokens, for frequency and presence penalties
+    generator: torch.Generator
+    cached_tokens: int
+    completion_tokens: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+class Scheduler:
+    """Runs Jobs on `engine` in a worker thread with `slots` caches of the engine's context each."""
+
+    def __init__(self, engine: Engine, *, slots: int) -> None:
+        self.engine = engine
+        self.slots = [Slot(cache=engine.new_cache(engine.ctx)) for _ in range(slots)]
+        self._waiting: deque[Job] = deque()
+        self._active: list[Active] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="qwen2-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish nothing more: active and waiting requests end as cancelled; the worker thread exits."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        """Look at the requests again (one was cancelled while the worker waited)."""
+        with self._wake:
+            self._wake.notify()
+
+    # -- the worker thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._active and not self._waiting:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._take_admissible()
+                for job, slot in admitted:
+                    self._guarded(job, lambda job=job, slot=slot: self._admit(job, slot), slot)
+                for active in list(self._active):
+                    self._guarded(active.job, lambda active=active: self._step(active), active.slot, active)
+        for active in self._active:
+            self._end(active, "cancelled")
+        for job in self._waiting:
+            job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
+
+    def _guarded(self, job: Job, work: Callable[[], None], slot: Slot, active: Active | None = None) -> None:
+        """Run one piece of a job's work; a failure ends that job (its slot forgotten), never the worker."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported to the one request it concerns
+            slot.fed_ids, slot.busy = [], False
+            slot.cache.reset()
+            if active is not None and active in self._active:
+                self._active.remove(active)
+            job.emit(Failed(f"{type(exc).__name__}: {exc}"))
+
+    def _take_admissible(self) -> list[tuple[Job, Slot]]:
+        """Waiting jobs paired with free slots, each slot the one holding the longest prefix of its prompt."""
+        taken = []
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set():
+                self._waiting.popleft()
+                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
+                continue
+            free = [slot for slot in self.slots if not slot.busy]
+            if not free:
+                break
+            self._waiting.popleft()
+            slot = max(free, key=lambda s: (common_prefix(s.fed_ids, job.prompt_ids), -s.last_used))
+            slot.busy = True
+            taken.append((job, slot))
+        return taken
+
+    def _admit(self, job: Job, slot: Slot) -> None:
+        """Prefill the part of the prompt the slot does not hold yet, and make the job active."""
+        engine, prompt = self.engine, job.prompt_ids
+        kept = min(common_prefix(slot.fed_ids, prompt), slot.cache.pos, len(prompt) - 1)
+        slot.cache.trim(kept)
+        slot.fed_ids = prompt[:kept]
+        logits = prefill(engine, slot.cache, prompt[kept:])
+        slot.fed_ids = list(prompt)
+        device = engine.loaded.device
+        vocab = engine.config.vocab_size
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt, device=device)] = True
+        generator = torch.Generator(device=device)
+        if job.params.seed is not None:
+            generator.manual_seed(job.params.seed)
+        else:
+            generator.seed()
+        counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self._active.append(Active(job, slot, logits, seen, counts, generator, cached_tokens=kept))
+
+    def _choose(self, active: Active) -> int:
+        job, logits = active.job, active.logits
+        logits[self.engine.sampleable_vocab :] = float("-inf")
+        if job.banned_ids:
+            logits[list(job.banned_ids)] = float("-inf")
+        if job.frequency_penalty or job.presence_penalty:
+            logits -= job.frequency_penalty * active.counts + job.presence_penalty * (active.counts > 0).float()
+        if job.constraint is not None:
+            logits.masked_fill_(~job.constraint.allowed().to(logits.device), float("-inf"))
+        return pick_token(logits, job.params, seen=active.seen, generator=active.generator)
+
+    def _step(self, active: Active) -> None:
+        """One token for one active job: choose it, report it, and run it through the model unless it ends."""
+        job, slot = active.job, active.slot
+        if job.cancelled.is_set():
+            self._end(active, "cancelled")
+            return
+        token = self._choose(active)
+        if job.constraint is not None:
+            job.constraint.advance(token)
+        active.completion_tokens += 1
+        if token in self.engine.stop_ids:
+            self._end(active, "stop")
+            return
+        job.emit(Token(token))
+        if active.completion_tokens >= job.params.max_tokens or slot.cache.pos >= slot.cache.max_len:
+            self._end(active, "length")
+            return
+        active.seen[token] = True
+        active.counts[token] += 1
+        device = self.engine.loaded.device
+        out = self.engine.loaded.model(
+            torch.tensor([[token]], device=device), slot.cache, slot.cache.pos, last_only=True
+        )
+        slot.fed_ids.append(token)
+        active.logits = out[0, -1].float()
+
+    def _end(self, active: Active, reason: str) -> None:
+        self._active.remove(active)
+        active.slot.busy = False
+        active.slot.last_used = time.monotonic()
+        job = active.job
+        job.emit(Finished(reason, len(job.prompt_ids), active.cached_tokens, active.completion_tokens))
