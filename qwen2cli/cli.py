@@ -457,6 +457,9 @@ def perplexity_command(
 
 
 from . import store_commands  # noqa: E402,F401 - registers download, import, list, rm, models on `app`
+from .serve_command import register as register_serve  # noqa: E402
+
+register_serve(app)
 
 
 def main() -> None:
