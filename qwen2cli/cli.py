@@ -338,8 +338,21 @@ def quantize(
         ),
     ] = "auto",
     out: Annotated[
-        str | None, typer.Option("--out", help="Output directory (default: the store, as NAME:gptq-int4).")
+        str | None,
+        typer.Option(
+            "--out",
+            help="Output directory (default: the store, as NAME:gptq-int4). It must be new or empty; it is written "
+            "beside itself and renamed into place.",
+        ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace a model already in --out (a directory of config.json and plain files); anything else "
+            "there is never replaced. The old model is deleted only once the new one is in place.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
@@ -360,6 +373,10 @@ def quantize(
     static_groups = (method == "gptq" and desc_act) if static_groups is None else static_groups
     group = group_size if group_size is not None else (128 if bits == 4 else -1)
     model_dir, config = _resolve_config(model)
+    if out:  # an output that would lose something is refused before the minutes of work, and checked again at the end
+        from .output_dir import check_output_dir
+
+        check_output_dir(out, replace=force, source=model_dir)
     # options that do not fit the model are refused from its config.json, before torch and the weights load
     quantization_for(
         config,
@@ -403,6 +420,7 @@ def quantize(
                 damp_percent=damp,
                 hessian_shrink=hessian_shrink,
                 awq_clip=clip,
+                replace_output=force,
                 progress=bars.update,
             )
 

@@ -14,6 +14,7 @@ from .config import Qwen2Config, load_config
 from .errors import ContextOverflow
 from .kv_cache import Int8KVCache, KVCache
 from .load_options import DEFAULT_LOAD, LoadOptions
+from .memory import check_cache_fits
 from .sampling import SamplingParams, pick_token
 from .tokenizer import Qwen2Tokenizer
 
@@ -43,8 +44,12 @@ class Engine:
         return self.loaded.ctx
 
     def new_cache(self, max_len: int) -> KVCache:
-        """A KV cache of `max_len` positions on the model's device, in its dtype (int8 when asked)."""
-        kind = Int8KVCache if self.options.kv_cache == "int8" else KVCache
+        """A KV cache of `max_len` positions on the model's device, in its dtype (int8 when asked); one the free
+        memory cannot hold is refused before it is allocated."""
+        int8 = self.options.kv_cache == "int8"
+        element_bytes = 1 if int8 else self.loaded.dtype.itemsize
+        check_cache_fits(self.config, max_len, element_bytes=element_bytes, device=str(self.loaded.device))
+        kind = Int8KVCache if int8 else KVCache
         return kind(self.config, max_len, dtype=self.loaded.dtype, device=self.loaded.device)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from .checkpoint import weight_files
 from .config import load_config
 from .errors import BadInput
+from .memory import kv_bytes_per_token
 
 
 def parameter_count(config) -> int:
@@ -19,12 +20,6 @@ def parameter_count(config) -> int:
     mlp = 3 * hidden * config.intermediate_size
     embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
     return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
-
-
-def kv_bytes_per_token(config, *, element_bytes: float) -> int:
-    """Cache bytes one position takes across all layers (int8: 1 byte per value plus a 2-byte scale per head)."""
-    per_head = config.head_dim * element_bytes + (2 if element_bytes == 1 else 0)
-    return int(2 * config.num_hidden_layers * config.num_key_value_heads * per_head)
 
 
 def parse_memory(text: str) -> int:

@@ -181,6 +181,7 @@ def quantize_model(
     mse: float = 0.0,
     hessian_shrink: float | None = None,
     awq_clip: bool = False,
+    replace_output: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """GPTQ (or RTN) every decoder Linear, each layer fed by the already-quantized layers before it; save."""
@@ -231,37 +232,29 @@ def quantize_model(
                 )
             if progress is not None:
                 progress(f"quantizing ({method} int{bits})", index + 1, len(model.model.layers))
-    return save_quantized(engine, out_dir, quant_config)
+    return save_quantized(engine, out_dir, quant_config, replace=replace_output)
 
 
-def save_quantized(engine: Engine, out_dir: Path, quant_config) -> Path:
-    """A complete model directory: config.json with quantization_config, quantize_config.json, safetensors, tokenizer."""
+def save_quantized(engine: Engine, out_dir: Path, quant_config, *, replace: bool = False) -> Path:
+    """A complete model directory: config.json with quantization_config, quantize_config.json, safetensors, tokenizer.
+    Written beside `out_dir` and renamed into place; `replace`: a model already there is replaced (output_dir.py)."""
     from .checkpoint import save_weights
+    from .output_dir import written_in_place
 
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        state = engine.loaded.model.state_dict()  # the tensors themselves: each is made float16 as it is written
-        if engine.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_weights(state, staging / "model.safetensors", float_dtype=torch.float16)
-        raw = json.loads((engine.model_dir / "config.json").read_text())
-        raw.update(quantization_config=quant_config.to_hf(), torch_dtype="float16")
-        raw.pop("dtype", None)
-        (staging / "config.json").write_text(json.dumps(raw, indent=2))
-        (staging / "quantize_config.json").write_text(json.dumps(quant_config.to_hf(), indent=2))
-        for name in COPIED_FILES:
-            if (engine.model_dir / name).is_file():
-                shutil.copy2(engine.model_dir / name, staging / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.replace(out_dir)
+        with written_in_place(out_dir, replace=replace) as staging:
+            state = engine.loaded.model.state_dict()  # the tensors themselves: each is made float16 as it is written
+            if engine.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_weights(state, staging / "model.safetensors", float_dtype=torch.float16)
+            raw = json.loads((engine.model_dir / "config.json").read_text())
+            raw.update(quantization_config=quant_config.to_hf(), torch_dtype="float16")
+            raw.pop("dtype", None)
+            (staging / "config.json").write_text(json.dumps(raw, indent=2))
+            (staging / "quantize_config.json").write_text(json.dumps(quant_config.to_hf(), indent=2))
+            for name in COPIED_FILES:
+                if (engine.model_dir / name).is_file():
+                    shutil.copy2(engine.model_dir / name, staging / name)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise BadCheckpoint(f"could not write {out_dir}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).expanduser().resolve()

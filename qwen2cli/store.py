@@ -33,7 +33,24 @@ class StoreEntry:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes the entry takes on disk (blocks allocated, a file linked twice counted once)."""
+        return disk_usage(self.path)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under `path`, like `du`: sparse files as stored, hard links once, symlinks not followed."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for entry in (root, *(os.path.join(root, name) for name in dirs + files)):
+            try:
+                info = os.lstat(entry)
+            except OSError:  # removed while we looked
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total
 
 
 def directory_name(name: str) -> str:
@@ -59,10 +76,11 @@ def find(name: str) -> StoreEntry | None:
 
 
 def entries() -> list[StoreEntry]:
-    """Every installed model, by name."""
+    """Every installed model, by name (leftovers of processes that died mid-install are removed first)."""
     root = paths.models_dir()
     if not root.is_dir():
         return []
+    remove_stale_staging()
     found = []
     for child in sorted(root.iterdir()):
         if child.name.startswith(".") or not (child / "config.json").is_file():
@@ -80,6 +98,7 @@ def remove(name: str) -> Path:
         raise ModelNotFound(f"{name!r} is not installed (qwen2 list shows what is)")
     with install_lock(name):
         shutil.rmtree(entry.path)
+    remove_stale_staging()
     return entry.path
 
 
@@ -96,23 +115,63 @@ def check_free_space(needed_bytes: int, *, where: Path | None = None) -> None:
 
 @contextmanager
 def install_lock(name: str) -> Iterator[None]:
-    """An exclusive lock per model name, so two qwen2 processes never install the same model at once."""
-    locks = paths.models_dir() / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{directory_name(name)}.lock", "w") as handle:
+    """An exclusive lock per model name, so two qwen2 processes never install the same model at once. The lock
+    file is removed on release (a waiter that then finds its file gone or replaced locks afresh)."""
+    lock_path = paths.models_dir() / ".locks" / f"{directory_name(name)}.lock"  # the name is checked first
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock_path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the holder before us removed this file: lock the one there now
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+_LEFTOVER = re.compile(r"\.staging-.+-(\d+)-\d+|\.old-.+-(\d+)")  # staging(): name, pid, ns; commit(): name, pid
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging() -> list[Path]:
+    """Delete the staging and replaced-entry directories of processes that no longer run (killed mid-install);
+    returns what was removed. A live process's directories are left alone."""
+    root = paths.models_dir()
+    removed = []
+    for child in root.iterdir() if root.is_dir() else ():
+        match = _LEFTOVER.fullmatch(child.name)
+        if match and child.is_dir() and not _alive(int(match.group(1) or match.group(2))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 @contextmanager
 def staging(name: str) -> Iterator[Path]:
-    """A temporary directory inside the store; removed unless `commit` moved it into place."""
+    """A temporary directory inside the store, named with our process id; removed unless `commit` moved it into
+    place (or, if we are killed, by the next store operation)."""
     root = paths.models_dir()
     root.mkdir(parents=True, exist_ok=True)
     path = root / f".staging-{directory_name(name)}-{os.getpid()}-{time.monotonic_ns()}"
+    remove_stale_staging()
     path.mkdir()
     try:
         yield path

@@ -60,9 +60,9 @@ def import_command(
 
 @app.command(name="list")
 def list_command(json_output: JsonOpt = False) -> None:
-    """Installed models: name, source, parameters, quantization, size, path."""
-    from . import store
-    from .console import print_json, write_answer
+    """Installed models: name, source, parameters, quantization, size on disk, path."""
+    from . import paths, store
+    from .console import dim, print_json, write_answer
 
     rows = [
         {
@@ -83,6 +83,9 @@ def list_command(json_output: JsonOpt = False) -> None:
             f"{row['name']:<40} {row['source']:<10} {row['parameters']:<9} {row['quantization']:<18} "
             f"{row['size_bytes'] / 2**30:6.2f} GiB  {row['path']}\n"
         )
+    home = paths.home()
+    if home.is_dir():  # what the store takes in all: models, downloads kept for reuse, caches
+        dim(f"{store.disk_usage(home) / 2**30:.2f} GiB on disk in {home}")
 
 
 @app.command()
