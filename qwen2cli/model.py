@@ -1,5 +1,5 @@
-"""The Qwen2 decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or files (a prompt
-chunk's attention on CPU may run in quant/attention.c, a plain C kernel)."""
+"""The Qwen2 / Qwen2-MoE decoder in PyTorch, with Hugging Face parameter names; knows nothing of quantization or
+files (a prompt chunk's attention on CPU may run in quant/attention.c, a plain C kernel)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
 
 
 def yarn_inverse_frequencies(config: Qwen2Config, dim: int) -> tuple[torch.Tensor, float]:
-    """YaRN's blended inverse frequencies and attention factor (the paper's ramp between interpolation and extrapolation)."""
+    """YaRN's blended inverse frequencies and attention factor (the paper's ramp between interpolation and
+    extrapolation)."""
     scaling = config.rope_scaling or {}
     base = config.rope_theta
     factor = float(
@@ -197,6 +198,8 @@ class Attention(nn.Module):
     def _dual_chunk_forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables, cache: KVCache, start_pos: int
     ) -> torch.Tensor:
+        dual_chunk = self.dual_chunk
+        assert dual_chunk is not None, "called only under dual chunk attention"
         batch, _, length, _ = q.shape
         key_cos, key_sin, succ_cos, succ_sin, inter_cos, inter_sin = rope
         keys, values = cache.write(self.layer_index, start_pos, rotate(k, key_cos, key_sin), v)
@@ -211,10 +214,10 @@ class Attention(nn.Module):
         if batch == 1 and q.device.type == "cpu":  # quant/attention.c where it builds (AVX-512, chunks of 64 keys)
             intra, successive, inter = (query[0].reshape(self.num_heads, length, self.head_dim) for query in queries)
             out = prefill_attention(
-                intra, keys[0], values[0], start_pos, dual_chunk=(successive, inter, self.dual_chunk.chunk_len)
+                intra, keys[0], values[0], start_pos, dual_chunk=(successive, inter, dual_chunk.chunk_len)
             )
         if out is None:
-            out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=self.dual_chunk)
+            out = dual_chunk_attention(queries, keys, values, start_pos=start_pos, config=dual_chunk)
         out = out.to(q.dtype).reshape(batch, self.num_heads, length, self.head_dim)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
@@ -245,6 +248,51 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SparseMoeBlock(nn.Module):
+    """Routes each token to `num_experts_per_tok` of `num_experts` SwiGLU experts, plus the shared expert."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert indices (N, k) and their weights (N, k) in the activations' dtype."""
+        probs = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return indices, weights.to(tokens.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        tokens = x.reshape(-1, hidden)  # (N, hidden)
+        indices, weights = self.route(tokens)
+        # group the (token, slot) pairs by expert: one matmul per expert that received tokens, none for the rest
+        flat_experts = indices.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=len(self.experts)).tolist()
+        token_of_pair = order // self.top_k  # (N*k,) token index of each sorted pair
+        pair_weights = weights.reshape(-1)[order]  # (N*k,)
+        routed = torch.zeros_like(tokens)
+        begin = 0
+        for expert_index, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of_pair[begin : begin + count]
+            out = self.experts[expert_index](tokens[rows]) * pair_weights[begin : begin + count, None]
+            routed.index_add_(0, rows, out)
+            begin += count
+        shared = torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        return (routed + shared).reshape(batch, length, hidden)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen2Config, layer_index: int) -> None:
         super().__init__()
@@ -252,8 +300,6 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_index):
-            from .moe import SparseMoeBlock
-
             self.mlp: nn.Module = SparseMoeBlock(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)

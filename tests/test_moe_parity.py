@@ -54,7 +54,7 @@ def pair(request, tmp_path_factory):
 
 
 def test_layers_are_sparse_where_configured(pair):
-    from qwen2cli.moe import SparseMoeBlock
+    from qwen2cli.model import SparseMoeBlock
 
     reference, ours = pair
     for ref_layer, our_layer in zip(reference.model.layers, ours.model.model.layers):
