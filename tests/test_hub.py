@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from devtools.hub_server import HubServer, HubState
+from qwen2cli.errors import DownloadError
 
 REPO = "Qwen/Tiny-Test"
 Hub = namedtuple("Hub", "state url env home")
@@ -146,7 +147,7 @@ def test_ctrl_c_mid_download_keeps_partial_file_and_installs_nothing(hub, monkey
             raise KeyboardInterrupt
 
     hub.state.cut_once.add("model.safetensors")  # leaves part of the file behind first
-    with pytest.raises(Exception):
+    with pytest.raises(DownloadError, match="run the same command again to resume"):
         registry.resolve_model(REPO)
     with pytest.raises(KeyboardInterrupt):
         registry.resolve_model(REPO, progress=interrupt)

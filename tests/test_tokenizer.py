@@ -50,6 +50,13 @@ def real_pair(real_model_dir):
     return Qwen2Tokenizer.from_dir(real_model_dir), Tokenizer.from_file(str(real_model_dir / "tokenizer.json"))
 
 
+def id_of(tokenizer: Qwen2Tokenizer, token: str) -> int:
+    """The id of a token the vocabulary must hold."""
+    token_id = tokenizer.token_to_id(token)
+    assert token_id is not None, token
+    return token_id
+
+
 def assert_same_ids(ours: Qwen2Tokenizer, reference: Tokenizer, documents: list[str]) -> None:
     for document in documents:
         expected = reference.encode(document, add_special_tokens=False).ids
@@ -196,7 +203,7 @@ def assert_same_bpe(directory, *, samples: int) -> None:
     whole = tiktoken.Encoding(
         "whole-text",
         pat_str=r"[\s\S]+",
-        mergeable_ranks=dict(zip(tables.ranked, range(len(tables.ranked)))),
+        mergeable_ranks=dict(zip(tables.ranked, range(len(tables.ranked)), strict=True)),
         special_tokens={},
     )
     pieces = sorted({left + right for left, right in merges})
@@ -205,7 +212,7 @@ def assert_same_bpe(directory, *, samples: int) -> None:
     while checked < samples:
         spelled = "".join(generator.choice(pieces) for _ in range(generator.randint(1, 4)))
         try:
-            text = b"".join(ours.token_bytes(ours.token_to_id(char)) for char in spelled).decode("utf-8")
+            text = b"".join(ours.token_bytes(id_of(ours, char)) for char in spelled).decode("utf-8")
         except UnicodeDecodeError:
             continue
         checked += 1
@@ -264,6 +271,7 @@ def test_added_tokens_of_every_kind_match_tokenizers(tiny_dir, tmp_path):
     for token_id in range(reference.get_vocab_size(with_added_tokens=True)):
         assert ours.decode([token_id]) == reference.decode([token_id], skip_special_tokens=False)
         token = reference.id_to_token(token_id)
+        assert token is not None, token_id
         assert ours.token_to_id(token) == reference.token_to_id(token), token
     assert ours.token_to_id("a b") is None and ours.token_to_id("") is None
 
@@ -281,9 +289,9 @@ def test_merges_of_tokens_outside_the_byte_alphabet_never_fire(tiny_dir, tmp_pat
 
 def test_stream_decoder_flushes_a_cut_character_as_replacement(tiny_dir):
     tokenizer = Qwen2Tokenizer.from_dir(tiny_dir)
-    first_byte_of_euro = tokenizer.token_to_id("\u00e2")  # byte 0xE2, the start of "€"
+    first_byte_of_euro = id_of(tokenizer, "\u00e2")  # byte 0xE2, the start of "€"
     decoder = tokenizer.stream_decoder()
-    assert decoder.push(tokenizer.token_to_id("a")) == "a"
+    assert decoder.push(id_of(tokenizer, "a")) == "a"
     assert decoder.push(first_byte_of_euro) == ""
     assert decoder.flush() == "\ufffd"
 
