@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -97,7 +98,14 @@ def serve(
     app = build_app(service, api_key=api_key)
     dim(f"serving {service.model_id} on http://{host}:{port}/v1 (context {engine.ctx}, {parallel} at once)")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again to the handler it found: SIGTERM's
+    # then ends the process with success (SIGINT's stays KeyboardInterrupt: "interrupted", 130)
+    signal.signal(signal.SIGTERM, _stopped)
     server.run()
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def register(app: typer.Typer) -> None:

@@ -45,7 +45,7 @@ class Routes:
         self.service = service
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "model": self.service.model_id, "requests": self.service.scheduler.load()})
 
     async def models(self, request: Request) -> Response:
         model = {"id": self.service.model_id, "object": "model", "created": 0, "owned_by": "qwen2cli"}

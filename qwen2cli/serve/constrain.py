@@ -14,7 +14,8 @@ from ..errors import MissingDependency
 from .schema import RequestError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-JSON_OPTIONS = {"whitespace_flexible": False}  # one spelling (", " and ": "): no runaway whitespace
+# one spelling, json.dumps' (", " and ": "), as Qwen2.5's template writes tool calls: no runaway whitespace
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _llguidance() -> Any:
@@ -109,6 +110,7 @@ class GrammarCompiler:
                 },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
+                "x-guidance": JSON_OPTIONS,
             }
             bodies.append(f"%json {json.dumps(call_schema)}")
         repeat = ' ("\\n" call)*' if parallel else ""

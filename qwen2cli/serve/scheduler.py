@@ -4,9 +4,10 @@ at a time, so answers stream side by side; each request's tokens are exactly tho
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -95,6 +96,7 @@ class Scheduler:
         self._active: list[Active] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self.finished: Counter[str] = Counter()  # requests ended so far, by finish reason
         self._thread = threading.Thread(target=self._run, name="qwen2-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -112,6 +114,10 @@ class Scheduler:
             self._waiting.append(job)
             self._wake.notify()
 
+    def load(self) -> dict[str, int]:
+        """Requests being answered and waiting now, and those ended so far by finish reason."""
+        return {"active": len(self._active), "waiting": len(self._waiting), **self.finished}
+
     def wake(self) -> None:
         """Look at the requests again (one was cancelled while the worker waited)."""
         with self._wake:
@@ -128,9 +134,9 @@ class Scheduler:
                         break
                     admitted = self._take_admissible()
                 for job, slot in admitted:
-                    self._guarded(job, lambda job=job, slot=slot: self._admit(job, slot), slot)
+                    self._guarded(job, functools.partial(self._admit, job, slot), slot)
                 for active in list(self._active):
-                    self._guarded(active.job, lambda active=active: self._step(active), active.slot, active)
+                    self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
         for active in self._active:
             self._end(active, "cancelled")
         for job in self._waiting:
@@ -154,6 +160,7 @@ class Scheduler:
             job = self._waiting[0]
             if job.cancelled.is_set():
                 self._waiting.popleft()
+                self.finished["cancelled"] += 1
                 job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
                 continue
             free = [slot for slot in self.slots if not slot.busy]
@@ -227,4 +234,5 @@ class Scheduler:
         active.slot.busy = False
         active.slot.last_used = time.monotonic()
         job = active.job
+        self.finished[reason] += 1
         job.emit(Finished(reason, len(job.prompt_ids), active.cached_tokens, active.completion_tokens))
