@@ -383,7 +383,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
     sizes = [layer.out_features for layer in layers]
     # only the kernel's tables: no packed-layout buffers, never read here (and building them on the meta device
     # would import torch's reference decompositions for floor_divide: 1.8 s and 50 MB at load)
-    fused = QuantLinear.__new__(QuantLinear)
+    fused = type(first).__new__(type(first))  # a subclass's description (extra_repr) of its layers holds for it
     nn.Module.__init__(fused)
     fused.in_features, fused.out_features, fused.config = first.in_features, sum(sizes), first.config
     fused.group_size = first.group_size

@@ -76,6 +76,8 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     for function in (library.q4_gemv, library.q8_gemv, library.q4_gemv_h, library.q8_gemv_h):
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+    library.q_gemv.restype = None
+    library.q_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
     library.q_unpack.restype = None
     library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     library.attention_supported.restype = ctypes.c_int
@@ -141,6 +143,29 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks & 15, blocks >> 4], dim=-1).view(out_features, -1)
 
 
+KINDS = {"q8": 0, "q4": 1, "q5": 2}  # qgemv.c's KIND_Q8, KIND_Q4, KIND_Q5
+
+
+def pack_q5(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in), 0..31, in % 32 == 0 -> the kernel's uint8 (out, in/32 * 20): per block of 32 inputs,
+    `pack_q4`'s 16 bytes of the low four bits, then a little-endian uint32 whose bit j is code j's fifth bit."""
+    out_features, in_features = codes.shape
+    codes = codes.to(torch.uint8)
+    low = pack_q4(codes & 15).view(out_features, in_features // 32, 16)
+    fifth = (codes >> 4).view(out_features, in_features // 32, 4, 8)
+    high = (fifth << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8)  # (out, blocks, 4) bytes
+    return torch.cat([low, high], dim=-1).reshape(out_features, in_features // 32 * 20).contiguous()
+
+
+def unpack_q5(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q5`'s inverse: uint8 (out, in/32 * 20) -> codes (out, in) uint8."""
+    out_features = packed.shape[0]
+    blocks = packed.view(out_features, -1, 20)
+    low = unpack_q4(blocks[:, :, :16].reshape(out_features, -1)).view(out_features, -1, 32)
+    fifth = (blocks[:, :, 16:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (out, blocks, 4, 8)
+    return (low | (fifth.reshape(out_features, -1, 32) << 4)).view(out_features, -1)
+
+
 def pack_q8(codes: torch.Tensor) -> torch.Tensor:
     """8-bit codes (out, in), 0..255 -> the kernel's int8 (out, in): code - 128 (so zeros are stored minus 128 too,
     or float offsets add 128 * scale)."""
@@ -157,9 +182,10 @@ def native_matmul(
     offsets: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. `kind` q4 (pack_q4's codes) or q8 (pack_q8's);
-    per (out, group), contiguous: float32 scales and offsets, W = stored * scale + offset; or float16 scales and
-    int16 zeros, W = (stored - zero) * scale."""
+    """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. `kind` q4 (pack_q4's codes), q5 (pack_q5's)
+    or q8 (pack_q8's, or any int8 codes); per (out, group), contiguous: float32 scales and offsets,
+    W = stored * scale + offset; or float16 scales and int16 zeros, W = (stored - zero) * scale. Groups: multiples
+    of 32 inputs, or 16."""
     rows, in_features = x.shape
     out_features = packed.shape[0]
     if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # raw pointers follow
@@ -172,13 +198,7 @@ def native_matmul(
     ):
         raise ValueError("native_matmul takes float32 scales and offsets, or float16 scales and int16 zeros")
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
-    function = {
-        ("q4", False): library.q4_gemv,
-        ("q8", False): library.q8_gemv,
-        ("q4", True): library.q4_gemv_h,
-        ("q8", True): library.q8_gemv_h,
-    }[kind, half]
-    function(
+    library.q_gemv(
         packed.data_ptr(),
         scales.data_ptr(),
         offsets.data_ptr(),
@@ -188,6 +208,8 @@ def native_matmul(
         in_features,
         group_size,
         rows,
+        KINDS[kind],
+        half,
     )
     return out
 
@@ -219,7 +241,7 @@ def native_unpack(
         rows,
         in_features,
         group_size,
-        kind == "q4",
+        KINDS[kind],
         scales.dtype == torch.float16,
         out.dtype == torch.bfloat16,
     )

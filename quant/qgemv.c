@@ -4,6 +4,9 @@
  *
  * q4: weights (rows, cols/2) uint8: per row, each block of 32 inputs is 16 bytes, byte j = code[j] | code[j+16] << 4.
  * q8: weights (rows, cols) int8: code - 128.
+ * q5: weights (rows, cols/32 * 20) uint8: per block of 32 inputs, q4's 16 bytes, then a little-endian uint32 whose
+ * bit j is code j's fifth bit (GGML's Q5 blocks without their scales).
+ * Groups are multiples of 32 inputs, or 16 (two groups to a block: GGML's K-quants of 16-value sub-blocks).
  * q4_gemv/q8_gemv: scales and offsets (rows, groups) float: weight = stored * scale + offset within a group (the
  * int8 head: offsets 0). out[r] = sum_g scale[r,g] * sum_{blocks b of g} d_b * (stored_b . xq_b)
  *                                 + offset[r,g] * sum_{i in g} x_i.
@@ -17,6 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -25,6 +29,8 @@
 #else
 #define VNNI512 0
 #endif
+
+enum { KIND_Q8 = 0, KIND_Q4 = 1, KIND_Q5 = 2 }; /* the codes' layouts above */
 
 int q4_supported(void) {
     __builtin_cpu_init();
@@ -46,7 +52,12 @@ static void quantize_row(const float *x, int cols, int group, int8_t *xq, float 
         const float *block = x + b * 32;
         __m256 v0 = _mm256_loadu_ps(block), v1 = _mm256_loadu_ps(block + 8), v2 = _mm256_loadu_ps(block + 16),
                v3 = _mm256_loadu_ps(block + 24);
-        xsum[b * 32 / group] += hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        if (group == 16) {
+            xsum[2 * b] += hsum(_mm256_add_ps(v0, v1));
+            xsum[2 * b + 1] += hsum(_mm256_add_ps(v2, v3));
+        } else {
+            xsum[b * 32 / group] += hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        }
         __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_bits, v0), _mm256_andnot_ps(sign_bits, v1)),
                                     _mm256_max_ps(_mm256_andnot_ps(sign_bits, v2), _mm256_andnot_ps(sign_bits, v3)));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
@@ -72,6 +83,30 @@ static inline __m256i weights_q4(const uint8_t *w, int b) {
     __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
     __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
     return _mm256_set_m128i(hi, lo);
+}
+
+/* A q5 block: q4's nibbles with each code's fifth bit (bit j of the block's uint32) or-ed in as 16, the bits spread to
+ * one byte each as llama.cpp's bytes_from_bits_32 does. Pair sums of maddubs stay within int16: 2 * 31 * 127. */
+static inline __m256i weights_q5(const uint8_t *w, int b) {
+    const uint8_t *block = w + (size_t)b * 20;
+    __m128i packed = _mm_loadu_si128((const __m128i *)block);
+    __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+    uint32_t bits;
+    memcpy(&bits, block + 16, 4);
+    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                         _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                           0x0101010101010101, 0x0000000000000000));
+    __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                    _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(_mm256_set_m128i(hi, lo), _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+}
+
+/* block b's 32 codes in input order: unsigned (q4, q5) or int8 (q8) */
+static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *w, int kind, int b) {
+    if (kind == KIND_Q4) return weights_q4(w, b);
+    if (kind == KIND_Q5) return weights_q5(w, b);
+    return _mm256_loadu_si256((const __m256i *)(w + (size_t)b * 32));
 }
 
 static inline __m256i block_dot(__m256i unsigned_w, __m256i signs, int q4, __m256i xv) {
@@ -115,15 +150,39 @@ static inline __attribute__((always_inline)) float group_offset(const void *o, i
 
 /* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and
  * `half`): each block of weights is loaded and unpacked once for the n rows. */
-static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int q4, const void *s, const void *o,
+static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int kind, const void *s, const void *o,
                                                            int half, Activations a, float *out, int r, int rows,
                                                            int cols, int group, int m0, int n) {
-    int blocks = cols / 32, groups = cols / group, per_group = group / 32;
+    int blocks = cols / 32, groups = cols / group, per_group = group / 32, q4 = kind != KIND_Q8;
     __m256 acc[4];
     float zero_terms[4];
     for (int j = 0; j < n; j++) {
         acc[j] = _mm256_setzero_ps();
         zero_terms[j] = 0.f;
+    }
+    if (group == 16) { /* two groups a block: the sums of its first 16 bytes (lanes 0-3) take one scale, the rest the next */
+        for (int b = 0; b < blocks; b++) {
+            __m256i signs = _mm256_setzero_si256(), unsigned_w;
+            if (q4) {
+                unsigned_w = block_codes(w, kind, b);
+            } else {
+                signs = block_codes(w, kind, b);
+                unsigned_w = _mm256_sign_epi8(signs, signs);
+            }
+            float s0 = group_scale(s, 2 * b, half), s1 = group_scale(s, 2 * b + 1, half);
+            float o0 = group_offset(o, 2 * b, half, s0), o1 = group_offset(o, 2 * b + 1, half, s1);
+            __m256 pair = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+            for (int j = 0; j < n; j++) {
+                size_t m = (size_t)(m0 + j);
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(a.xq + m * cols + b * 32));
+                __m256i sums = block_dot(unsigned_w, signs, q4, xv);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                                         _mm256_mul_ps(pair, _mm256_set1_ps(a.d[m * blocks + b])), acc[j]);
+                zero_terms[j] += o0 * a.xsum[m * groups + 2 * b] + o1 * a.xsum[m * groups + 2 * b + 1];
+            }
+        }
+        for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = hsum(acc[j]) + zero_terms[j];
+        return;
     }
     for (int g = 0; g < groups; g++) {
         __m256 group_acc[4];
@@ -132,9 +191,9 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
             int b = g * per_group + k;
             __m256i signs = _mm256_setzero_si256(), unsigned_w;
             if (q4) {
-                unsigned_w = weights_q4(w, b);
+                unsigned_w = block_codes(w, kind, b);
             } else {
-                signs = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                signs = block_codes(w, kind, b);
                 unsigned_w = _mm256_sign_epi8(signs, signs);
             }
             for (int j = 0; j < n; j++) {
@@ -210,24 +269,25 @@ static inline __attribute__((always_inline)) void rows_dot512(const uint8_t *w, 
 }
 #endif
 
-static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int q4, const void *s, const void *o,
+static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int kind, const void *s, const void *o,
                                                           int half, Activations a, float *out, int r, int rows,
                                                           int cols, int group, int count) {
     int m = 0;
 #if VNNI512
-    if (group % 64 == 0) {
+    if (group % 64 == 0 && kind != KIND_Q5) {
+        int q4 = kind == KIND_Q4;
         for (; m + 4 <= count; m += 4) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
         for (; m < count; m++) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
         return;
     }
 #endif
-    for (; m + 4 <= count; m += 4) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
-    for (; m < count; m++) rows_dot(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
+    for (; m + 4 <= count; m += 4) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 4);
+    for (; m < count; m++) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
 }
 
 /* one function per (codes, scale layout), so that `q4` and `half` are constants inside each OpenMP region; `half`:
  * scales float16 and zeros int16 (2 bytes each an element), else scales and offsets float (4) */
-#define DEFINE_GEMV(name, q4, row_bytes, half)                                                                    \
+#define DEFINE_GEMV(name, kind, row_bytes, half)                                                                    \
     void name(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out,        \
               int rows, int cols, int group, int count) {                                                         \
         Activations a = quantize_rows(x, cols, group, count);                                                     \
@@ -235,16 +295,26 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int 
         size_t table_bytes = (half) ? 2 : 4;                                                                      \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int r = 0; r < rows; r++)                                                                            \
-            row_dot(weights + (size_t)r * (row_bytes), q4, (const char *)scales + (size_t)r * groups * table_bytes, \
+            row_dot(weights + (size_t)r * (row_bytes), kind, (const char *)scales + (size_t)r * groups * table_bytes, \
                     (const char *)offsets + (size_t)r * groups * table_bytes, half, a, out, r, rows, cols, group,   \
                     count);                                                                                       \
         release(a);                                                                                               \
     }
 
-DEFINE_GEMV(q4_gemv, 1, cols / 2, 0)
-DEFINE_GEMV(q8_gemv, 0, cols, 0)
-DEFINE_GEMV(q4_gemv_h, 1, cols / 2, 1)
-DEFINE_GEMV(q8_gemv_h, 0, cols, 1)
+DEFINE_GEMV(q4_gemv, KIND_Q4, cols / 2, 0)
+DEFINE_GEMV(q8_gemv, KIND_Q8, cols, 0)
+DEFINE_GEMV(q5_gemv, KIND_Q5, cols / 32 * 20, 0)
+DEFINE_GEMV(q4_gemv_h, KIND_Q4, cols / 2, 1)
+DEFINE_GEMV(q8_gemv_h, KIND_Q8, cols, 1)
+DEFINE_GEMV(q5_gemv_h, KIND_Q5, cols / 32 * 20, 1)
+
+/* any of the above by (kind, half): what qlayer.c and quant/native.py call */
+void q_gemv(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out, int rows,
+            int cols, int group, int count, int kind, int half) {
+    void (*const variants[6])(const uint8_t *, const void *, const void *, const float *, float *, int, int, int,
+                              int) = {q8_gemv, q8_gemv_h, q4_gemv, q4_gemv_h, q5_gemv, q5_gemv_h};
+    variants[kind * 2 + (half ? 1 : 0)](weights, scales, offsets, x, out, rows, cols, group, count);
+}
 
 /* Rows of a q4/q8 matrix as numbers, for long inputs' GEMM: out (rows, cols) float32, or bfloat16 rounded to nearest
  * even as torch converts. Weights as the kernels read them: (stored - zero) * scale with float16 scales and int16
@@ -262,55 +332,57 @@ static inline __attribute__((always_inline)) void store8(void *out, size_t at, _
     _mm_storeu_si128((__m128i *)((uint16_t *)out + at), halves);
 }
 
-static inline __attribute__((always_inline)) void unpack_row(const uint8_t *w, int q4, const void *s, const void *o,
-                                                             int half, int cols, int group, void *out, size_t at,
-                                                             int bf16) {
-    for (int g = 0; g < cols / group; g++) {
-        float scale = group_scale(s, g, half);
-        __m256 vs = _mm256_set1_ps(scale);
-        __m256 vo = _mm256_set1_ps(half ? 0.f : ((const float *)o)[g]);
-        __m256i zero = _mm256_set1_epi32(half ? ((const int16_t *)o)[g] : 0);
-        for (int b = g * group / 32; b < (g + 1) * group / 32; b++) {
-            __m256i codes = q4 ? weights_q4(w, b) : _mm256_loadu_si256((const __m256i *)(w + b * 32));
-            for (int k = 0; k < 4; k++) {
-                __m128i bytes = k < 2 ? _mm256_castsi256_si128(codes) : _mm256_extracti128_si256(codes, 1);
-                if (k % 2) bytes = _mm_srli_si128(bytes, 8);
-                __m256i wide = q4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
-                __m256 v = half ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(wide, zero)), vs)
-                                : _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), vs, vo);
-                store8(out, at + (size_t)b * 32 + k * 8, v, bf16);
-            }
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *w, int kind, const void *s,
+                                                             const void *o, int half, int cols, int group, void *out,
+                                                             size_t at, int bf16) {
+    for (int b = 0; b < cols / 32; b++) {
+        __m256i codes = block_codes(w, kind, b);
+        for (int k = 0; k < 4; k++) { /* 8 codes at a time, each 8 within one group (groups are 16 or more) */
+            int g = (b * 32 + k * 8) / group;
+            __m256 vs = _mm256_set1_ps(group_scale(s, g, half));
+            __m256 vo = _mm256_set1_ps(half ? 0.f : ((const float *)o)[g]);
+            __m256i zero = _mm256_set1_epi32(half ? ((const int16_t *)o)[g] : 0);
+            __m128i bytes = k < 2 ? _mm256_castsi256_si128(codes) : _mm256_extracti128_si256(codes, 1);
+            if (k % 2) bytes = _mm_srli_si128(bytes, 8);
+            __m256i wide = kind != KIND_Q8 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
+            __m256 v = half ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(wide, zero)), vs)
+                            : _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), vs, vo);
+            store8(out, at + (size_t)b * 32 + k * 8, v, bf16);
         }
     }
 }
 
-#define DEFINE_UNPACK(name, q4, row_bytes, half, bf16)                                                            \
+#define DEFINE_UNPACK(name, kind, row_bytes, half, bf16)                                                            \
     static void name(const uint8_t *weights, const void *scales, const void *offsets, void *out, int rows,       \
                      int cols, int group) {                                                                       \
         int groups = cols / group;                                                                                \
         size_t table_bytes = (half) ? 2 : 4;                                                                      \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int r = 0; r < rows; r++)                                                                            \
-            unpack_row(weights + (size_t)r * (row_bytes), q4, (const char *)scales + (size_t)r * groups * table_bytes, \
+            unpack_row(weights + (size_t)r * (row_bytes), kind, (const char *)scales + (size_t)r * groups * table_bytes, \
                        (const char *)offsets + (size_t)r * groups * table_bytes, half, cols, group, out,          \
                        (size_t)r * cols, bf16);                                                                   \
     }
 
-DEFINE_UNPACK(unpack_q4_f32, 1, cols / 2, 0, 0)
-DEFINE_UNPACK(unpack_q4_h_f32, 1, cols / 2, 1, 0)
-DEFINE_UNPACK(unpack_q8_f32, 0, cols, 0, 0)
-DEFINE_UNPACK(unpack_q8_h_f32, 0, cols, 1, 0)
-DEFINE_UNPACK(unpack_q4_bf16, 1, cols / 2, 0, 1)
-DEFINE_UNPACK(unpack_q4_h_bf16, 1, cols / 2, 1, 1)
-DEFINE_UNPACK(unpack_q8_bf16, 0, cols, 0, 1)
-DEFINE_UNPACK(unpack_q8_h_bf16, 0, cols, 1, 1)
+DEFINE_UNPACK(unpack_q8_f32, KIND_Q8, cols, 0, 0)
+DEFINE_UNPACK(unpack_q8_h_f32, KIND_Q8, cols, 1, 0)
+DEFINE_UNPACK(unpack_q4_f32, KIND_Q4, cols / 2, 0, 0)
+DEFINE_UNPACK(unpack_q4_h_f32, KIND_Q4, cols / 2, 1, 0)
+DEFINE_UNPACK(unpack_q5_f32, KIND_Q5, cols / 32 * 20, 0, 0)
+DEFINE_UNPACK(unpack_q5_h_f32, KIND_Q5, cols / 32 * 20, 1, 0)
+DEFINE_UNPACK(unpack_q8_bf16, KIND_Q8, cols, 0, 1)
+DEFINE_UNPACK(unpack_q8_h_bf16, KIND_Q8, cols, 1, 1)
+DEFINE_UNPACK(unpack_q4_bf16, KIND_Q4, cols / 2, 0, 1)
+DEFINE_UNPACK(unpack_q4_h_bf16, KIND_Q4, cols / 2, 1, 1)
+DEFINE_UNPACK(unpack_q5_bf16, KIND_Q5, cols / 32 * 20, 0, 1)
+DEFINE_UNPACK(unpack_q5_h_bf16, KIND_Q5, cols / 32 * 20, 1, 1)
 
-/* q4: 1 for pack_q4's codes, 0 for pack_q8's; half: float16 scales and int16 zeros (else float32 scales, offsets);
+/* kind: KIND_Q8, KIND_Q4 or KIND_Q5; half: float16 scales and int16 zeros (else float32 scales, offsets);
  * bf16: out bfloat16 (else float32) */
 void q_unpack(const uint8_t *weights, const void *scales, const void *offsets, void *out, int rows, int cols,
-              int group, int q4, int half, int bf16) {
-    void (*const variants[8])(const uint8_t *, const void *, const void *, void *, int, int, int) = {
-        unpack_q8_f32, unpack_q8_h_f32, unpack_q4_f32, unpack_q4_h_f32,
-        unpack_q8_bf16, unpack_q8_h_bf16, unpack_q4_bf16, unpack_q4_h_bf16};
-    variants[(bf16 ? 4 : 0) + (q4 ? 2 : 0) + (half ? 1 : 0)](weights, scales, offsets, out, rows, cols, group);
+              int group, int kind, int half, int bf16) {
+    void (*const variants[12])(const uint8_t *, const void *, const void *, void *, int, int, int) = {
+        unpack_q8_f32,  unpack_q8_h_f32,  unpack_q4_f32,  unpack_q4_h_f32,  unpack_q5_f32,  unpack_q5_h_f32,
+        unpack_q8_bf16, unpack_q8_h_bf16, unpack_q4_bf16, unpack_q4_h_bf16, unpack_q5_bf16, unpack_q5_h_bf16};
+    variants[(bf16 ? 6 : 0) + kind * 2 + (half ? 1 : 0)](weights, scales, offsets, out, rows, cols, group);
 }

@@ -16,19 +16,17 @@
 
 #include "simd.h"
 
-void q4_gemv_h(const uint8_t *weights, const void *scales, const void *zeros, const float *x, float *out, int rows,
-               int cols, int group, int count);
-void q8_gemv_h(const uint8_t *weights, const void *scales, const void *zeros, const float *x, float *out, int rows,
-               int cols, int group, int count);
+void q_gemv(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out, int rows,
+            int cols, int group, int count, int kind, int half);
 
 typedef struct {
     const uint8_t *weights;
-    const void *scales, *zeros; /* (rows, groups): float16, int16 (qgemv.c's q4_gemv_h / q8_gemv_h) */
-    int rows, cols, group, q4;
+    const void *scales, *offsets; /* (rows, groups): float16 scales and int16 zeros (half), else float32 both */
+    int rows, cols, group, kind, half; /* kind: qgemv.c's KIND_Q8, KIND_Q4 or KIND_Q5 */
 } QMatrix;
 
 typedef struct {
-    QMatrix qkv, o, gate_up, down;
+    QMatrix qkv[3], o, gate_up[2], down; /* q/k/v and gate/up: one fused matrix, or parts (rows 0: absent) */
     const float *qkv_bias;                /* (q + k + v rows) or NULL */
     const float *input_norm, *post_norm; /* (hidden) */
     void *keys, *values;                  /* (kv_heads, max_len, head_dim) */
@@ -40,7 +38,16 @@ typedef struct {
 } Shape;
 
 static void gemv(const QMatrix *m, const float *x, float *out) {
-    (m->q4 ? q4_gemv_h : q8_gemv_h)(m->weights, m->scales, m->zeros, x, out, m->rows, m->cols, m->group, 1);
+    q_gemv(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, 1, m->kind, m->half);
+}
+
+/* a projection made of parts side by side: each writes its rows of `out` */
+static void gemv_parts(const QMatrix *parts, int count, const float *x, float *out) {
+    for (int i = 0; i < count; i++) {
+        if (parts[i].rows == 0) continue;
+        gemv(&parts[i], x, out);
+        out += parts[i].rows;
+    }
 }
 
 static void rms_norm(const float *x, const float *weight, float *out, int n, float eps) {
@@ -197,7 +204,7 @@ void qlayer_decode(const Layer *layer, const Shape *s, float *x, const float *co
     float *activation = gate_up + 2 * s->intermediate, *scores = activation + s->intermediate;
 
     rms_norm(x, layer->input_norm, normed, s->hidden, s->eps);
-    gemv(&layer->qkv, normed, qkv);
+    gemv_parts(layer->qkv, 3, normed, qkv);
     if (layer->qkv_bias)
         for (int i = 0; i < q_size + 2 * kv_size; i++) qkv[i] += layer->qkv_bias[i];
     for (int h = 0; h < s->heads + s->kv_heads; h++) rotate(qkv + (size_t)h * d, cos, sin, d); /* q heads, then k */
@@ -211,7 +218,7 @@ void qlayer_decode(const Layer *layer, const Shape *s, float *x, const float *co
     for (int i = 0; i < s->hidden; i++) x[i] += projected[i];
 
     rms_norm(x, layer->post_norm, normed, s->hidden, s->eps);
-    gemv(&layer->gate_up, normed, gate_up);
+    gemv_parts(layer->gate_up, 2, normed, gate_up);
     int i = 0;
     for (; i + 8 <= s->intermediate; i += 8) { /* silu(gate) * up */
         __m256 g = _mm256_loadu_ps(gate_up + i);

@@ -179,7 +179,14 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
         from .quantized_load import swap_quantized_modules
 
         swap_quantized_modules(model, config, dtype=torch_dtype)
-    int8_head = not options.float_head and torch_device.type == "cpu" and (quantized or load_in is not None)
+    blocks: dict = {}
+    if quantized:
+        from .quantized_load import block_modules
+
+        blocks = block_modules(config)  # a GGUF import's: its head is stored quantized already
+    int8_head = (
+        not options.float_head and torch_device.type == "cpu" and (quantized or load_in is not None)
+    ) and "lm_head" not in blocks
     head_names: frozenset[str] = frozenset()
     home = tensor_homes(files) if quantized or int8_head else {}  # read once for the head and for repacking
     if int8_head:
@@ -191,6 +198,10 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
     lookup_only = (
         {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
     )
+    if blocks:
+        from .quantized_load import block_tensor_names
+
+        lookup_only |= block_tensor_names(blocks)  # the kernels read them as stored
     # --load-in: each float Linear weight is read once, quantized, then dropped
     transient: frozenset[str] = frozenset()
     if load_in is not None:
@@ -203,8 +214,9 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
         transient,
         skip=head_names,
     )
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if config.tie_word_embeddings:  # the head reads the embedding's tensors (a weight, or block codes and tables)
+        for name in [name for name in state if name.startswith("model.embed_tokens.")]:
+            state["lm_head." + name.removeprefix("model.embed_tokens.")] = state[name]
     expected = set(model.state_dict().keys())
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
@@ -221,7 +233,7 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
             raise BadCheckpoint(f"{name} has shape {tuple(tensor.shape)}, config.json implies {expected_shape}")
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds what it uses; what --load-in replaces is freed as it goes
-    if config.tie_word_embeddings and not int8_head:
+    if config.tie_word_embeddings and not int8_head and "lm_head" not in blocks:
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantized:
         from .quantized_load import finish_quantized_modules

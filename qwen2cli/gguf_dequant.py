@@ -14,7 +14,7 @@ import torch
 VALUES_PER_CHUNK = 1 << 22  # bounds the temporaries (~100 MB) whatever the tensor's size
 
 
-def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+def half_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 field at byte `at` of every block, as float32 (blocks, 1)."""
     return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
 
@@ -32,26 +32,26 @@ def _fifth_bits(blocks: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:  # d, qs[32] int8
-    return _half(blocks, 0) * blocks[:, 2:34].contiguous().view(torch.int8).float()
+    return half_field(blocks, 0) * blocks[:, 2:34].contiguous().view(torch.int8).float()
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:  # d, qs[16]: (q - 8) d
-    d = _half(blocks, 0)
+    d = half_field(blocks, 0)
     return torch.addcmul(-8 * d, d, _nibbles(blocks[:, 2:18]).float())
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:  # d, m, qs[16]: q d + m
-    return torch.addcmul(_half(blocks, 2), _half(blocks, 0), _nibbles(blocks[:, 4:20]).float())
+    return torch.addcmul(half_field(blocks, 2), half_field(blocks, 0), _nibbles(blocks[:, 4:20]).float())
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:  # d, qh[4], qs[16]: (q - 16) d
-    d = _half(blocks, 0)
+    d = half_field(blocks, 0)
     return torch.addcmul(-16 * d, d, (_nibbles(blocks[:, 6:22]) | _fifth_bits(blocks, 2)).float())
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:  # d, m, qh[4], qs[16]: q d + m
     codes = _nibbles(blocks[:, 8:24]) | _fifth_bits(blocks, 4)
-    return torch.addcmul(_half(blocks, 2), _half(blocks, 0), codes.float())
+    return torch.addcmul(half_field(blocks, 2), half_field(blocks, 0), codes.float())
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -64,12 +64,15 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=1).float()
     qs = blocks[:, 16:144].reshape(n, 4, 32)
     values = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).float()
-    y = _half(blocks, 0)[:, :, None] * scales[:, :, None] * values - _half(blocks, 2)[:, :, None] * mins[:, :, None]
+    y = (
+        half_field(blocks, 0)[:, :, None] * scales[:, :, None] * values
+        - half_field(blocks, 2)[:, :, None] * mins[:, :, None]
+    )
     return y.reshape(n, 256)
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
-    """256 values: ql[128] low nibbles, qh[64] 2-bit highs, 16 int8 scales (one per 16 values), d last."""
+def q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K's 256 codes per block (0..63, uint8) in order: ql[128] low nibbles, qh[64] 2-bit highs."""
     n = blocks.shape[0]
     ql, qh = blocks[:, 0:128].reshape(n, 2, 64), blocks[:, 128:192].reshape(n, 2, 32)
     quarters = [
@@ -78,9 +81,14 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
         (ql[:, :, 0:32] >> 4) | (((qh >> 4) & 3) << 4),
         (ql[:, :, 32:64] >> 4) | (((qh >> 6) & 3) << 4),
     ]
-    values = torch.stack(quarters, dim=2).reshape(n, 256).float() - 32
+    return torch.stack(quarters, dim=2).reshape(n, 256)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """256 values: the codes, 16 int8 scales (one per 16 values) at 192, d last: d * scale * (q - 32)."""
+    values = q6_k_codes(blocks).float() - 32
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float().repeat_interleave(16, dim=1)
-    return _half(blocks, 208) * scales * values
+    return half_field(blocks, 208) * scales * values
 
 
 # ggml type name -> (values per block, bytes per block, decoder)

@@ -1,4 +1,5 @@
-"""GGUF -> a Hugging Face-layout checkpoint: config.json, generation_config.json, safetensors, tokenizer files."""
+"""GGUF -> a Hugging Face-layout checkpoint: config.json, generation_config.json, safetensors, tokenizer files. Block
+quantized weights keep their codes (qwen2cli/gguf_repack.py, docs/gguf-layout.md), so nothing is rounded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from .checkpoint import save_weights
 from .errors import BadCheckpoint, BadInput
 from .gguf_dequant import dequantize
+from .gguf_repack import repack
 from .tokenizer import QWEN2_PATTERN
 
 GPT2_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}
@@ -156,29 +158,63 @@ def build_tokenizer_files(reader) -> tuple[dict, dict]:
     return tokenizer, config
 
 
-def dequantized_tensors(reader, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor as float32 under its Hugging Face name, in (out, in) layout."""
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BLOCK_MODULES = ("_proj", "embed_tokens", "lm_head")  # the modules stored as block codes where their type allows
+QUANT_METHOD = "gguf-blocks"
+
+
+def _float_tensor(tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An F32/F16/BF16 tensor as it is stored; any other type dequantized to float32 (ours where vectorised,
+    else gguf-py's)."""
     import gguf
 
+    kind = tensor.tensor_type.name
+    if kind in FLOAT_TYPES:
+        raw = torch.from_numpy(np.ascontiguousarray(tensor.data).copy())
+        return raw.view(FLOAT_TYPES[kind]).reshape(shape)
+    try:
+        values = dequantize(tensor.data, kind)  # the common block types, vectorised
+        if values is None:
+            values = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32))
+    except NotImplementedError as exc:
+        raise BadCheckpoint(f"tensor {tensor.name} has type {kind}, which the gguf package cannot dequantize") from exc
+    except ValueError as exc:
+        raise BadCheckpoint(f"tensor {tensor.name}: {exc}") from exc
+    return values.reshape(shape)
+
+
+def converted_tensors(
+    reader, progress: Callable[[int, int], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Every tensor under its Hugging Face name, in (out, in) layout: the Linears', embedding's and head's block
+    types as quant.blocks' codes and tables (`module.codes`, `.scales`, `.zeros` or `.offsets`), exactly the same
+    weights; F32/F16/BF16 as they are; anything else dequantized to float32. Also each block module's format.
+    `progress(bytes done, bytes total)` counts the file's tensor bytes."""
     tensors: dict[str, torch.Tensor] = {}
-    for index, tensor in enumerate(reader.tensors):
+    modules: dict[str, dict[str, Any]] = {}
+    total, done = sum(int(t.n_bytes) for t in reader.tensors), 0
+    for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first
-        try:
-            values = dequantize(tensor.data, tensor.tensor_type.name)  # the common block types, vectorised
-            if values is None:
-                values = torch.from_numpy(
-                    np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-                )
-        except NotImplementedError as exc:
-            raise BadCheckpoint(
-                f"tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package cannot dequantize"
-            ) from exc
-        except ValueError as exc:
-            raise BadCheckpoint(f"tensor {tensor.name}: {exc}") from exc
-        tensors[hf_tensor_name(tensor.name)] = values.reshape(shape)
+        name = hf_tensor_name(tensor.name)
+        module, _, kind = name.rpartition(".")
+        repacked = None
+        if kind == "weight" and len(shape) == 2 and module.endswith(BLOCK_MODULES):
+            try:
+                repacked = repack(tensor.data, tensor.tensor_type.name, shape[0], shape[1])
+            except ValueError as exc:
+                raise BadCheckpoint(f"tensor {tensor.name}: {exc}") from exc
+        if repacked is None:
+            tensors[name] = _float_tensor(tensor, shape)
+        else:
+            table_names = repacked.fmt.table_names
+            tensors[f"{module}.codes"] = repacked.codes
+            tensors[f"{module}.{table_names[0]}"] = repacked.scales
+            tensors[f"{module}.{table_names[1]}"] = repacked.table
+            modules[module] = repacked.fmt.to_json()
+        done += int(tensor.n_bytes)
         if progress is not None:
-            progress(index + 1, len(reader.tensors))
-    return tensors
+            progress(done, total)
+    return tensors, modules
 
 
 def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -193,7 +229,11 @@ def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int],
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_weights(dequantized_tensors(reader, progress), staging / "model.safetensors")
+        tensors, modules = converted_tensors(reader, progress)
+        if modules:
+            config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": 1, "modules": modules}
+        save_weights(tensors, staging / "model.safetensors")
+        del tensors
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -10,31 +10,34 @@ int8 cache, batches) take the Python path, and so does every prompt of more than
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
 
 from .kv_cache import KVCache
-from .model import MLP, Qwen2ForCausalLM
+from .model import MLP, DecoderLayer, Qwen2ForCausalLM
 
 
 class _QMatrix(ctypes.Structure):
     _fields_ = [
         ("weights", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
-        ("zeros", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
         ("rows", ctypes.c_int),
         ("cols", ctypes.c_int),
         ("group", ctypes.c_int),
-        ("q4", ctypes.c_int),
+        ("kind", ctypes.c_int),
+        ("half", ctypes.c_int),
     ]
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [
-        ("qkv", _QMatrix),
+        ("qkv", _QMatrix * 3),
         ("o", _QMatrix),
-        ("gate_up", _QMatrix),
+        ("gate_up", _QMatrix * 2),
         ("down", _QMatrix),
         ("qkv_bias", ctypes.c_void_p),
         ("input_norm", ctypes.c_void_p),
@@ -61,24 +64,38 @@ def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
     """A native-kernel QuantLinear as qlayer.c reads it (its tables appended to `kept`, which the decoder holds
     while it holds their addresses); None for anything else (act-order included)."""
     from .quant.linear import QuantLinear
+    from .quant.native import KINDS
 
-    if (
-        not isinstance(layer, QuantLinear)
-        or layer._native is None
-        or "order" in layer._fast
-        or "scales16" not in layer._fast
-    ):
+    if not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast:
         return None
-    kind = layer.kernel[:2]
-    tables = [layer._fast[kind], layer._fast["scales16"], layer._fast["zeros16"]]
+    kind, half = layer.kernel[:2], "scales16" in layer._fast
+    tables = [layer._fast[kind], *(layer._fast[name] for name in layer._native_tables())]
     kept += tables
     return _QMatrix(
         *(table.data_ptr() for table in tables),
         layer.out_features,
         layer.in_features,
         layer.group_size,
-        int(kind == "q4"),
+        KINDS[kind],
+        int(half),
     )
+
+
+def _parts(fused, layers: list[nn.Module], kept: list[torch.Tensor], slots: int):
+    """A projection as qlayer.c's parts (one fused matrix, or each layer's) and their bias (float32, zeros where a
+    part has none; None when none has one); None where a part is not a native-kernel layer."""
+    projections = [fused.projection] if fused is not None else layers
+    matrices = [_matrix(layer, kept) for layer in projections]
+    if any(m is None for m in matrices):
+        return None
+    biases = [getattr(layer, "bias", None) for layer in projections]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [torch.zeros(p.out_features) if b is None else b.float() for p, b in zip(projections, biases, strict=True)]
+        ).contiguous()
+        kept.append(bias)
+    return (_QMatrix * slots)(*matrices), sum(p.out_features for p in projections), bias
 
 
 class NativeDecoder:
@@ -104,36 +121,41 @@ class NativeDecoder:
             or config.num_attention_heads // config.num_key_value_heads > 256
         ):  # qlayer.c's fixed arrays
             return None
-        layers, kept, library = [], [], None
-        for layer in model.model.layers:
+        layers: list[_Layer] = []
+        kept: list[torch.Tensor] = []
+        library: ctypes.CDLL | None = None
+        for layer in cast(Iterable[DecoderLayer], model.model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             if not isinstance(mlp, MLP) or attention.sliding_window is not None:
                 return None
-            if attention.fused_qkv is None or mlp.fused_gate_up is None:
+            qkv = _parts(attention.fused_qkv, [attention.q_proj, attention.k_proj, attention.v_proj], kept, 3)
+            gate_up = _parts(mlp.fused_gate_up, [mlp.gate_proj, mlp.up_proj], kept, 2)
+            others = [_matrix(m, kept) for m in (attention.o_proj, mlp.down_proj)]
+            if qkv is None or gate_up is None or others[0] is None or others[1] is None:
                 return None
-            qkv, gate_up = attention.fused_qkv.projection, mlp.fused_gate_up.projection
             attention_size, intermediate = config.num_attention_heads * config.head_dim, config.intermediate_size
             # the shapes qlayer.c assumes from the config (a checkpoint whose layers were padded past it is not)
             if (
-                qkv.out_features != attention_size + 2 * config.num_key_value_heads * config.head_dim
+                qkv[1] != attention_size + 2 * config.num_key_value_heads * config.head_dim
                 or attention.o_proj.in_features != attention_size
-                or gate_up.out_features != 2 * intermediate
+                or gate_up[1] != 2 * intermediate
+                or gate_up[2] is not None
                 or mlp.down_proj.in_features != intermediate
             ):
                 return None
-            matrices = [_matrix(m, kept) for m in (qkv, attention.o_proj, gate_up, mlp.down_proj)]
-            if any(m is None for m in matrices):
-                return None
-            library = qkv._native
+            library = attention.o_proj._native
             norms = [
                 layer.input_layernorm.weight.detach().float().contiguous(),
                 layer.post_attention_layernorm.weight.detach().float().contiguous(),
             ]
-            bias = None if qkv.bias is None else qkv.bias.float().contiguous()
-            kept += [*norms, *([bias] if bias is not None else [])]
+            bias = qkv[2]
+            kept += norms
             layers.append(
                 _Layer(
-                    *matrices,
+                    qkv[0],
+                    others[0],
+                    gate_up[0],
+                    others[1],
                     None if bias is None else bias.data_ptr(),
                     norms[0].data_ptr(),
                     norms[1].data_ptr(),

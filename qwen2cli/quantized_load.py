@@ -21,11 +21,65 @@ def keeps_float(name: str) -> bool:
     return name.endswith(KEEP_FLOAT)
 
 
+BLOCKS_METHOD = "gguf-blocks"  # GGUF imports: block codes per module (quant.blocks, docs/gguf-layout.md)
+BLOCK_TENSORS = ("codes", "scales", "zeros", "offsets")
+
+
+def block_modules(config: Qwen2Config) -> dict[str, dict[str, Any]]:
+    """A GGUF import's block-quantized modules (qualified name -> quant.blocks.BlockFormat JSON); {} otherwise."""
+    quant = config.quantization_config or {}
+    if quant.get("quant_method") != BLOCKS_METHOD:
+        return {}
+    modules = quant.get("modules")
+    if not isinstance(modules, dict):
+        raise BadCheckpoint("quantization_config of gguf-blocks has no modules table")
+    if config.tie_word_embeddings and "model.embed_tokens" in modules:
+        modules = {**modules, "lm_head": modules["model.embed_tokens"]}  # the head reads the embedding's tensors
+    return modules
+
+
+def block_tensor_names(modules: dict[str, dict[str, Any]]) -> set[str]:
+    """The stored names of block modules' tensors: they keep their dtypes (float16 scales are the kernels')."""
+    return {f"{name}.{suffix}" for name in modules for suffix in BLOCK_TENSORS}
+
+
+def _swap_block_modules(model: nn.Module, modules: dict[str, dict[str, Any]], *, dtype: torch.dtype) -> None:
+    from .quant.blocks import BlockEmbedding, BlockFormat, BlockQuantLinear
+
+    for name, data in modules.items():
+        try:
+            fmt = BlockFormat.from_json(data)
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            sub = getattr(parent, attribute)
+            if isinstance(sub, nn.Linear):
+                replacement: nn.Module = BlockQuantLinear(
+                    sub.in_features,
+                    sub.out_features,
+                    bias=sub.bias is not None,
+                    fmt=fmt,
+                    dtype=dtype,
+                    device=sub.weight.device,
+                )
+            elif isinstance(sub, nn.Embedding):
+                replacement = BlockEmbedding(sub.num_embeddings, sub.embedding_dim, fmt=fmt, device=sub.weight.device)
+            else:
+                raise ValueError(f"{name} is neither a Linear nor an embedding")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BadCheckpoint(f"unsupported block module {name!r} in quantization_config: {exc}") from exc
+        setattr(parent, attribute, replacement)
+
+
 def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torch.dtype) -> None:
-    """Replace every quantized Linear (all but the head, embeddings and routers) with the checkpoint's QuantLinear."""
+    """Replace every quantized Linear (all but the head, embeddings and routers) with the checkpoint's QuantLinear;
+    a GGUF import's listed modules (head and embedding included) with block modules."""
     from .quant.config import QuantConfig
     from .quant.linear import replace_linears
 
+    modules = block_modules(config)
+    if modules:
+        _swap_block_modules(model, modules, dtype=dtype)
+        return
     try:
         quant_config = QuantConfig.from_hf(config.quantization_config or {})
     except ValueError as exc:
@@ -68,7 +122,7 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
             for name, module in modules[begin : begin + RELEASE_EVERY]:
                 stored = {key: home[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in home}
                 packed = None
-                if module.qweight.device.type == "cpu" and {"qweight", "qzeros"} <= stored.keys():
+                if {"qweight", "qzeros"} <= stored.keys() and module.qweight.device.type == "cpu":
                     for path in stored.values():
                         if path not in handles:
                             handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))

@@ -52,12 +52,15 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
         dequantize(blocks.reshape(-1)[:-1], type_name)
 
 
-def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported):
+def test_tiny_gguf_of_every_type_matches_transformers(tiny_gguf, imported, monkeypatch):
+    """Through the dequantized weights (the block modules' reference path; test_gguf_blocks.py tests the kernels
+    on them): transformers' logits on the same GGUF."""
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(
         tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
     ).eval()
+    monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: None)
     engine = load_engine(imported, LoadOptions(device="cpu", dtype="float32"))
     ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -12,6 +12,13 @@ BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 LAYER_TYPES = [  # per layer: q, k, v, o, gate, up, down
     ["F16", "BF16", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
     ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "F32", "BF16", "Q4_0"],
+    ["Q4_1", "Q5_0", "Q5_1", "Q5_0", "Q5_1", "Q4_1", "Q5_0"],
+]
+# as llama.cpp's Q4_K_M of Qwen2.5-0.5B (whose 896 inputs are no multiple of 256): Q5_0 where K-quants cannot go,
+# v and down alternating, every Linear quantized (so the one-token C decoder runs)
+Q4_K_M_LAYER_TYPES = [
+    ["Q5_0", "Q5_0", "Q8_0", "Q5_0", "Q5_0", "Q5_0", "Q6_K"],
+    ["Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q5_0", "Q4_K"],
 ]
 NAMES = {
     "q_proj": "attn_q",
@@ -38,8 +45,17 @@ def _k_quant_bytes(rows: int, cols: int, kind: str, rng: np.random.Generator) ->
     return raw.reshape(rows, blocks * BLOCK_BYTES[kind])
 
 
-def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -> Path:
-    """A 2-layer qwen2 GGUF (hidden 256) with a tiny tokenizer; returns its path."""
+def write_tiny_gguf(
+    path: Path,
+    *,
+    architecture: str = "qwen2",
+    seed: int = 0,
+    layer_types: list[list[str]] = LAYER_TYPES,
+    embedding_type: str = "Q5_0",
+    head_type: str | None = "Q6_K",
+) -> Path:
+    """A qwen2 GGUF (hidden 256, a layer per entry of `layer_types`) with a tiny tokenizer; `head_type` None: no
+    output.weight (the head tied to the embedding). Returns its path."""
     import gguf
     from tokenizers import Tokenizer
 
@@ -57,7 +73,7 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
         tokens[added["id"]] = added["content"]
     types = [3 if any(a["id"] == i for a in data["added_tokens"]) else 1 for i in range(vocab_size)]
     merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
-    hidden, intermediate, heads, kv_heads, layers = 256, 512, 4, 2, 2
+    hidden, intermediate, heads, kv_heads, layers = 256, 512, 4, 2, len(layer_types)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(layers)
     writer.add_context_length(512)
@@ -92,9 +108,10 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
             qtype = gguf.GGMLQuantizationType[kind]
             writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
 
-    add("token_embd.weight", (vocab_size, hidden), "Q8_0", 0.5)
+    add("token_embd.weight", (vocab_size, hidden), embedding_type, 0.5)
     add("output_norm.weight", (hidden,), "F32", 1.0)
-    add("output.weight", (vocab_size, hidden), "Q6_K")
+    if head_type is not None:
+        add("output.weight", (vocab_size, hidden), head_type)
     shapes = {
         "q_proj": (hidden, hidden),
         "k_proj": (128, hidden),
@@ -105,7 +122,7 @@ def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -
         "down_proj": (hidden, intermediate),
     }
     for layer in range(layers):
-        for (module, shape), kind in zip(shapes.items(), LAYER_TYPES[layer]):
+        for (module, shape), kind in zip(shapes.items(), layer_types[layer], strict=True):
             add(f"blk.{layer}.{NAMES[module]}.weight", shape, kind)
         for module, size in (("attn_q", hidden), ("attn_k", 128), ("attn_v", 128)):
             add(f"blk.{layer}.{module}.bias", (size,), "F32", 0.1)

@@ -1,0 +1,231 @@
+"""GGUF imports keep the file's block quantization: the stored codes and tables against gguf-py's dequantization
+(bit for bit), the native kernels on them against float matmuls, and the imported model against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2cli.gguf_import import import_gguf
+from qwen2cli.gguf_repack import CONVERTERS, repack
+from qwen2cli.quant.blocks import BlockFormat, BlockQuantLinear, dequantize_blocks
+from qwen2cli.quant.native import build_library, native_flags, native_library, pack_q4, pack_q5, unpack_q5
+from tests.tiny_gguf import Q4_K_M_LAYER_TYPES, write_tiny_gguf
+
+NATIVE = native_library() is not None
+FP16_FIELDS = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_blocks(type_name: str, count: int, generator: np.random.Generator) -> np.ndarray:
+    """Every bit pattern of codes and sub-block scales, finite fp16 fields."""
+    _, size, _, _ = CONVERTERS[type_name]
+    blocks = generator.integers(0, 256, size=(count, size), dtype=np.uint8)
+    for at in FP16_FIELDS.get(type_name, (0,)):
+        blocks[:, at : at + 2] = generator.normal(0, 0.05, size=(count, 1)).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("type_name", sorted(CONVERTERS))
+def test_repacked_blocks_dequantize_exactly_as_gguf_py(type_name, monkeypatch):
+    """Our layout's weights equal `gguf.quants.dequantize` of the same bytes (values compared exactly, across
+    several conversion chunks); a ragged input is refused."""
+    from gguf import GGMLQuantizationType, quants
+
+    values, _, fmt, _ = CONVERTERS[type_name]
+    rows, cols = 10, 3 * max(values, 64)
+    blocks = _random_blocks(type_name, rows * cols // values, np.random.default_rng(11))
+    expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(rows, cols).astype(np.float32)
+    monkeypatch.setattr("qwen2cli.gguf_repack.BLOCKS_PER_CHUNK", 7)
+    got = repack(blocks, type_name, rows, cols)
+    assert got is not None and got.fmt == fmt
+    assert got.codes.shape == (rows, fmt.row_bytes(cols)) and got.scales.shape == (rows, cols // fmt.group_size)
+    assert torch.equal(dequantize_blocks(got.codes, got.scales, got.table, got.fmt), torch.from_numpy(expected))
+    with pytest.raises(ValueError, match="not 10 rows"):
+        repack(blocks.reshape(-1)[:-1], type_name, rows, cols)
+
+
+def test_q5_packing_round_trips():
+    codes = torch.randint(0, 32, (24, 320), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    packed = pack_q5(codes)
+    assert packed.shape == (24, 200) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_q5(packed).long(), codes)
+
+
+def _native_builds() -> list:
+    from qwen2cli.quant.native import FLAGS
+
+    return [pytest.param(tuple(FLAGS), id="avx2")] + (
+        [pytest.param(native_flags(), id="avx512-vnni")] if native_flags() != tuple(FLAGS) else []
+    )
+
+
+FORMATS = [  # what each GGML type becomes, and group sizes beyond them
+    *(fmt for _, _, fmt, _ in CONVERTERS.values()),
+    BlockFormat("q4", 16, "float32-offsets"),
+    BlockFormat("q5", 64, "float16-zeros"),
+    BlockFormat("q8", 16, "float16-zeros"),
+]
+
+
+def _random_layer(fmt: BlockFormat, rows: int, cols: int, generator: torch.Generator) -> BlockQuantLinear:
+    """Random codes and tables such as GGML's hold: scales an fp16 times a small integer."""
+    layer = BlockQuantLinear(cols, rows, bias=True, fmt=fmt)
+    top = {"q4": 16, "q5": 32, "q8": 256}[fmt.codes]
+    codes = torch.randint(0, top, (rows, cols), generator=generator)
+    layer.codes = {"q4": pack_q4, "q5": pack_q5}.get(fmt.codes, lambda c: (c - 128).to(torch.int8))(codes)
+    groups = cols // fmt.group_size
+    scales = (torch.rand(rows, groups, generator=generator) * 0.01).half()
+    if fmt.half:
+        layer.scales = scales
+        layer.zeros = torch.randint(-128 if fmt.codes == "q8" else 0, top // 2, (rows, groups), generator=generator)
+        layer.zeros = layer.zeros.to(torch.int16)
+    else:
+        layer.scales = scales.float() * torch.randint(1, 64, (rows, groups), generator=generator)
+        layer.offsets = -scales.float() * torch.randint(0, 64, (rows, groups), generator=generator)
+    layer.bias = torch.randn(rows, generator=generator)
+    return layer
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_quant.py says why)")
+@pytest.mark.parametrize("flags", _native_builds())
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.source or f.codes}-g{f.group_size}-{f.tables}")
+def test_native_kernels_on_block_layouts_within_activation_rounding(flags, fmt, monkeypatch):
+    """qgemv.c on each block layout (q5 codes and groups of 16 included): within the bound its int8 activations
+    allow (test_quant.py's), for 1 to 5 rows; long inputs' unpacked rows are the layer's weights exactly."""
+    from qwen2cli.quant.native import native_matmul
+
+    library = build_library(flags)
+    assert library is not None
+    generator = torch.Generator().manual_seed(fmt.group_size)
+    layer = _random_layer(fmt, 40, 384, generator)
+    weight = layer.dequantized_weight()
+    monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: library)
+    layer.post_load()
+    assert layer.kernel == f"{fmt.codes}-native-cpu"
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, 384, generator=generator) * torch.logspace(-2, 1, 384)
+        expected = x.double() @ weight.double().t()
+        step = x.view(rows, -1, 32).abs().amax(dim=-1).repeat_interleave(32, dim=-1) / 127
+        bound = (step.double() / 2) @ weight.abs().double().t() + 1e-4 * expected.abs().max()
+        tables = [layer._fast[name] for name in layer._native_tables()]
+        got = native_matmul(library, fmt.codes, x, layer._fast[fmt.codes], *tables, fmt.group_size)
+        assert bool(((got.double() - expected).abs() <= bound).all())
+    for dtype in (torch.float32, torch.bfloat16):
+        rows_out = layer._native_rows(8, 40, torch.empty(32, 384, dtype=dtype))
+        assert torch.equal(rows_out, weight[8:40].to(dtype))
+
+
+@pytest.fixture(scope="module", params=["every-type", "q4_k_m", "q4_k_m-tied"])
+def tiny(request, tmp_path_factory):
+    """(GGUF, imported directory) for a tiny GGUF of every type, and two shaped like llama.cpp's Q4_K_M."""
+    options = {
+        "every-type": {},
+        "q4_k_m": {"layer_types": Q4_K_M_LAYER_TYPES, "head_type": "Q8_0"},
+        "q4_k_m-tied": {"layer_types": Q4_K_M_LAYER_TYPES, "head_type": None},
+    }[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    path = write_tiny_gguf(directory / "tiny.gguf", **options)
+    return path, import_gguf(path, directory / "model")
+
+
+def test_imported_weights_are_gguf_py_dequantization_bit_for_bit(tiny):
+    """Every tensor of the file, dequantized by gguf-py, against what the import stored: block modules through
+    their layout, float tensors as they are; quantization_config lists the block modules and their source types."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from qwen2cli.gguf_import import hf_tensor_name
+
+    path, imported = tiny
+    stored = load_file(imported / "model.safetensors")
+    modules = json.loads((imported / "config.json").read_text())["quantization_config"]["modules"]
+    reader = gguf.GGUFReader(str(path))
+    for tensor in reader.tensors:
+        expected = torch.from_numpy(
+            np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        ).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        name = hf_tensor_name(tensor.name)
+        module = name.rpartition(".")[0]
+        if tensor.tensor_type.name in CONVERTERS and name.endswith(".weight"):
+            fmt = BlockFormat.from_json(modules[module])
+            assert fmt.source == tensor.tensor_type.name
+            got = dequantize_blocks(
+                stored[f"{module}.codes"], stored[f"{module}.scales"], stored[f"{module}.{fmt.table_names[1]}"], fmt
+            )
+        else:
+            assert name.endswith(".bias") or module not in modules
+            got = stored[name].float()
+        assert torch.equal(got, expected), tensor.name
+
+
+def _reference_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return reference(ids).logits
+
+
+def test_imported_model_matches_transformers_through_dequantized_weights(tiny, monkeypatch):
+    """With the kernels off, the block modules multiply by their dequantized weights: transformers' logits on the
+    same GGUF within float32 rounding, the prompt and one token at a time."""
+    from qwen2cli.generate import load_engine
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.load_options import LoadOptions
+
+    path, imported = tiny
+    monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: None)
+    engine = load_engine(imported, LoadOptions(device="cpu", dtype="float32"))
+    model = engine.loaded.model
+    ids = torch.randint(0, 400, (1, 20), generator=torch.Generator().manual_seed(0))
+    expected = _reference_logits(path, ids)
+    with torch.no_grad():
+        got = model(ids, KVCache(engine.config, 24), 0)
+        cache = KVCache(engine.config, 24)
+        steps = torch.cat([model(ids[:, i : i + 1], cache, i) for i in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(got, expected, atol=3e-4, rtol=1e-4)
+    torch.testing.assert_close(steps, expected, atol=3e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_quant.py says why)")
+def test_imported_model_decodes_on_the_kernels_in_c(tiny):
+    """Every Linear block-quantized (the Q4_K_M shapes, v/down of two kinds in one layer): the one-token C decoder
+    runs, as close to exact float math (every layer dequantize-then-matmul) as the Python path over the same
+    kernels is, its first layer's keys and values the Python path's (test_quant.py's comparison)."""
+    from qwen2cli.generate import load_engine
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.load_options import LoadOptions
+    from tests.decode_paths import DecodePaths
+
+    path, imported = tiny
+    engine = load_engine(imported, LoadOptions(device="cpu", dtype="float32"))
+    model = engine.loaded.model
+    if imported.parent.name.startswith("every-type"):
+        assert model.fast_decode is None  # float Linears among its layers: the Python path
+        return
+    assert model.fast_decode is not None
+    paths = DecodePaths(model)
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
+    first_layer = {}
+
+    def run(mode: str) -> torch.Tensor:
+        paths.use(mode)
+        cache = KVCache(engine.config, 32)
+        with torch.no_grad():
+            logits = [model(ids[:, :8], cache, 0)[0]]
+            logits += [model(ids[:, i : i + 1], cache, i)[0] for i in range(8, 24)]
+        first_layer[mode] = (cache.keys[0][:, :, :24].clone(), cache.values[0][:, :, :24].clone())
+        return torch.cat(logits)
+
+    exact, python, native = run("exact"), run("python"), run("native")
+    for ours, theirs in zip(first_layer["native"], first_layer["python"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+    def error(logits: torch.Tensor) -> float:
+        return ((logits - exact).norm() / exact.norm()).item()
+
+    assert error(native) < 1.5 * error(python) + 1e-3, (error(native), error(python))
+    assert ((native - python).norm() / python.norm()).item() < 0.05
