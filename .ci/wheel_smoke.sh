@@ -15,14 +15,15 @@ python -m venv "$work/venv"
 cd "$work"
 export QWEN2_HOME="$work/home"
 qwen2="$work/venv/bin/qwen2"
-# the installed package, not the checkout, and nothing but qwen2cli at the top of site-packages
-"$work/venv/bin/python" - <<'PY'
-import importlib.util, pathlib, sys
+# the installed package runs, not the checkout, and the wheel puts nothing but qwen2cli at the top of site-packages
+"$work/venv/bin/python" - "$work"/dist/qwen2cli-*.whl <<'PY'
+import pathlib, sys, zipfile
 import qwen2cli
 site = pathlib.Path(qwen2cli.__file__).resolve().parents[1]
 assert site.name == "site-packages", f"qwen2cli imported from {site}, not from the venv"
-stray = [name for name in ("quant", "devtools", "tests", "benchmarks") if importlib.util.find_spec(name)]
-sys.exit(f"the wheel installed top-level packages {stray}" if stray else 0)
+tops = {name.split("/")[0] for name in zipfile.ZipFile(sys.argv[1]).namelist()}
+stray = sorted(top for top in tops if top != "qwen2cli" and not top.endswith(".dist-info"))
+sys.exit(f"the wheel installs top-level names besides qwen2cli: {stray}" if stray else 0)
 PY
 "$qwen2" --help >/dev/null
 "$qwen2" models >/dev/null
