@@ -60,11 +60,11 @@ def test_matches_reference_across_chunks(chunk_size, local_size, length, start):
     inter_pos = torch.full_like(positions, config.inter_position())
     keys = rotate(k[None, None], cos[key_pos], sin[key_pos])  # (1, 1, T, D)
     grouped = q[None, None]  # (1, 1, group, T, D)
-    queries = [
+    intra, successive, inter = [
         rotate(grouped[..., start:, :], c[p[start:]], s[p[start:]])
         for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))
     ]
-    got = dual_chunk_attention(tuple(queries), keys, v[None, None], start_pos=start, config=config)[0, 0]
+    got = dual_chunk_attention((intra, successive, inter), keys, v[None, None], start_pos=start, config=config)[0, 0]
     for head in range(group):
         expected = reference_dca(q[head], k, v, chunk_size=chunk_size, local_size=local_size, cos=cos, sin=sin)
         torch.testing.assert_close(got[head], expected[start:], atol=1e-5, rtol=1e-5)
@@ -93,15 +93,15 @@ def test_c_kernel_matches_across_chunks(chunk_size, local_size, length, start, d
     inter_pos = torch.full_like(positions, config.inter_position())
     keys = rotate(k[None, None], cos[key_pos], sin[key_pos]).to(dtype)  # (1, 1, T, D), as the cache holds them
     values = v[None, None].to(dtype)
-    queries = [
+    intra, successive, inter = [
         rotate(q[None, None, :, start:], c[p[start:]], s[p[start:]])
         for c, s, p in ((cos, sin, key_pos), (cos, sin, succ_pos), (cos, sin, inter_pos))
     ]
     got = prefill_attention(
-        queries[0][0, 0], keys[0], values[0], start, dual_chunk=(queries[1][0, 0], queries[2][0, 0], config.chunk_len)
+        intra[0, 0], keys[0], values[0], start, dual_chunk=(successive[0, 0], inter[0, 0], config.chunk_len)
     )
     assert got is not None
-    expected = dual_chunk_attention(tuple(queries), keys, values, start_pos=start, config=config)[0, 0]
+    expected = dual_chunk_attention((intra, successive, inter), keys, values, start_pos=start, config=config)[0, 0]
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     if dtype == torch.float32:
         reference = reference_dca(q[0], k, v, chunk_size=chunk_size, local_size=local_size, cos=cos, sin=sin)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import KVCache
 from qwen2cli.load_options import LoadOptions
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {  # write_tiny_checkpoint keyword arguments
     "untied-2kv": {},
     "tied-2kv": {"tie": True},
     "1kv": {"num_kv_heads": 1},

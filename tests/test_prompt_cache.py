@@ -52,8 +52,12 @@ def test_opening_from_disk_gives_the_logits_of_a_full_prefill(tiny_model, tmp_pa
     fill_opening(engine, cache, ids[:shared])
     assert torch.equal(prefill(engine, cache, ids[shared:]), results[0])
     # another dtype, and each --load-in quantization, is another file
-    for options in ({"dtype": "bfloat16"}, {"load_in": "8bit"}, {"load_in": "4bit"}):
-        other = load_engine(tiny_model, LoadOptions(device="cpu", **options))
+    for options in (
+        LoadOptions(device="cpu", dtype="bfloat16"),
+        LoadOptions(device="cpu", load_in="8bit"),
+        LoadOptions(device="cpu", load_in="4bit"),
+    ):
+        other = load_engine(tiny_model, options)
         fill_opening(other, other.new_cache(256), ids[:shared])
     assert len(list(files.glob("*.safetensors"))) == 4
 

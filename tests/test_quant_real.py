@@ -117,7 +117,7 @@ def test_quantized_checkpoints_answer(quantized):
         )
 
     with ThreadPoolExecutor(len(quantized)) as pool:
-        answers = dict(zip(quantized, pool.map(answer, quantized)))
+        answers = dict(zip(quantized, pool.map(answer, quantized), strict=True))
     assert all("Paris" in text for text in answers.values()), answers
 
 
@@ -160,9 +160,11 @@ def native_choices_behind(path: Path, tokens: int = 20) -> list[float]:
         )
         paths.use("python")
         cache = engine.new_cache(len(ids) + tokens + 1)
+        stats = chunks[-1].stats
+        assert stats is not None, "the last chunk carries the stats"
         with torch.inference_mode():
             logits = prefill(engine, cache, ids)
-            for token in chunks[-1].stats.generated_ids:
+            for token in stats.generated_ids:
                 gaps.append(float(logits.max() - logits[token]))
                 logits = model(torch.tensor([[token]]), cache, cache.pos, last_only=True)[0, -1].float()
     return gaps
