@@ -40,6 +40,11 @@ def dim(text: str) -> None:
     status_console().print(text, style="dim", markup=False)
 
 
+def warn(text: str) -> None:
+    """A warning line on stderr."""
+    status_console().print(text, style="yellow", markup=False, highlight=False)
+
+
 class ProgressBars:
     """Progress bars on stderr for downloads and imports (silent when stderr is not a terminal)."""
 

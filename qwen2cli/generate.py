@@ -115,8 +115,11 @@ def prefill(engine: Engine, cache: KVCache, token_ids: list[int], *, chunk_size:
     return logits[0, -1].float()
 
 
-def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, cache: KVCache) -> Iterator[Chunk]:
-    """Continue `prompt_ids`, reusing the cache's first cache.pos positions, which must hold prompt_ids' prefix."""
+def generate(
+    engine: Engine, prompt_ids: list[int], *, params: SamplingParams, cache: KVCache, stats: Stats | None = None
+) -> Iterator[Chunk]:
+    """Continue `prompt_ids`, reusing the cache's first cache.pos positions, which must hold prompt_ids' prefix.
+    `stats`: a Stats to fill in as tokens come (the caller keeps counts and timings of an answer it stops)."""
     if len(prompt_ids) >= cache.max_len:
         raise ContextOverflow(
             f"the prompt is {len(prompt_ids)} tokens; the context holds {cache.max_len} "
@@ -124,7 +127,8 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
         )
     if cache.pos >= len(prompt_ids):
         cache.trim(len(prompt_ids) - 1)  # at least one token must run to produce logits
-    stats = Stats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids) - cache.pos)
+    stats = Stats() if stats is None else stats
+    stats.prompt_tokens, stats.prefilled_tokens = len(prompt_ids), len(prompt_ids) - cache.pos
     generator = torch.Generator(device=engine.loaded.device)
     if params.seed is not None:
         generator.manual_seed(params.seed)
@@ -146,6 +150,7 @@ def generate(engine: Engine, prompt_ids: list[int], *, params: SamplingParams, c
                 stats.ttft_s = time.perf_counter() - started
             stats.completion_tokens += 1
             stats.generated_ids.append(token)
+            stats.decode_s = time.perf_counter() - started - stats.ttft_s
             if token in engine.stop_ids:
                 finish = "stop"
                 break

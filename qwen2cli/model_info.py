@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import weight_files
 from .config import load_config
-from .errors import BadInput
+from .errors import BadCheckpoint, BadInput
 from .memory import kv_bytes_per_token
 
 
@@ -20,6 +22,54 @@ def parameter_count(config) -> int:
     mlp = 3 * hidden * config.intermediate_size
     embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
     return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
+
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+DTYPE_BYTES.update({"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1})
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+
+
+def check_safetensors(path: Path) -> int:
+    """The bytes of tensor data a safetensors file holds, after checking that its header is readable and that the
+    tensors it describes fill the file exactly; BadCheckpoint ("corrupt or truncated") otherwise."""
+
+    def bad(reason: str) -> BadCheckpoint:
+        return BadCheckpoint(f"{path.name} is corrupt or truncated ({reason})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_bytes <= min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"a {size}-byte file cannot hold the header it announces")
+        try:
+            header = json.loads(handle.read(header_bytes))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad(f"unreadable header: {exc}") from None
+    data_bytes = size - 8 - header_bytes
+    spans = []
+    try:
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = tensor["data_offsets"]
+            element = DTYPE_BYTES.get(tensor["dtype"])  # a dtype not listed here: its size is not checked
+            expected = end - begin if element is None else math.prod(tensor["shape"]) * element
+            if end - begin != expected or not 0 <= begin <= end:
+                raise bad(f"{name} spans {end - begin} bytes, its shape and dtype need {expected}")
+            if end > data_bytes:
+                raise bad(f"{name} ends at byte {end} of data, the file holds {data_bytes}")
+            spans.append((begin, end))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise bad(f"malformed header entry: {exc}") from None
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise bad(f"the tensors leave bytes {covered}-{begin} unaccounted for or overlapping")
+        covered = end
+    if covered != data_bytes:
+        raise bad(f"the header describes {covered} bytes of data, the file holds {data_bytes}")
+    return data_bytes
 
 
 def parse_memory(text: str) -> int:
@@ -39,6 +89,8 @@ def describe(model_dir: Path, *, memory: str | None = None) -> dict[str, Any]:
     """Architecture, size, context, quantization, files, KV bytes per token (and the context a memory budget holds)."""
     config = load_config(model_dir)
     files = weight_files(model_dir)
+    for path in files:
+        check_safetensors(path)
     quant = config.quantization_config
     facts = {
         "path": str(model_dir),

@@ -43,3 +43,7 @@ FloatHeadOpt = Annotated[
         "--float-head", help="CPU: keep a quantized model's head in float (default: int8 rows, faster and smaller)."
     ),
 ]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Refuse standard input that is not UTF-8 (default: read it as U+FFFD, warn once)."),
+]

@@ -6,11 +6,12 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 from . import paths
 from .console import status_console, write_answer
 from .errors import Qwen2Error, one_line
+from .input_text import Utf8Input
 from .session import ChatSession, Turn
 
 COMMANDS = {
@@ -46,6 +47,7 @@ class Repl:
         self.model_name = model_name
         self.status = status_console()
         self.last_turn: Turn | None = None
+        self.failures = 0  # messages and commands that ended in an error
 
     def say(self, text: str, *, style: str = "dim") -> None:
         self.status.print(text, style=style, markup=False, highlight=False)
@@ -148,14 +150,18 @@ class Repl:
 
     def _stats(self) -> None:
         turn = self.last_turn
-        if turn is None or turn.stats is None:
+        if turn is None:
             self.say("no answer yet")
             return
+        if turn.stats is None:  # stopped before its first token
+            self.say("the last answer was interrupted before its first token")
+            return
         stats = turn.stats
+        interrupted = " · interrupted" if turn.finish_reason == "interrupted" else ""
         self.say(
             f"prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} prefilled, {stats.prefill_tok_s:.1f} "
             f"tok/s) · answer {stats.completion_tokens} tokens · TTFT {stats.ttft_s:.3f} s · decode "
-            f"{stats.decode_tok_s:.2f} tok/s · context {self.session.context_used}/{self.session.ctx}",
+            f"{stats.decode_tok_s:.2f} tok/s · context {self.session.context_used}/{self.session.ctx}{interrupted}",
             style="",
         )
 
@@ -169,15 +175,18 @@ class Repl:
                 return self.command(line)
             self.answer(self.session.ask(line))
         except Qwen2Error as exc:
+            self.failures += 1
             self.say(f"error: {one_line(exc)}", style="red")
         return True
 
-    def run_lines(self, stream: TextIO) -> int:
-        """Pipe mode: one user turn per line, answered in order; ends at end of input."""
-        for raw in stream:
-            if not self.handle(raw.rstrip("\r\n")):
+    def run_lines(self, stream: BinaryIO, *, strict: bool = False) -> int:
+        """Pipe mode: one user turn per line, answered in order; ends at end of input. Exit status 1 when any line
+        failed (the others are still answered); input that is not UTF-8 is as Utf8Input says."""
+        text = Utf8Input(strict=strict, warn=lambda message: self.say(message, style="yellow"))
+        for line in text.lines(stream):
+            if not self.handle(line):
                 break
-        return 0
+        return 1 if self.failures else 0
 
     def run_terminal(self) -> int:
         """Interactive mode with history, completion and multi-line input."""
@@ -231,9 +240,9 @@ class Repl:
             lines.append(line)
 
 
-def run_chat(session: ChatSession, *, model_name: str) -> int:
-    """The REPL on a terminal, line mode on a pipe."""
+def run_chat(session: ChatSession, *, model_name: str, strict: bool = False) -> int:
+    """The REPL on a terminal, line mode on a pipe (`strict`: input that is not UTF-8 is refused)."""
     repl = Repl(session, model_name=model_name)
     if sys.stdin.isatty():
         return repl.run_terminal()
-    return repl.run_lines(sys.stdin)
+    return repl.run_lines(sys.stdin.buffer, strict=strict)

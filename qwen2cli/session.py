@@ -25,14 +25,19 @@ class Turn:
     prompt_ids: list[int]
     dropped_turns: int = 0
     text: str = ""
-    stats: Stats | None = None
+    stats: Stats | None = None  # when the answer ended, or was stopped after its first token
     finish_reason: str | None = None
     _done: bool = field(default=False, repr=False)
+    _progress: Stats = field(default_factory=Stats, repr=False)  # filled in by generate as the answer goes
 
     def stream(self) -> Iterator[str]:
         """Answer text as it is generated; the answer joins the history when it ends."""
         for chunk in generate(
-            self.session.engine, self.prompt_ids, params=self.session.params, cache=self.session.cache
+            self.session.engine,
+            self.prompt_ids,
+            params=self.session.params,
+            cache=self.session.cache,
+            stats=self._progress,
         ):
             self._take(chunk)
             if chunk.text:
@@ -48,6 +53,7 @@ class Turn:
         """Stop here (Ctrl-C): keep the partial answer, marked as cut, and forget cache entries we cannot vouch for."""
         if not self._done:
             self.finish_reason = "interrupted"
+            self.stats = self._progress if self._progress.completion_tokens else None
             self._finish(cut=True)
 
     def _finish(self, *, cut: bool) -> None:
@@ -84,13 +90,19 @@ class ChatSession:
         self.cached_ids: list[int] = []  # the token ids whose keys and values the cache holds
 
     # -- rendering -------------------------------------------------------------------------------------------
-    def _render(self, messages: list[Message]) -> list[int]:
+    def _render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
         prefix = [Message("system", self.system)] if self.system is not None else []
         default = default_system_prompt(self.engine.tokenizer.chat_template)
         # the answers' own tokens, aligned with the tail of self.messages that `messages` may be
         answers = iter(self.answer_ids[len(self.answer_ids) - sum(m.role == "assistant" for m in messages) :])
         content = [None] * len(prefix) + [next(answers, None) if m.role == "assistant" else None for m in messages]
-        return encode_chat(self.engine.tokenizer, prefix + messages, default_system=default, content_ids=content)
+        return encode_chat(
+            self.engine.tokenizer,
+            prefix + messages,
+            default_system=default,
+            content_ids=content,
+            add_generation_prompt=add_generation_prompt,
+        )
 
     def _fit(self, messages: list[Message]) -> tuple[list[int], int]:
         """Prompt ids for `messages`, dropping the oldest turns (never the system prompt) until the answer has room."""
@@ -144,6 +156,14 @@ class ChatSession:
         del self.messages[-2:]
         self.cut_flags.pop()
         self.answer_ids.pop()
+        # the cache keeps only what the remaining conversation shares with it, so the context used drops too
+        kept = self._render(self.messages, add_generation_prompt=False) if self.messages else []
+        common = 0
+        limit = min(len(kept), len(self.cached_ids), self.cache.pos)
+        while common < limit and kept[common] == self.cached_ids[common]:
+            common += 1
+        self.cache.trim(common)
+        self.cached_ids = self.cached_ids[:common]
         return True
 
     def reset(self) -> None:

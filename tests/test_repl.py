@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import signal
 import sys
 import time
@@ -138,3 +140,66 @@ def test_real_model_session(real_model_dir, tmp_path):
         "Write a long story about a lighthouse keeper.",
         slow=True,
     )
+
+
+def context_shown(child: pexpect.spawn) -> int:
+    """The context used, as /show reports it."""
+    shown = command(child, "/show")
+    return int(re.search(r"context (\d+)/", shown).group(1))
+
+
+def test_show_after_undo_counts_only_the_kept_turns(tiny_model, tmp_path):
+    child = spawn(tiny_model, tmp_path, "--max-tokens", "6")
+    command(child, "/set temperature 0")
+    assert context_shown(child) == 0
+    ask(child, "hello")
+    after_first = context_shown(child)
+    ask(child, "tell me more")
+    after_second = context_shown(child)
+    assert after_second > after_first > 0
+    command(child, "/undo")
+    # the second turn's tokens are gone; the first turn's stay, with at most three more that the second question's
+    # prompt put in the cache: the first answer's last token (sampled, never fed back), its end marker, a newline
+    assert after_first <= context_shown(child) <= after_first + 3
+    command(child, "/undo")
+    assert context_shown(child) == 0
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+class InterruptingOutput(io.StringIO):
+    """Standard output on which Ctrl-C arrives while the answer's `at`-th piece is being written."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.left = at
+
+    def write(self, text: str) -> int:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_stats_after_an_interrupted_answer(tiny_model, capsys, monkeypatch):
+    from qwen2cli.generate import load_engine
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.repl import Repl
+    from qwen2cli.sampling import SamplingParams
+    from qwen2cli.session import ChatSession
+
+    engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=3, max_tokens=200)
+    repl = Repl(ChatSession(engine, params=params), model_name="tiny")
+    monkeypatch.setattr(sys, "stdout", InterruptingOutput(at=4))
+    repl.handle("hello")
+    status = capsys.readouterr().err
+    assert "[answer interrupted: kept as said]" in status, "the answer ended before the fourth piece"
+    turn = repl.last_turn
+    repl.handle("/stats")
+    shown = capsys.readouterr().err
+    assert "no answer yet" not in shown
+    said = re.search(r"answer (\d+) tokens", shown)
+    assert said is not None, shown
+    assert int(said.group(1)) == len(turn.stats.generated_ids) >= 3  # three pieces were written before the key
+    assert "interrupted" in shown
