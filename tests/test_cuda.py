@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -20,13 +21,25 @@ from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import Int8KVCache, KVCache
 from qwen2cli.load_options import LoadOptions
 
-DEVICE = os.environ.get("QWEN2_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU here (QWEN2_TEST_DEVICE=cpu runs these on the CPU)")
+if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
+
+DEVICE = os.environ.get("QWEN2_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")  # "": none here
+pytestmark = pytest.mark.skipif(not DEVICE, reason="no CUDA GPU here (QWEN2_TEST_DEVICE=cpu runs these on the CPU)")
 ON_CUDA = DEVICE == "cuda"
 
 
 def _ids(length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 400, (1, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _transformers(directory: Path, dtype: torch.dtype, *, attention: str | None = None) -> Qwen2ForCausalLM:
+    """transformers' model of the (Qwen2) checkpoint on DEVICE, in eval mode."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention)
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to): type checkers see `self` unbound
+    return model.to(DEVICE).eval()  # type: ignore[arg-type]
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -44,14 +57,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("variant", ["untied", "sliding-tied"])
 def test_float32_logits_and_greedy_match_transformers(checkpoints, variant):
-    from transformers import AutoModelForCausalLM
-
     directory = checkpoints[variant]
-    reference = (
-        AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-        .to(DEVICE)
-        .eval()
-    )
+    reference = _transformers(directory, torch.float32, attention="eager")
     ours = load_model(directory, LoadOptions(device=DEVICE, dtype="float32"))
     assert ours.device.type == DEVICE and ours.model.lm_head.weight.device.type == DEVICE
     ids = _ids(40, seed=1)
@@ -77,13 +84,11 @@ def test_float32_logits_and_greedy_match_transformers(checkpoints, variant):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_is_as_close_to_float32_as_transformers(checkpoints, dtype):
     """In 16 bits neither side equals float32; ours must not stray further from it than transformers does."""
-    from transformers import AutoModelForCausalLM
-
     directory = checkpoints["untied"]
     ids = _ids(64, seed=2)
     with torch.no_grad():
-        exact = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(DEVICE).eval()(ids).logits
-        theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).to(DEVICE).eval()(ids)
+        exact = _transformers(directory, torch.float32)(ids).logits
+        theirs = _transformers(directory, getattr(torch, dtype))(ids)
         ours = load_model(directory, LoadOptions(device=DEVICE, dtype=dtype))
         assert ours.dtype == getattr(torch, dtype)
         got = ours.model(ids, KVCache(ours.config, 64, dtype=ours.dtype, device=ours.device), 0)
