@@ -479,7 +479,13 @@ def test_real_model_calls_the_tool_it_is_asked_for(real_model_dir):
         model = client.models.list().data[0].id
         messages = [{"role": "user", "content": "What is the weather like in Paris, in celsius?"}]
         answer = client.chat.completions.create(
-            model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=100
+            model=model,
+            messages=messages,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=100,
         )
         calls = answer.choices[0].message.tool_calls
         assert answer.choices[0].finish_reason == "tool_calls"

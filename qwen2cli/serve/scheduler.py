@@ -16,6 +16,7 @@ import torch
 from ..generate import Engine, prefill
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, pick_token
+from .batch_decode import can_batch, decode_step
 from .constrain import Constraint
 
 
@@ -92,6 +93,8 @@ class Scheduler:
     def __init__(self, engine: Engine, *, slots: int) -> None:
         self.engine = engine
         self.slots = [Slot(cache=engine.new_cache(engine.ctx)) for _ in range(slots)]
+        # one slot: the model's own single-token path (native kernels where they apply); several: batched steps
+        self._batched = slots > 1 and can_batch(engine.loaded.model)
         self._waiting: deque[Job] = deque()
         self._active: list[Active] = []
         self._wake = threading.Condition()
@@ -135,23 +138,34 @@ class Scheduler:
                     admitted = self._take_admissible()
                 for job, slot in admitted:
                     self._guarded(job, functools.partial(self._admit, job, slot), slot)
+                pending = []
                 for active in list(self._active):
-                    self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
+                    token = self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
+                    if token is not None:
+                        pending.append((active, token))
+                if pending:
+                    self._forward(pending)
         for active in self._active:
             self._end(active, "cancelled")
         for job in self._waiting:
             job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
 
-    def _guarded(self, job: Job, work: Callable[[], None], slot: Slot, active: Active | None = None) -> None:
+    def _guarded(
+        self, job: Job, work: Callable[[], int | None], slot: Slot, active: Active | None = None
+    ) -> int | None:
         """Run one piece of a job's work; a failure ends that job (its slot forgotten), never the worker."""
         try:
-            work()
+            return work()
         except Exception as exc:  # noqa: BLE001 - reported to the one request it concerns
-            slot.fed_ids, slot.busy = [], False
-            slot.cache.reset()
-            if active is not None and active in self._active:
-                self._active.remove(active)
-            job.emit(Failed(f"{type(exc).__name__}: {exc}"))
+            self._fail(job, slot, active, exc)
+            return None
+
+    def _fail(self, job: Job, slot: Slot, active: Active | None, exc: Exception) -> None:
+        slot.fed_ids, slot.busy = [], False
+        slot.cache.reset()
+        if active is not None and active in self._active:
+            self._active.remove(active)
+        job.emit(Failed(f"{type(exc).__name__}: {exc}"))
 
     def _take_admissible(self) -> list[tuple[Job, Slot]]:
         """Waiting jobs paired with free slots, each slot the one holding the longest prefix of its prompt."""
@@ -203,31 +217,49 @@ class Scheduler:
             logits.masked_fill_(~job.constraint.allowed().to(logits.device), float("-inf"))
         return pick_token(logits, job.params, seen=active.seen, generator=active.generator)
 
-    def _step(self, active: Active) -> None:
-        """One token for one active job: choose it, report it, and run it through the model unless it ends."""
+    def _step(self, active: Active) -> int | None:
+        """One token for one active job: choose and report it; return it when it must run through the model."""
         job, slot = active.job, active.slot
         if job.cancelled.is_set():
             self._end(active, "cancelled")
-            return
+            return None
         token = self._choose(active)
         if job.constraint is not None:
             job.constraint.advance(token)
         active.completion_tokens += 1
         if token in self.engine.stop_ids:
             self._end(active, "stop")
-            return
+            return None
         job.emit(Token(token))
         if active.completion_tokens >= job.params.max_tokens or slot.cache.pos >= slot.cache.max_len:
             self._end(active, "length")
-            return
+            return None
         active.seen[token] = True
         active.counts[token] += 1
-        device = self.engine.loaded.device
-        out = self.engine.loaded.model(
-            torch.tensor([[token]], device=device), slot.cache, slot.cache.pos, last_only=True
-        )
-        slot.fed_ids.append(token)
-        active.logits = out[0, -1].float()
+        return token
+
+    def _forward(self, pending: list[tuple[Active, int]]) -> None:
+        """Run each pending token through the model in its job's cache: one batched step where the model allows."""
+        model = self.engine.loaded.model
+        try:
+            if self._batched:
+                tokens, caches = [token for _, token in pending], [active.slot.cache for active, _ in pending]
+                logits = decode_step(model, tokens, caches, rows=len(self.slots))
+                rows = list(logits)
+            else:
+                device = self.engine.loaded.device
+                rows = [
+                    model(torch.tensor([[token]], device=device), active.slot.cache, active.slot.cache.pos,
+                          last_only=True)[0, -1].float()
+                    for active, token in pending
+                ]  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported to the requests in this step
+            for active, _ in pending:
+                self._fail(active.job, active.slot, active, exc)
+            return
+        for (active, token), row in zip(pending, rows, strict=True):
+            active.slot.fed_ids.append(token)
+            active.logits = row
 
     def _end(self, active: Active, reason: str) -> None:
         self._active.remove(active)
