@@ -459,6 +459,26 @@ def test_disconnect_mid_stream_cancels_and_later_requests_are_served(client, ser
     )
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_cancels(server):
+    health = f"{server}/health"
+    before = httpx.get(health).json()["requests"].get("cancelled", 0)
+    body = json.dumps({"model": MODEL, "prompt": "Once", "max_tokens": 1900, "temperature": 0}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 60
+        while httpx.get(health).json()["requests"]["active"] == 0:  # generating
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    while httpx.get(health).json()["requests"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation did not stop after the client left"
+        time.sleep(0.05)
+
+
 def test_missing_model_name_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CONVERSATIONS["user only"])

@@ -3,6 +3,7 @@ auth, OpenAI-shaped errors, and answers as one JSON object or as server-sent eve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -19,6 +20,7 @@ from .schema import RequestError, parse_chat, parse_completion
 from .service import Outcome, Prepared, ServerError, Service
 from .tools import Piece
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
 
 
@@ -53,13 +55,13 @@ class Routes:
 
     async def chat(self, request: Request) -> Response:
         prepared = self.service.prepare_chat(parse_chat(await _json_body(request)))
-        return await self._answer(prepared, chat=True)
+        return await self._answer(prepared, request, chat=True)
 
     async def completions(self, request: Request) -> Response:
         prepared = self.service.prepare_completion(parse_completion(await _json_body(request)))
-        return await self._answer(prepared, chat=False)
+        return await self._answer(prepared, request, chat=False)
 
-    async def _answer(self, prepared: Prepared, *, chat: bool) -> Response:
+    async def _answer(self, prepared: Prepared, request: Request, *, chat: bool) -> Response:
         answer_id = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         head = {
             "id": answer_id,
@@ -74,10 +76,13 @@ class Routes:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
+        collected = await self._collect(pieces, request)
+        if collected is None:
+            return Response(status_code=499)  # the client has gone: nobody reads this
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         outcome = None
-        async for item in pieces:
+        for item in collected:
             if isinstance(item, Outcome):
                 outcome = item
             elif item.call is not None:
@@ -95,6 +100,26 @@ class Routes:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
         body = {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice]}
         return JSONResponse({**body, "usage": outcome.usage})
+
+    @staticmethod
+    async def _collect(pieces: AsyncIterator[Piece | Outcome], request: Request) -> list[Piece | Outcome] | None:
+        """The whole answer; None when the client disconnected first (its generation is then cancelled)."""
+        collected: list[Piece | Outcome] = []
+
+        async def consume() -> None:
+            async for item in pieces:
+                collected.append(item)
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+        task.result()  # raises what the generation raised
+        return collected
 
     async def _stream(
         self, pieces: AsyncIterator[Piece | Outcome], head: dict[str, Any], *, chat: bool, include_usage: bool
