@@ -91,7 +91,10 @@ def main() -> None:
         f"{'peak GPU MiB' if on_gpu else 'peak RSS MiB':>13}  answer"
     )
     base = encode_chat(engine.tokenizer, [Message("user", "")], default_system=system)
-    insert_at = len(base) - 1 - base[::-1].index(engine.tokenizer.token_to_id("<|im_end|>"))  # the user turn's end
+    end_of_turn = engine.tokenizer.token_to_id("<|im_end|>")
+    if end_of_turn is None:
+        raise SystemExit("the model's tokenizer has no <|im_end|>: not a ChatML model")
+    insert_at = len(base) - 1 - base[::-1].index(end_of_turn)  # the user turn's end
     head, foot = base[:insert_at], base[insert_at:]
     needle = engine.tokenizer.encode_ordinary("\n" + NEEDLE + "\n")
     question = engine.tokenizer.encode_ordinary("\n\n" + QUESTION)

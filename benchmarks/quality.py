@@ -4,11 +4,12 @@
                                [--calib FILE] [--text-chars 40000] [--work DIR]
 
 Each configuration is `METHOD BITS - g GROUP` (rtn4-g128, gptq4-g32, awq4-g128, gptq8, rtn8; GPTQ with the
-command's defaults: act-order with static groups, `--shrink auto`) and is made with `qwen2 quantize` from the float32 copy of the real model, in a subprocess, so its wall
-time is the command's. Perplexity is `qwen2cli.perplexity` on the documentation text the tests assemble
-(devtools.corpus.documentation_text, the licence texts under /usr/share/common-licenses), windows of 512 tokens,
-float32 activations. "recovery" is how much of RTN int4's loss (same group size) a method wins back:
-(ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp), 1.0 being all of it. Checkpoints are kept under --work.
+command's defaults: act-order with static groups, `--shrink auto`) and is made with `qwen2 quantize` from the
+float32 copy of the real model, in a subprocess, so its wall time is the command's. Perplexity is
+`qwen2cli.perplexity` on the documentation text the tests assemble (devtools.corpus.documentation_text, the
+licence texts under /usr/share/common-licenses), windows of 512 tokens, float32 activations. "recovery" is how
+much of RTN int4's loss (same group size) a method wins back: (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp), 1.0
+being all of it. Checkpoints are kept under --work.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from qwen2cli.load_options import LoadOptions
 
@@ -87,11 +89,11 @@ def main() -> None:
     torch.set_num_threads(2)
     source = real_hf_dir()
     text = documentation_text(args.text_chars)
-    rows = {"float32": {"dir": source, "quantize_s": 0.0}}
+    rows: dict[str, dict[str, Any]] = {"float32": {"dir": source, "quantize_s": 0.0}}
     for config in args.configs.split(","):
         out = args.work / f"{config}-{args.samples}x{args.seq_len}"
         rows[config] = {"dir": out, "quantize_s": quantize(source, out, config, args)}
-    for name, row in rows.items():
+    for row in rows.values():
         result = perplexity(load_engine(row["dir"], LoadOptions(device="cpu", dtype="float32")), text, ctx=512)
         row.update(ppl=result.ppl, tokens=result.tokens, size_mb=size_on_disk(row["dir"]) / 1e6)
     fp = rows["float32"]["ppl"]

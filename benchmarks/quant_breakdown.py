@@ -19,8 +19,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen2cli.load_options import LoadOptions
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +63,15 @@ def dequantized_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def linear_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight of the model's Linear called `name` (a float model's: nn.Linear)."""
+    from torch import nn
+
+    linear = model.get_submodule(name)
+    assert isinstance(linear, nn.Linear), f"{name} is a {type(linear).__name__}, not a Linear"
+    return linear.weight
+
+
 def named_checkpoints(items: list[str]) -> list[tuple[str, Path]]:
     """NAME=DIR arguments -> [(NAME, DIR)]; anything else is a one-line error."""
     pairs = []
@@ -90,7 +103,7 @@ def main() -> None:
     model = engine.loaded.model
     text = documentation_text(args.text_chars)
     linears = list(next(iter(checkpoints.values())))
-    original = {name: model.get_submodule(name).weight.detach().clone() for name in linears}
+    original = {name: linear_weight(model, name).detach().clone() for name in linears}
 
     def log_ppl() -> float:
         return math.log(perplexity(engine, text, ctx=512).ppl)
@@ -109,10 +122,10 @@ def main() -> None:
                 continue
             for checkpoint, weights in checkpoints.items():
                 for name in names:
-                    model.get_submodule(name).weight.copy_(weights[name])
+                    linear_weight(model, name).copy_(weights[name])
                 cost = log_ppl() - base
                 for name in names:
-                    model.get_submodule(name).weight.copy_(original[name])
+                    linear_weight(model, name).copy_(original[name])
                 print(json.dumps({"part": part, "checkpoint": checkpoint, "dlogppl": round(cost, 5)}), flush=True)
 
 

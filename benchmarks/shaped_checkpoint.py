@@ -13,13 +13,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARD_BYTES = 2 << 30
-# Qwen2.5's published config.json values that set the shapes and the work per token
-SHAPES = {
+# Qwen2.5's published config.json values that set the shapes and the work per token (Qwen2Config keywords)
+SHAPES: dict[str, dict[str, Any]] = {
     "0.5b": dict(
         hidden_size=896,
         intermediate_size=4864,

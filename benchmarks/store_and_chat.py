@@ -117,6 +117,7 @@ def first_output(command: list[str], env: dict[str, str]) -> tuple[float, float]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, stdin=subprocess.DEVNULL
     )
+    assert process.stdout is not None and process.stderr is not None  # both PIPE
     first = process.stdout.read(1)
     first_s = time.perf_counter() - began
     process.stdout.read()

@@ -110,7 +110,8 @@ def measure_llamacpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: in
     filler = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
     ids = llm.tokenize((filler * (prompt_tokens // 16 + 2)).encode(), add_bos=False)[:prompt_tokens]
 
-    def run(count: int) -> float:
+    def run(count: int) -> tuple[float, float]:
+        """Seconds of prefill and of decoding `count` - 1 more tokens."""
         llm.reset()  # n_tokens = 0: the next eval overwrites the KV cache from position 0
         began = time.perf_counter()
         llm.eval(ids)

@@ -33,7 +33,9 @@ def measure_transformers(
     from qwen2cli.tokenizer import Qwen2Tokenizer
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to): type checkers see `self` unbound
+    model = model.to(device).eval()  # type: ignore[arg-type]
     if device == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - started
