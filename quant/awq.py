@@ -83,11 +83,15 @@ def search_scales(
     `measure`, where the group's Linears feed a larger module (attention, an MLP), replaces it: given the Linears'
     effective weights Q(W diag(s)) diag(s)^-1, the module's relative output error (AutoAWQ's objective)."""
     if measure is None:
-        inputs = {"gram": gram.float()} if rows is None else {"rows": rows.float()}
+        if rows is not None:
+            inputs = {"rows": rows.float()}
+        else:
+            assert gram is not None, "search_scales needs the inputs, their Gram matrix or a measure"
+            inputs = {"gram": gram.float()}
         total = sum(output_error(w, torch.zeros_like(w, dtype=torch.float32), **inputs) for w in weights) or 1.0
 
         def measure(approximations: list[torch.Tensor]) -> float:
-            return sum(output_error(w, a, **inputs) for w, a in zip(weights, approximations)) / total
+            return sum(output_error(w, a, **inputs) for w, a in zip(weights, approximations, strict=True)) / total
 
     best: ScaleSearch | None = None
     for step in [None, *range(grid)]:

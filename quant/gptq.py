@@ -97,8 +97,8 @@ class GPTQ:
         out_features, in_features = weight.shape
         if mse > 0:
 
-            def params(w: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-                return search_group_params(w, bits=bits, sym=sym, norm=mse)
+            def params(weight: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                return search_group_params(weight, bits=bits, sym=sym, norm=mse)
         else:
             params = group_params
         size = in_features if group_size == -1 else group_size
@@ -132,7 +132,9 @@ class GPTQ:
         codes = torch.zeros_like(W, dtype=torch.int32)
         group_scales: list[torch.Tensor] = []
         group_zeros: list[torch.Tensor] = []
-        scale = zero = None
+        # one (scale, zero) for whole rows (group_size -1), else set at each group's first column below
+        scale: torch.Tensor
+        zero: torch.Tensor
         if group_size == -1:
             scale, zero = params(W, bits=bits, sym=sym)
             group_scales, group_zeros = [scale[:, 0]], [zero[:, 0]]

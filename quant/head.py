@@ -26,6 +26,11 @@ class Int8Rows(nn.Module):
     """y = x W^T over an int8 table with per-row scales; `lookup(ids)` gives rows of W. The buffers are not part of
     the state dict: this module is built at load, never saved."""
 
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor  # with the native kernel
+    scales_bf16: torch.Tensor  # without it
+
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -45,17 +50,20 @@ class Int8Rows(nn.Module):
     @classmethod
     def from_rows(cls, read: Callable[[int, int], torch.Tensor], rows: int, cols: int) -> Int8Rows:
         """Quantize a (rows, cols) float table read by `read(begin, end)`, QUANTIZE_ROWS rows at a time."""
-        codes = scales = None
+        codes: torch.Tensor | None = None
+        scales: torch.Tensor | None = None
         for begin in range(0, rows, QUANTIZE_ROWS):
             end = min(begin + QUANTIZE_ROWS, rows)
             block = read(begin, end).to(torch.float32, copy=True)  # a copy of its own, scaled in place
-            if codes is None:  # on the rows' device
+            if codes is None or scales is None:  # on the rows' device
                 codes = torch.empty(rows, cols, dtype=torch.int8, device=block.device)
                 scales = torch.empty(rows, dtype=torch.float32, device=block.device)
             # max |w| per row as max(max, -min): 10x faster here than vector_norm(ord=inf) (0.25 s of a 0.5B load)
             scale = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg_()).clamp_(min=1e-10).div_(127)
             codes[begin:end] = block.div_(scale[:, None]).round_()
             scales[begin:end] = scale
+        if codes is None or scales is None:
+            raise ValueError("an int8 table needs at least one row")
         return cls(codes, scales)
 
     def dequantized(self, begin: int = 0, end: int | None = None) -> torch.Tensor:

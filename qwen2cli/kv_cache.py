@@ -98,10 +98,11 @@ class Int8KVCache(KVCache):
 
     @staticmethod
     def _channel_scale(known: list[torch.Tensor | None], layer_index: int, new: torch.Tensor) -> torch.Tensor:
-        if known[layer_index] is None:
+        scale = known[layer_index]
+        if scale is None:
             magnitude = new.float().abs().amax(dim=2, keepdim=True)  # (B, H, 1, D)
-            known[layer_index] = (magnitude / magnitude.mean(dim=-1, keepdim=True)).clamp(min=1.0)
-        return known[layer_index]
+            scale = known[layer_index] = (magnitude / magnitude.mean(dim=-1, keepdim=True)).clamp(min=1.0)
+        return scale
 
     @staticmethod
     def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
