@@ -23,6 +23,7 @@ from .options import (
     MaxTokensOpt,
     MinPOpt,
     ModelArg,
+    ModelOpt,
     RepeatPenaltyOpt,
     SeedOpt,
     StrictOpt,
@@ -101,6 +102,7 @@ def _read_stdin(*, strict: bool = False) -> str:
 def run(
     model: ModelArg = None,
     prompt: Annotated[str | None, typer.Argument(help="The prompt; piped stdin is appended to it.")] = None,
+    model_option: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     json_output: JsonOpt = False,
     strict: StrictOpt = False,
@@ -120,8 +122,10 @@ def run(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Answer one prompt and print only the answer on stdout."""
+    """Answer one prompt and print only the answer on stdout. A lone argument that names no model (an alias, an
+    installed name, a path, an org/name id) is the prompt, answered by the default model."""
     from .console import print_json, write_answer
+    from .registry import split_model_and_prompt
 
     options = LoadOptions(
         device=device,
@@ -132,6 +136,7 @@ def run(
         load_in=load_in,
         float_head=float_head,
     )
+    model, prompt = split_model_and_prompt(model, prompt, model=model_option)
     piped = _read_stdin(strict=strict).rstrip("\n")
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
@@ -166,6 +171,7 @@ def run(
 @app.command()
 def chat(
     model: ModelArg = None,
+    model_option: ModelOpt = None,
     load: Annotated[str | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
     strict: StrictOpt = False,
     system: SystemOpt = None,
@@ -184,7 +190,8 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Chat in a REPL; with stdin not a terminal, one user turn per input line."""
+    """Chat in a REPL; with stdin not a terminal, one user turn per input line. An argument that names no model is
+    the first message, to the default model."""
     options = LoadOptions(
         device=device,
         dtype=dtype,
@@ -198,6 +205,9 @@ def chat(
     from .repl import run_chat
     from .session import ChatSession, read_transcript
 
+    from .registry import split_model_and_prompt
+
+    model, first_message = split_model_and_prompt(model, None, model=model_option)
     transcript = read_transcript(Path(load)) if load else None
     if model is None and transcript is not None:
         model = transcript.get("model")
@@ -217,7 +227,9 @@ def chat(
         session.load(Path(load))
         if system is not None:
             session.system = system
-    raise typer.Exit(run_chat(session, model_name=str(model or engine.model_dir), strict=strict))
+    raise typer.Exit(
+        run_chat(session, model_name=str(model or engine.model_dir), strict=strict, first_message=first_message)
+    )
 
 
 @app.command()

@@ -47,3 +47,9 @@ StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help="Refuse standard input that is not UTF-8 (default: read it as U+FFFD, warn once)."),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-m", "--model", help="The model, named explicitly: then every argument is the prompt.", show_default=False
+    ),
+]

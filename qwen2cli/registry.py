@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,6 +168,46 @@ def import_gguf_file(path: Path, *, name: str | None = None, progress: Progress 
                     "quantization": "gguf-dequantized",
                 },
             )
+
+
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+PATH_PREFIXES = ("./", "../", "/", "~")
+
+
+def names_a_model(text: str, catalog: Catalog) -> bool:
+    """Whether a command's lone argument names a model rather than being the prompt: a catalogue alias, an installed
+    name, an existing path or a Hub `org/name` id. A single word plainly meant as a model that names none (a missing
+    .gguf file or path, a near miss of an alias) is a ModelNotFound, not a prompt for the default model."""
+    if catalog.get(text) is not None or Path(text).expanduser().exists():
+        return True
+    try:
+        if store.find(text) is not None:
+            return True
+    except BadInput:  # not a valid store name (spaces, punctuation): a prompt
+        pass
+    if any(c.isspace() for c in text):
+        return False
+    if HUB_REPO_ID.fullmatch(text):
+        return True
+    if text.lower().endswith(".gguf") or text.startswith(PATH_PREFIXES):
+        raise ModelNotFound(f"no such model file or directory: {text}")
+    hints = catalog.suggest(text)
+    if hints:
+        raise ModelNotFound(f"unknown model {text!r}; did you mean {', '.join(hints)}? (-m MODEL sends it as a prompt)")
+    return False
+
+
+def split_model_and_prompt(
+    first: str | None, second: str | None, *, model: str | None, catalog: Catalog | None = None
+) -> tuple[str | None, str | None]:
+    """(MODEL, PROMPT) from `qwen2 run [MODEL] [PROMPT]` and `-m/--model`. A lone argument that does not name a
+    model (names_a_model) is the prompt; MODEL None means the catalogue's default."""
+    if model is not None:  # -m names the model: the arguments are the prompt
+        words = [part for part in (first, second) if part is not None]
+        return model, " ".join(words) or None
+    if first is None or second is not None:
+        return first, second
+    return (first, None) if names_a_model(first, catalog or load_catalog()) else (None, first)
 
 
 def resolve_model(name: str | None, *, progress: Progress | None = None, notice: Notice | None = None) -> Path:

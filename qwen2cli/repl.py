@@ -179,17 +179,19 @@ class Repl:
             self.say(f"error: {one_line(exc)}", style="red")
         return True
 
-    def run_lines(self, stream: BinaryIO, *, strict: bool = False) -> int:
-        """Pipe mode: one user turn per line, answered in order; ends at end of input. Exit status 1 when any line
-        failed (the others are still answered); input that is not UTF-8 is as Utf8Input says."""
+    def run_lines(self, stream: BinaryIO, *, strict: bool = False, first_message: str | None = None) -> int:
+        """Pipe mode: `first_message`, then one user turn per line, answered in order; ends at end of input. Exit
+        status 1 when any line failed (the others are still answered); input that is not UTF-8 is as Utf8Input says."""
         text = Utf8Input(strict=strict, warn=lambda message: self.say(message, style="yellow"))
+        if first_message is not None and not self.handle(first_message):
+            return 1 if self.failures else 0
         for line in text.lines(stream):
             if not self.handle(line):
                 break
         return 1 if self.failures else 0
 
-    def run_terminal(self) -> int:
-        """Interactive mode with history, completion and multi-line input."""
+    def run_terminal(self, *, first_message: str | None = None) -> int:
+        """Interactive mode with history, completion and multi-line input; `first_message` is answered first."""
         from prompt_toolkit import PromptSession
         from prompt_toolkit.completion import WordCompleter
         from prompt_toolkit.history import FileHistory
@@ -212,6 +214,8 @@ class Repl:
             completer=WordCompleter(list(COMMANDS), sentence=True),
         )
         self.say(f"qwen2 chat · {self.model_name} · /help for commands, Ctrl-D to quit")
+        if first_message is not None and not self.handle(first_message):
+            return 0
         while True:
             try:
                 line = prompt.prompt(">>> ")
@@ -240,9 +244,10 @@ class Repl:
             lines.append(line)
 
 
-def run_chat(session: ChatSession, *, model_name: str, strict: bool = False) -> int:
-    """The REPL on a terminal, line mode on a pipe (`strict`: input that is not UTF-8 is refused)."""
+def run_chat(session: ChatSession, *, model_name: str, strict: bool = False, first_message: str | None = None) -> int:
+    """The REPL on a terminal, line mode on a pipe (`strict`: input that is not UTF-8 is refused); `first_message`
+    (from the command line) is the first turn."""
     repl = Repl(session, model_name=model_name)
     if sys.stdin.isatty():
-        return repl.run_terminal()
-    return repl.run_lines(sys.stdin.buffer, strict=strict)
+        return repl.run_terminal(first_message=first_message)
+    return repl.run_lines(sys.stdin.buffer, strict=strict, first_message=first_message)
