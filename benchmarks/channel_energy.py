@@ -36,8 +36,8 @@ def main() -> None:
 
     from benchmarks.quant_layer_error import WINDOW, run_with_input_hooks, windows
     from devtools.real_model import real_hf_dir
-    from qwen2cli.calibration import calibration_batches, default_calibration_text
     from qwen2cli.generate import load_engine
+    from qwen2cli.quantization.calibration import calibration_batches, default_calibration_text
 
     torch.set_num_threads(2)
     engine = load_engine(real_hf_dir(), LoadOptions(device="cpu", dtype="float32"))

@@ -30,7 +30,7 @@ def windows(tokenizer, source: str) -> list[list[int]]:
     import torch
 
     if source == "calib":
-        from qwen2cli.calibration import default_calibration_text
+        from qwen2cli.quantization.calibration import default_calibration_text
 
         ids = tokenizer.encode(default_calibration_text())
         available = len(ids) // WINDOW

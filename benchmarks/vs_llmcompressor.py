@@ -82,7 +82,7 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from devtools.real_model import real_hf_dir
-    from qwen2cli.calibration import calibration_batches, default_calibration_text
+    from qwen2cli.quantization.calibration import calibration_batches, default_calibration_text
 
     source = str(real_hf_dir())
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import BadCheckpoint, BadInput, ModelNotFound
+from .errors import BadCheckpoint, ModelNotFound
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 
@@ -199,24 +199,6 @@ def load_config(model_dir: Path) -> Qwen2Config:
     generation_path = model_dir / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.is_file() else None
     return config_from_dict(_read_json(config_path), generation)
-
-
-def quantization_for(config: Qwen2Config, **options: Any):
-    """The quant.config.QuantConfig that `qwen2 quantize` would write for this model, checked against it before
-    anything heavy loads: BadInput when the model is quantized already or the options do not fit it."""
-    from .quant.config import QuantConfig
-
-    if config.quantization_config is not None:
-        raise BadInput("this model is already quantized; quantize the original checkpoint instead")
-    try:
-        quant = QuantConfig(**options)
-        if quant.method == "awq" and (quant.desc_act or quant.static_groups or quant.group_size == -1):
-            raise ValueError("AWQ has no act-order or static groups and needs a group size (32, 64, 128 or 256)")
-        for size in sorted(config.linear_input_sizes()):
-            quant.group_size_for(size)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from exc
-    return quant
 
 
 def yarn_for_context(config: Qwen2Config, ctx: int | None) -> dict[str, Any] | None:

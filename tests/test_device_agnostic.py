@@ -57,20 +57,22 @@ def test_loading_and_generating_make_no_tensor_on_the_default_device(tiny_model,
 def test_quantizing_and_loading_make_no_tensor_on_the_default_device(
     tiny_model, tmp_path, method, bits, group, desc_act
 ):
-    from qwen2cli.quantize import quantize_model
+    from qwen2cli.quantization.pipeline import quantize_model
+    from qwen2cli.quantization.settings import QuantizeSettings
 
+    settings = QuantizeSettings(
+        method=method,
+        bits=bits,
+        group_size=group,
+        sym=method != "awq",
+        desc_act=desc_act,
+        static_groups=False,
+        samples=8,
+        seq_len=64,
+    )
     with default_device_meta():
         out = quantize_model(
-            load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32")),
-            tmp_path / method,
-            method=method,
-            bits=bits,
-            group_size=group,
-            sym=method != "awq",
-            desc_act=desc_act,
-            calibration=None,
-            samples=8,
-            seq_len=64,
+            load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32")), tmp_path / method, settings=settings
         )
         got = _answer(load_engine(Path(out), LoadOptions(device="cpu", dtype="float32")))
     assert got == _answer(load_engine(Path(out), LoadOptions(device="cpu", dtype="float32")))

@@ -109,7 +109,8 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     from devtools.tiny_tokenizer import write_tiny_tokenizer
     from qwen2cli.generate import load_engine
     from qwen2cli.quant.linear import QuantLinear
-    from qwen2cli.quantize import quantize_model
+    from qwen2cli.quantization.pipeline import quantize_model
+    from qwen2cli.quantization.settings import QuantizeSettings
 
     source = tmp_path / "moe"
     write_tiny_moe(source, vocab_size=512, norm_topk_prob=True)
@@ -118,18 +119,10 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     engine = load_engine(
         source, LoadOptions(device="cpu", dtype="float32")
     )  # quantize_model swaps its Linears in place
-    out = quantize_model(
-        engine,
-        tmp_path / f"moe-{method}",
-        method=method,
-        bits=4,
-        group_size=32,
-        sym=method == "gptq",
-        desc_act=False,
-        calibration=None,
-        samples=8,
-        seq_len=32,
+    settings = QuantizeSettings(
+        method=method, bits=4, group_size=32, sym=method == "gptq", desc_act=False, samples=8, seq_len=32
     )
+    out = quantize_model(engine, tmp_path / f"moe-{method}", settings=settings)
     quantized = load_engine(out, LoadOptions(device="cpu", dtype="float32"))
     experts = quantized.loaded.model.model.layers[0].mlp.experts
     assert all(isinstance(expert.gate_proj, QuantLinear) for expert in experts)

@@ -429,25 +429,15 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
     """The clipping search reads every calibration token through each Linear's input Gram matrix, derived from
     the statistics taken before scaling (D G D, D = diag(1/scales)): it must equal the Gram matrix of the inputs
     the scaled layer actually feeds that Linear, measured here by hooks on the Linears themselves."""
-    from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import _quantizable, _run_layer
-    from qwen2cli.quantize_awq import awq_layer
+    from qwen2cli.quantization.awq_layer import awq_layer
+    from qwen2cli.quantization.layers import linears_to_quantize, run_layer
+    from qwen2cli.quantization.settings import QuantizeSettings
 
     engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
-    quant_config = quantization_for(
-        config,
-        method="awq",
-        bits=4,
-        group_size=32,
-        sym=False,
-        desc_act=False,
-        damp_percent=0.01,
-        mse=0.0,
-        hessian_shrink=None,
-    )
+    quant_config = QuantizeSettings(method="awq", bits=4, group_size=32, sym=False).quant_config
     hidden = torch.randn(4, 16, config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
     rope = model._rope_tables(0, 16, hidden.device)
     monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
@@ -459,9 +449,9 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
 
     monkeypatch.setattr(quant.awq, "search_clip", spy)
     with torch.no_grad():
-        before = _run_layer(layer, hidden, rope, config)
+        before = run_layer(layer, hidden, rope, config)
         awq_layer(layer, hidden, rope, config, quant_config, clip=True)
-        linears = _quantizable(layer)
+        linears = linears_to_quantize(layer)
         seen = {name: [] for name in linears}
         handles = [
             linear.register_forward_pre_hook(
@@ -470,7 +460,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
             for name, linear in linears.items()
         ]
         try:
-            after = _run_layer(layer, hidden, rope, config)  # the scaled float layer, not yet quantized
+            after = run_layer(layer, hidden, rope, config)  # the scaled float layer, not yet quantized
         finally:
             for handle in handles:
                 handle.remove()
@@ -495,7 +485,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
     the attention weights; a partial error for a change to q; the Linears keep their own weights afterwards."""
     from qwen2cli.generate import load_engine
     from qwen2cli.kv_cache import KVCache
-    from qwen2cli.quantize_awq import module_error
+    from qwen2cli.quantization.awq_layer import module_error
 
     engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
@@ -526,7 +516,7 @@ def test_awq_scale_groups_follow_the_layer_shapes(tmp_path):
     """v_proj -> o_proj is a scale group only when v_proj's outputs are o_proj's inputs (no GQA)."""
     from devtools.tiny_checkpoint import write_tiny_checkpoint
     from qwen2cli.checkpoint import load_model
-    from qwen2cli.quantize_awq import scale_groups
+    from qwen2cli.quantization.awq_layer import scale_groups
 
     for kv_heads, expected in ((2, False), (4, True)):
         directory = write_tiny_checkpoint(tmp_path / f"kv{kv_heads}", num_kv_heads=kv_heads)
@@ -720,7 +710,8 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     from safetensors.torch import load_file, save_file
 
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import quantize_model
+    from qwen2cli.quantization.pipeline import quantize_model
+    from qwen2cli.quantization.settings import QuantizeSettings
 
     bf16 = tmp_path / "bf16"
     shutil.copytree(tiny_model, bf16)
@@ -731,9 +722,7 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     config = json.loads((bf16 / "config.json").read_text())
     config.pop("dtype", None)
     (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
-    options = dict(
-        method=method, bits=4, group_size=32, sym=False, desc_act=False, calibration=None, samples=4, seq_len=32
-    )
+    settings = QuantizeSettings(method=method, bits=4, group_size=32, sym=False, desc_act=False, samples=4, seq_len=32)
     later_dtypes = []
     engine = load_engine(bf16, LoadOptions(device="cpu", dtype="bfloat16"))
     layers = engine.loaded.model.model.layers
@@ -741,8 +730,10 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     def progress(_, done, total):
         later_dtypes.extend(p.dtype for layer in layers[done:] for p in layer.parameters())
 
-    quantize_model(engine, tmp_path / "from-bf16", progress=progress, **options)
-    quantize_model(load_engine(bf16, LoadOptions(device="cpu", dtype="float32")), tmp_path / "from-f32", **options)
+    quantize_model(engine, tmp_path / "from-bf16", settings=settings, progress=progress)
+    quantize_model(
+        load_engine(bf16, LoadOptions(device="cpu", dtype="float32")), tmp_path / "from-f32", settings=settings
+    )
     assert later_dtypes and set(later_dtypes) == {torch.bfloat16}
     done = _qwen2(
         "quantize",
@@ -828,6 +819,9 @@ def test_quantize_bad_input(tiny_model, tmp_path):
         (["--shrink", "x"], "--shrink must be"),
         (["--method", "awq", "--static-groups"], "AWQ has no act-order or static groups"),
         (["--clip"], "--clip is an AWQ option"),
+        (["--samples", "0"], "--samples must be at least 1"),
+        (["--seq-len", "0"], "--seq-len must be at least 1"),
+        (["--calib", str(tmp_path / "missing.txt")], "cannot read calibration file"),
     ]
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
@@ -846,6 +840,28 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     assert first.returncode == 0, first.stderr
     again = _qwen2("quantize", str(tmp_path / "q1"), "--out", str(tmp_path / "q2"), home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
+
+
+def test_quantize_settings_are_refused_before_torch_loads(tiny_model, tmp_path):
+    """Options that cannot work are refused from the command line and config.json alone: with an importable torch
+    that fails when imported, the refusal is still the one-line message, not the trap's."""
+    trap = tmp_path / "trap" / "torch"
+    trap.mkdir(parents=True)
+    (trap / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    for extra, message in [
+        (["--samples", "0"], "--samples must be at least 1"),
+        (["--group-size", "256"], "does not divide"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "qwen2cli", "quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "QWEN2_HOME": str(tmp_path), "PYTHONPATH": str(trap.parent)},
+            stdin=subprocess.DEVNULL,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
 
 
 @pytest.mark.parametrize("load_in,bound,kernel", [("8bit", 0.02, INT8_CPU_KERNEL), ("4bit", 0.25, INT4_CPU_KERNEL)])
@@ -1246,30 +1262,21 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
     """Where the CPU multiplies bfloat16 natively, calibration forwards run under bfloat16 autocast; the Hessians
     the hooks gather inside them stay float32 sums of the inputs seen (autocast would make x^T x bfloat16, three
     significant digits), and the layer's output keeps float32 within bfloat16's rounding of the products."""
-    from qwen2cli.config import quantization_for
     from qwen2cli.generate import load_engine
-    from qwen2cli.quantize import _gptq_stage, _quantizable, _run_layer
-    from qwen2cli.quantize_awq import capture_inputs
+    from qwen2cli.quantization.awq_layer import capture_inputs
+    from qwen2cli.quantization.gptq_layer import gptq_stage
+    from qwen2cli.quantization.layers import linears_to_quantize, run_layer
+    from qwen2cli.quantization.settings import QuantizeSettings
 
     engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
     layer = model.model.layers[0]
-    quant_config = quantization_for(
-        config,
-        method="gptq",
-        bits=4,
-        group_size=32,
-        sym=True,
-        desc_act=False,
-        damp_percent=0.01,
-        mse=0.0,
-        hessian_shrink=None,
-    )
+    quant_config = QuantizeSettings(method="gptq", bits=4, group_size=32, desc_act=False).quant_config
     hidden = torch.randn(3, 16, config.hidden_size, generator=torch.Generator().manual_seed(0))
     rope = model._rope_tables(0, 16, hidden.device)
     monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.float32)
     with torch.no_grad():
-        exact = _run_layer(layer, hidden, rope, config)
+        exact = run_layer(layer, hidden, rope, config)
     monkeypatch.setattr(quant.linear, "long_input_dtype", lambda: torch.bfloat16)
     seen, collectors = [], []
     add_batch = GPTQ.add_batch
@@ -1281,11 +1288,13 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
 
     monkeypatch.setattr(GPTQ, "add_batch", spy)
     with torch.no_grad():
-        fast = _run_layer(layer, hidden, rope, config)
+        fast = run_layer(layer, hidden, rope, config)
         stage = {
-            name: linear for name, linear in _quantizable(layer).items() if name.endswith(("gate_proj", "up_proj"))
+            name: linear
+            for name, linear in linears_to_quantize(layer).items()
+            if name.endswith(("gate_proj", "up_proj"))
         }
-        _gptq_stage(layer, stage, hidden, rope, config, quant_config)
+        gptq_stage(layer, stage, hidden, rope, config, quant_config)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # the products did run in bfloat16
     torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
     x = torch.cat(seen)
@@ -1294,7 +1303,7 @@ def test_bfloat16_calibration_forwards_keep_float32_hessians(tiny_model, monkeyp
         collectors[-1].gram.full(), x.t() @ x, rtol=1e-5, atol=1e-5 * (x.t() @ x).abs().max().item()
     )
     # AWQ's statistics: the Gram matrix of down_proj's inputs (more tokens than its 128 inputs: a Gram, not rows)
-    name = next(name for name in _quantizable(layer) if name.endswith("down_proj"))
+    name = next(name for name in linears_to_quantize(layer) if name.endswith("down_proj"))
     inputs = []
     handle = layer.get_submodule(name).register_forward_pre_hook(
         lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())
@@ -1342,7 +1351,7 @@ def test_mo_catalogues_read_as_gettext_reads_them():
     gettext reader gives, header excluded, for catalogues of several languages on this machine."""
     import gettext
 
-    from qwen2cli.calibration import CALIBRATION_LANGUAGES, LOCALE_DIR, mo_translations
+    from qwen2cli.quantization.calibration import CALIBRATION_LANGUAGES, LOCALE_DIR, mo_translations
 
     catalogues = [
         sorted((LOCALE_DIR / language / "LC_MESSAGES").glob("*.mo"))[:3] for language in ("zh_CN", "ar", "de")
@@ -1363,7 +1372,7 @@ def test_default_calibration_is_multilingual_and_the_same_on_every_run(tmp_path)
     catalogues."""
     import hashlib
 
-    from qwen2cli.calibration import CALIBRATION_LANGUAGES, default_calibration_text, translations
+    from qwen2cli.quantization.calibration import CALIBRATION_LANGUAGES, default_calibration_text, translations
 
     parts = translations()
     assert len(parts) == len(CALIBRATION_LANGUAGES), "gettext catalogues missing for some calibration languages"
@@ -1377,7 +1386,7 @@ def test_default_calibration_is_multilingual_and_the_same_on_every_run(tmp_path)
             [
                 sys.executable,
                 "-c",
-                "from qwen2cli.calibration import default_calibration_text as t;"
+                "from qwen2cli.quantization.calibration import default_calibration_text as t;"
                 "import hashlib; print(hashlib.sha256(t().encode()).hexdigest())",
             ],
             capture_output=True,

@@ -6,11 +6,14 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from ..errors import BadInput
 
-from .errors import BadInput
-from .generate import Engine
+if TYPE_CHECKING:  # torch loads only where windows are cut: reading a calibration file needs none
+    import torch
+
+    from ..generate import Engine
 
 # Languages of the multilingual part: Qwen2's most used, in several scripts
 CALIBRATION_LANGUAGES = ("zh_CN", "ja", "ko", "de", "fr", "es", "ru", "pt_BR", "it", "ar", "vi")
@@ -128,6 +131,8 @@ def mo_translations(path: Path) -> list[str]:
 def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
     """(samples, seq_len) token ids: windows spread evenly over the whole text (so a mixed text gives a mixed
     set); too little text is a clear error."""
+    import torch
+
     ids = engine.tokenizer.encode(text)
     available = len(ids) // seq_len
     if available < min(samples, 8):

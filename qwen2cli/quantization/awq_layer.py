@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .kv_cache import KVCache
-from .quant.gram import Gram
-from .quantize import _forward_precision, _quantizable, _run_layer, _stand_in
+from ..kv_cache import KVCache
+from ..quant.gram import Gram
+from .layers import forward_precision, linears_to_quantize, run_layer, stand_in
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ScaleGroup:
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     """A Qwen2 / Qwen2-MoE decoder layer's AWQ scale groups. v_proj -> o_proj exists only without GQA (with fewer
     KV heads, v_proj's outputs are not o_proj's inputs one to one), so it is skipped then."""
-    attention = layer.self_attn
+    attention: Any = layer.self_attn
     groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
     if attention.v_proj.out_features == attention.o_proj.in_features:
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
@@ -103,7 +104,7 @@ def capture_inputs(
     keeping = [False]
 
     def hook(name: str, x: torch.Tensor) -> None:
-        with torch.autocast("cpu", enabled=False):  # statistics in float32, whatever _run_layer multiplies in
+        with torch.autocast("cpu", enabled=False):  # statistics in float32, whatever run_layer multiplies in
             stats.add(name, x)
             if keeping[0] and name in keep:
                 stats.kept.setdefault(name, []).append(x.detach().float().clone())
@@ -114,7 +115,7 @@ def capture_inputs(
     try:
         for begin in range(0, hidden.shape[0], 8):
             keeping[0] = begin < keep_samples
-            _run_layer(layer, hidden[begin : begin + 8], rope, config)
+            run_layer(layer, hidden[begin : begin + 8], rope, config)
     finally:
         for handle in handles:
             handle.remove()
@@ -128,10 +129,10 @@ def module_error(
     it, compute with the given weights instead of their own: AWQ's scale-search objective for the Linears that
     feed a larger module. Through attention, q/k errors weigh as much as they move the softmax; summing the
     Linears' own output errors instead lets q_proj's seven times wider output outweigh v_proj's."""
-    from .model import Attention
+    from ..model import Attention
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with _forward_precision(x.device):
+        with forward_precision(x.device):
             if isinstance(module, Attention):
                 cache = KVCache(config, x.shape[1], batch_size=x.shape[0], dtype=x.dtype, device=x.device)
                 return module(x, rope, cache, 0).float()
@@ -143,11 +144,11 @@ def module_error(
     def error(weights: list[torch.Tensor]) -> float:
         own = [linear.weight for linear in linears]
         try:
-            for linear, weight in zip(linears, weights):
+            for linear, weight in zip(linears, weights, strict=True):
                 linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
-            return sum(float((run(x) - r).pow(2).sum()) for x, r in zip(inputs, references)) / energy
+            return sum(float((run(x) - r).pow(2).sum()) for x, r in zip(inputs, references, strict=True)) / energy
         finally:
-            for linear, weight in zip(linears, own):
+            for linear, weight in zip(linears, own, strict=True):
                 linear.weight = weight
 
     return error
@@ -162,12 +163,12 @@ def awq_layer(
     One pass over the calibration data serves both searches: a scale group's Linears read its reader's input
     divided by the group's scales, so their inputs' Gram matrix after scaling is D G D with D = diag(1/scales), and
     the clipping search runs on every calibration token instead of a sample of them."""
-    from .quant.awq import apply_clip, search_clip, search_scales
-    from .quant.linear import QuantLinear
-    from .quant.rtn import quantize_rtn
+    from ..quant.awq import apply_clip, search_clip, search_scales
+    from ..quant.linear import QuantLinear
+    from ..quant.rtn import quantize_rtn
 
     bits, group_size, sym = quant_config.bits, quant_config.group_size, quant_config.sym
-    quantizable = _quantizable(layer)
+    quantizable = linears_to_quantize(layer)
     groups = scale_groups(layer)
     # whose input is each Linear's own: its scale group's reader when that is the Linear or its parent (q/k/v under
     # self_attn, gate/up under a dense mlp), else the Linear itself (o_proj under GQA, MoE experts' routed tokens)
@@ -187,21 +188,29 @@ def awq_layer(
         names = [n for n in group.linears if n in quantizable]
         weights = [quantizable[n].weight for n in names]
         if group.reads in stats.kept:
-            measured = {
-                "measure": module_error(
-                    layer.get_submodule(group.reads),
-                    [quantizable[n] for n in names],
-                    stats.kept.pop(group.reads),
-                    rope,
-                    config,
-                )
-            }
+            measure = module_error(
+                layer.get_submodule(group.reads),
+                [quantizable[n] for n in names],
+                stats.kept.pop(group.reads),
+                rope,
+                config,
+            )
+            search = search_scales(
+                stats.mean_abs(group.reads), weights, measure=measure, bits=bits, group_size=group_size, sym=sym
+            )
         else:
-            measured = stats.inputs(group.reads)
-        scales = search_scales(
-            stats.mean_abs(group.reads), weights, **measured, bits=bits, group_size=group_size, sym=sym
-        ).scales
-        prev = layer.get_submodule(group.prev)
+            inputs = stats.inputs(group.reads)
+            search = search_scales(
+                stats.mean_abs(group.reads),
+                weights,
+                gram=inputs.get("gram"),
+                rows=inputs.get("rows"),
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+            )
+        scales = search.scales
+        prev: Any = layer.get_submodule(group.prev)
         if isinstance(prev, nn.Linear):
             prev.weight.data.div_(scales[:, None].to(prev.weight.dtype))
             if prev.bias is not None:
@@ -209,10 +218,11 @@ def awq_layer(
         else:  # an RMSNorm
             prev.weight.data.div_(scales.to(prev.weight.dtype))
         for name in group.linears:
-            linear = layer.get_submodule(name)
-            linear.weight.data.mul_(scales[None, :].to(linear.weight.dtype))
+            scaled: Any = layer.get_submodule(name)
+            scaled.weight.data.mul_(scales[None, :].to(scaled.weight.dtype))
             input_scales[name] = scales
-    packed, simulated = {}, {}
+    packed: dict[str, nn.Module] = {}
+    simulated: dict[str, nn.Module] = {}
     for name, linear in quantizable.items():
         weight = linear.weight.detach().float()
         if clip and stats.seen(source[name]) and name.rsplit(".", 1)[-1] not in ("q_proj", "k_proj"):
@@ -225,5 +235,5 @@ def awq_layer(
         codes, scales, zeros = quantize_rtn(weight, bits=bits, group_size=group_size, sym=sym)
         g_idx = torch.arange(linear.in_features, device=codes.device) // group_size
         packed[name] = QuantLinear.from_quantized(codes, scales, zeros, g_idx, linear.bias, quant_config)
-        simulated[name] = _stand_in(linear, packed[name])
+        simulated[name] = stand_in(linear, packed[name])
     return packed, simulated
