@@ -297,7 +297,7 @@ def bench(
 
 
 def _shrink_option(value: str) -> float | None:
-    """--shrink: "auto" (None) or a number (its range is QuantConfig's to check)."""
+    """--shrink: "auto" (None) or a number (its range is QuantizeSettings' to check)."""
     if value == "auto":
         return None
     try:
@@ -373,74 +373,47 @@ def quantize(
     ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
+    """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints
+    the path."""
     from . import store
-    from .config import quantization_for
     from .console import ProgressBars, write_answer
+    from .quantization.settings import QuantizeSettings
 
-    if method not in ("gptq", "rtn", "awq"):
-        raise BadInput(f"unknown --method {method!r}: use gptq, awq or rtn")
-    if not 0 < damp <= 1:
-        raise BadInput(f"--damp must be in (0, 1], got {damp}")
-    hessian_shrink = _shrink_option(shrink)
-    if clip and method != "awq":
-        raise BadInput("--clip is an AWQ option (GPTQ and RTN take each group's range from its weights)")
-    # GPTQ's default is act-order with static groups: the best measured at group 128 (docs/quantization.md), and
-    # the groups stay contiguous, so the checkpoint loads and runs as fast as one without act-order
-    desc_act = (method == "gptq") if desc_act is None else desc_act
-    static_groups = (method == "gptq" and desc_act) if static_groups is None else static_groups
-    group = group_size if group_size is not None else (128 if bits == 4 else -1)
+    settings = QuantizeSettings(
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp=damp,
+        shrink=_shrink_option(shrink),
+        clip=clip,
+        samples=samples,
+        seq_len=seq_len,
+        calib=Path(calib) if calib else None,
+    )
     model_dir, config = _resolve_config(model)
     if out:  # an output that would lose something is refused before the minutes of work, and checked again at the end
         from .output_dir import check_output_dir
 
         check_output_dir(out, replace=force, source=model_dir)
-    # options that do not fit the model are refused from its config.json, before torch and the weights load
-    quantization_for(
-        config,
-        method=method,
-        bits=bits,
-        group_size=group,
-        sym=sym,
-        desc_act=desc_act,
-        static_groups=static_groups,
-        damp_percent=damp,
-        hessian_shrink=hessian_shrink,
-    )
+    settings.check_model(config)  # before torch and the weights load
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
-    name = f"{base.replace('/', '--').split(':')[0]}:{method}-int{bits}"
-    from .calibration import read_calibration  # torch loads from here on
-    from .checkpoint import keep_freed_memory
+    name = f"{base.replace('/', '--').split(':')[0]}:{settings.label}"
+    from .checkpoint import keep_freed_memory  # torch loads from here on
     from .generate import load_engine
-    from .quantize import quantize_model
+    from .quantization.pipeline import quantize_model
 
     keep_freed_memory()
     # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and
     # would be 30 GB in float32, so a 7B quantizes on a 24 GB machine
     stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
     engine = load_engine(model_dir, LoadOptions(device=device, dtype=stored))
-    text = read_calibration(Path(calib)) if calib else None
     with ProgressBars() as bars:
 
         def run_quantize(target: Path) -> Path:
-            return quantize_model(
-                engine,
-                target,
-                method=method,
-                bits=bits,
-                group_size=group,
-                sym=sym,
-                desc_act=desc_act,
-                static_groups=static_groups,
-                calibration=text,
-                samples=samples,
-                seq_len=seq_len,
-                damp_percent=damp,
-                hessian_shrink=hessian_shrink,
-                awq_clip=clip,
-                replace_output=force,
-                progress=bars.update,
-            )
+            return quantize_model(engine, target, settings=settings, replace_output=force, progress=bars.update)
 
         if out:
             path = run_quantize(Path(out))
@@ -451,7 +424,7 @@ def quantize(
                     item.replace(staged / item.name)
                 (staged / "model").rmdir()
                 path = store.commit(
-                    name, staged, {"source": "quantize", "base": str(model_dir), "quantization": f"{method}-int{bits}"}
+                    name, staged, {"source": "quantize", "base": str(model_dir), "quantization": settings.label}
                 ).path
     write_answer(f"{path}\n")
 
