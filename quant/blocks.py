@@ -96,6 +96,12 @@ class BlockQuantLinear(QuantLinear):
     """y = x W^T + b with W as block codes and tables (BlockFormat) on the native kernels; the reference path
     dequantizes where they cannot run."""
 
+    # groups of 16 or 32 cost the kernel more per row than larger groups: the float GEMM wins from fewer rows
+    # (docs/gguf-layout.md); never fused, since fusing copies the tables, which are otherwise read in place from
+    # the file (the C decoder takes q/k/v and gate/up as parts instead)
+    dequant_min_rows = 20
+    fusable = False
+
     def __init__(
         self,
         in_features: int,

@@ -85,6 +85,9 @@ def cuda_inner_k_tiles(in_features: int) -> int:
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as GPTQ or AWQ packed integers; `post_load()` picks the kernel once."""
 
+    dequant_min_rows = DEQUANT_MIN_ROWS  # from this many input rows on, unpack the weight for a float GEMM
+    fusable = True  # fuse_native may concatenate its tables with its neighbours' (a copy of them)
+
     def __init__(
         self,
         in_features: int,
@@ -249,7 +252,7 @@ class QuantLinear(nn.Module):
         order = fast.get("order")
         if order is not None:
             flat = flat[:, order]
-        if flat.shape[0] >= DEQUANT_MIN_ROWS and ("scales32" in fast or "scales16" in fast):
+        if flat.shape[0] >= self.dequant_min_rows and ("scales32" in fast or "scales16" in fast):
             out = self._unpacked_matmul(flat.to(long_input_dtype()))
         else:  # torch's kernels want bfloat16 activations (the native one float32)
             if flat.dtype != torch.bfloat16 and self._native is None:
@@ -363,7 +366,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
     then makes one kernel call where it made two or three (each call's fixed cost is about a third of a 128x896
     one's). The layers' own tables become views of the fused ones: no second copy of the codes."""
     first = layers[0]
-    if first._native is None:  # set for the native kernels only
+    if first._native is None or not all(layer.fusable for layer in layers):  # _native: set for the native kernels
         return None
     orders = [layer._fast.get("order") for layer in layers]
     tables = first._native_tables()

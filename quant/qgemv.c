@@ -148,6 +148,74 @@ static inline __attribute__((always_inline)) float group_offset(const void *o, i
     return half ? -scale * (float)((const int16_t *)o)[g] : ((const float *)o)[g];
 }
 
+/* sum_g offset[g] * xsum[g] over a row's groups, eight at a time (offsets: float32, or -scale * zero) */
+static inline __attribute__((always_inline)) float zero_terms(const void *s, const void *o, int half,
+                                                               const float *xsum, int groups) {
+    __m256 total = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256 offsets;
+        if (half) {
+            __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + g)));
+            __m256 zeros =
+                _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)((const int16_t *)o + g))));
+            offsets = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), scales), zeros);
+        } else {
+            offsets = _mm256_loadu_ps((const float *)o + g);
+        }
+        total = _mm256_fmadd_ps(offsets, _mm256_loadu_ps(xsum + g), total);
+    }
+    float rest = hsum(total);
+    for (; g < groups; g++) rest += group_offset(o, g, half, group_scale(s, g, half)) * xsum[g];
+    return rest;
+}
+
+/* block b's contribution for groups of 16 or 32 (one scale per block, or one per half: lanes 0-3 hold the sums of
+ * its first 16 bytes), into `acc` */
+static inline __attribute__((always_inline)) void small_group_block(const uint8_t *w, int kind, const void *s,
+                                                                    int half, Activations a, int cols, int group,
+                                                                    int m0, int n, int b, __m256 *acc) {
+    int blocks = cols / 32, q4 = kind != KIND_Q8;
+    __m256i signs = _mm256_setzero_si256(), unsigned_w;
+    if (q4) {
+        unsigned_w = block_codes(w, kind, b);
+    } else {
+        signs = block_codes(w, kind, b);
+        unsigned_w = _mm256_sign_epi8(signs, signs);
+    }
+    __m256 scale = group == 16 ? _mm256_set_m128(_mm_set1_ps(group_scale(s, 2 * b + 1, half)),
+                                                 _mm_set1_ps(group_scale(s, 2 * b, half)))
+                               : _mm256_set1_ps(group_scale(s, b, half));
+    for (int j = 0; j < n; j++) {
+        size_t m = (size_t)(m0 + j);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(a.xq + m * cols + b * 32));
+        __m256i sums = block_dot(unsigned_w, signs, q4, xv);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(scale, _mm256_set1_ps(a.d[m * blocks + b])),
+                                 acc[j]);
+    }
+}
+
+/* rows_dot for groups of 16 or 32 (GGML's blocks), where the per-group work is per block: each block's sums
+ * scaled by d_x * scale in one multiply, even and odd blocks into separate accumulators (one chain of dependent
+ * FMAs a row was the kernel's limit), the zero terms one vectorised pass over the groups after. */
+static inline __attribute__((always_inline)) void rows_dot_small(const uint8_t *w, int kind, const void *s,
+                                                                 const void *o, int half, Activations a, float *out,
+                                                                 int r, int rows, int cols, int group, int m0,
+                                                                 int n) {
+    int blocks = cols / 32, groups = cols / group;
+    __m256 even[4], odd[4];
+    for (int j = 0; j < n; j++) even[j] = odd[j] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        small_group_block(w, kind, s, half, a, cols, group, m0, n, b, even);
+        small_group_block(w, kind, s, half, a, cols, group, m0, n, b + 1, odd);
+    }
+    if (b < blocks) small_group_block(w, kind, s, half, a, cols, group, m0, n, b, even);
+    for (int j = 0; j < n; j++)
+        out[(size_t)(m0 + j) * rows + r] = hsum(_mm256_add_ps(even[j], odd[j])) +
+                                           zero_terms(s, o, half, a.xsum + (size_t)(m0 + j) * groups, groups);
+}
+
 /* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and
  * `half`): each block of weights is loaded and unpacked once for the n rows. */
 static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int kind, const void *s, const void *o,
@@ -159,30 +227,6 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
     for (int j = 0; j < n; j++) {
         acc[j] = _mm256_setzero_ps();
         zero_terms[j] = 0.f;
-    }
-    if (group == 16) { /* two groups a block: the sums of its first 16 bytes (lanes 0-3) take one scale, the rest the next */
-        for (int b = 0; b < blocks; b++) {
-            __m256i signs = _mm256_setzero_si256(), unsigned_w;
-            if (q4) {
-                unsigned_w = block_codes(w, kind, b);
-            } else {
-                signs = block_codes(w, kind, b);
-                unsigned_w = _mm256_sign_epi8(signs, signs);
-            }
-            float s0 = group_scale(s, 2 * b, half), s1 = group_scale(s, 2 * b + 1, half);
-            float o0 = group_offset(o, 2 * b, half, s0), o1 = group_offset(o, 2 * b + 1, half, s1);
-            __m256 pair = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-            for (int j = 0; j < n; j++) {
-                size_t m = (size_t)(m0 + j);
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(a.xq + m * cols + b * 32));
-                __m256i sums = block_dot(unsigned_w, signs, q4, xv);
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
-                                         _mm256_mul_ps(pair, _mm256_set1_ps(a.d[m * blocks + b])), acc[j]);
-                zero_terms[j] += o0 * a.xsum[m * groups + 2 * b] + o1 * a.xsum[m * groups + 2 * b + 1];
-            }
-        }
-        for (int j = 0; j < n; j++) out[(size_t)(m0 + j) * rows + r] = hsum(acc[j]) + zero_terms[j];
-        return;
     }
     for (int g = 0; g < groups; g++) {
         __m256 group_acc[4];
@@ -281,6 +325,11 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int 
         return;
     }
 #endif
+    if (group <= 32) {
+        for (; m + 4 <= count; m += 4) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 4);
+        for (; m < count; m++) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
+        return;
+    }
     for (; m + 4 <= count; m += 4) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 4);
     for (; m < count; m++) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
 }
