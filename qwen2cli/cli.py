@@ -373,8 +373,7 @@ def quantize(
     ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Quantize a model to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints
-    the path."""
+    """Quantize to int4/int8 in the standard GPTQ or AWQ format (loads in transformers and vLLM); prints the path."""
     from . import store
     from .console import ProgressBars, write_answer
     from .quantization.settings import QuantizeSettings
@@ -465,10 +464,11 @@ def perplexity_command(
         sys.stdout.write(f"perplexity {result.ppl:.4f} over {result.tokens} tokens in {result.windows} windows\n")
 
 
-from . import store_commands  # noqa: E402,F401 - registers download, import, list, rm, models on `app`
-from .serve_command import register as register_serve  # noqa: E402
+# commands defined in modules of their own, each with a register(app): they never import this module
+from . import serve_command, store_commands  # noqa: E402
 
-register_serve(app)
+store_commands.register(app)
+serve_command.register(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The store commands of `qwen2`: download, import, list, rm, models (registered on cli.app)."""
+"""The store commands of `qwen2`: download, import, list, rm, models; `register` adds them to the app."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from typing import Annotated
 
 import typer
 
-from .cli import app
 from .errors import BadInput, ModelNotFound
 from .options import JsonOpt, ModelArg
 
 
-@app.command()
 def download(
     model: ModelArg = None,
     source: Annotated[
@@ -44,7 +42,6 @@ def download(
     write_answer(f"{installed.path}\n")
 
 
-@app.command(name="import")
 def import_command(
     file: Annotated[str, typer.Argument(help="A .gguf file (qwen2 architecture).")],
     name: Annotated[str | None, typer.Option("--name", help="Store name (default: from the file name).")] = None,
@@ -58,7 +55,6 @@ def import_command(
     write_answer(f"{entry.path}\n")
 
 
-@app.command(name="list")
 def list_command(json_output: JsonOpt = False) -> None:
     """Installed models: name, source, parameters, quantization, size on disk, path."""
     from . import paths, store
@@ -88,7 +84,6 @@ def list_command(json_output: JsonOpt = False) -> None:
         dim(f"{store.disk_usage(home) / 2**30:.2f} GiB on disk in {home}")
 
 
-@app.command()
 def rm(
     model: Annotated[str, typer.Argument(help="Installed model name.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
@@ -108,7 +103,6 @@ def rm(
     print(f"removed {entry.name}", file=sys.stderr)
 
 
-@app.command()
 def models(json_output: JsonOpt = False) -> None:
     """The catalogue of known models (installed ones marked)."""
     from . import store
@@ -139,3 +133,12 @@ def models(json_output: JsonOpt = False) -> None:
         write_answer(
             f"{mark} {row['alias']:<40} {row['parameters']:<9} ctx {row['context']:<7} {row['license']}{default}\n"
         )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the store commands to `app`, in the order `qwen2 --help` lists them."""
+    app.command()(download)
+    app.command(name="import")(import_command)
+    app.command(name="list")(list_command)
+    app.command()(rm)
+    app.command()(models)
