@@ -274,11 +274,17 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: torch.dtype | None = None) -> None:
+def save_weights(
+    state: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    float_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Write tensors as safetensors atomically (temporary file, then rename), one tensor at a time: the header
     first (from shapes and dtypes alone), then each tensor's bytes, floating tensors cast to `float_dtype` as they
-    are written. safetensors' save_file serialises the whole file in memory first, a second copy of the model (a
-    7B's int4 output is 5 GB)."""
+    are written (`progress`: bytes written and the total, after each). safetensors' save_file serialises the whole
+    file in memory first, a second copy of the model (a 7B's int4 output is 5 GB)."""
 
     def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
         return float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -299,7 +305,11 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, *, float_dtype: tor
     with open(temporary, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
+        written = 0
         for tensor in state.values():
             data = tensor.detach().to("cpu", stored_dtype(tensor)).contiguous().reshape(-1)
             handle.write(data.view(torch.uint8).numpy().data)
+            written += data.numel() * data.element_size()
+            if progress is not None:
+                progress(written, offset)
     temporary.replace(path)
