@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -31,6 +31,7 @@ from .options import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    UrlOpt,
 )
 
 app = typer.Typer(
@@ -103,6 +104,7 @@ def run(
     model: ModelArg = None,
     prompt: Annotated[str | None, typer.Argument(help="The prompt; piped stdin is appended to it.")] = None,
     model_option: ModelOpt = None,
+    url: UrlOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     json_output: JsonOpt = False,
     strict: StrictOpt = False,
@@ -136,11 +138,28 @@ def run(
         load_in=load_in,
         float_head=float_head,
     )
-    model, prompt = split_model_and_prompt(model, prompt, model=model_option)
+    server = None
+    if url is not None:
+        from .remote import connect
+
+        server, prompt = connect(url, model, prompt, model_option=model_option)
+    else:
+        model, prompt = split_model_and_prompt(model, prompt, model=model_option)
     piped = _read_stdin(strict=strict).rstrip("\n")
     text = "\n".join(part for part in (prompt, piped) if part)
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
+    if server is not None:
+        from .remote import RemoteSampling, remote_answer
+
+        sampling = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
+        on_text = None if json_output else write_answer
+        result = remote_answer(server, text, raw=raw, system=system, sampling=sampling, on_text=on_text)
+        if json_output:
+            print_json(result)
+        elif sys.stdout.isatty():
+            write_answer("\n")
+        return
     model_dir, _ = _resolve_to_load(model, options)
     from .runner import answer_once  # torch loads here
 
@@ -172,6 +191,7 @@ def run(
 def chat(
     model: ModelArg = None,
     model_option: ModelOpt = None,
+    url: UrlOpt = None,
     load: Annotated[str | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
     strict: StrictOpt = False,
     system: SystemOpt = None,
@@ -201,8 +221,22 @@ def chat(
         load_in=load_in,
         float_head=float_head,
     )
-    from .generate import load_engine
     from .repl import run_chat
+
+    if url is not None:
+        from .remote import RemoteChat, RemoteSampling, connect
+
+        server, first_message = connect(url, model, None, model_option=model_option)
+        sampling = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
+        remote = RemoteChat(server, params=sampling, system=system)
+        if load:
+            remote.load(Path(load))
+            remote.system = system if system is not None else remote.system
+        # the REPL drives a remote conversation through the same methods as a local one
+        raise typer.Exit(
+            run_chat(cast(Any, remote), model_name=server.model, strict=strict, first_message=first_message)
+        )
+    from .generate import load_engine
     from .session import ChatSession, read_transcript
 
     from .registry import split_model_and_prompt

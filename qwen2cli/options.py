@@ -53,3 +53,12 @@ ModelOpt = Annotated[
         "-m", "--model", help="The model, named explicitly: then every argument is the prompt.", show_default=False
     ),
 ]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Ask an OpenAI-compatible server (such as `qwen2 serve`'s http://127.0.0.1:8000) instead of loading a "
+        "model; OPENAI_API_KEY is sent as its key when set.",
+        show_default=False,
+    ),
+]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -477,6 +478,39 @@ def test_disconnect_while_waiting_for_a_whole_answer_cancels(server):
     while httpx.get(health).json()["requests"].get("cancelled", 0) == before:
         assert time.monotonic() < deadline, "the generation did not stop after the client left"
         time.sleep(0.05)
+
+
+def qwen2(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    command = [sys.executable, "-m", "qwen2cli", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300, env=env)
+
+
+SHELL_GREEDY = ["--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "10"]
+
+
+def test_run_url_answers_as_the_server_does(client, server):
+    done = qwen2(["run", "--url", server, "--json", "--system", "Be brief.", *SHELL_GREEDY, "Hello there"])
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    answer = chat(client, CONVERSATIONS["system and user"], max_tokens=10)
+    assert result["text"] == answer.choices[0].message.content
+    assert result["finish_reason"] == answer.choices[0].finish_reason
+    assert result["usage"]["prompt_tokens"] == answer.usage.prompt_tokens
+    raw = qwen2(["run", "--url", server, MODEL, "--raw", *SHELL_GREEDY], "Once upon")
+    plain = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, **GREEDY)
+    assert (raw.returncode, raw.stdout) == (0, plain.choices[0].text)
+    wrong = qwen2(["run", "--url", server, "-m", "nothing", "hi"])
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: the server answered 404")
+
+
+def test_chat_url_keeps_the_conversation(client, server):
+    done = qwen2(["chat", "--url", server, *SHELL_GREEDY], "Hi\nTell me a joke.\n")
+    assert done.returncode == 0, done.stderr
+    first = chat(client, [{"role": "user", "content": "Hi"}], max_tokens=10).choices[0].message.content
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first}]
+    second = chat(client, [*turns, {"role": "user", "content": "Tell me a joke."}], max_tokens=10)
+    assert done.stdout == f"{first}\n{second.choices[0].message.content}\n"
 
 
 def test_missing_model_name_is_404(client):
