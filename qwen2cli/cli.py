@@ -434,16 +434,21 @@ def quantize(
     settings.check_model(config)  # before torch and the weights load
     base = model if model and not Path(model).expanduser().exists() else model_dir.name  # alias/repo, else dir name
     name = f"{base.replace('/', '--').split(':')[0]}:{settings.label}"
-    from .checkpoint import keep_freed_memory  # torch loads from here on
-    from .generate import load_engine
-    from .quantization.pipeline import quantize_model
+    from .progress import Step
 
-    keep_freed_memory()
-    # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16 and
-    # would be 30 GB in float32, so a 7B quantizes on a 24 GB machine
-    stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
-    engine = load_engine(model_dir, LoadOptions(device=device, dtype=stored))
     with ProgressBars() as bars:
+        loading = Step(f"loading {model_dir.name}", "models")
+        bars.update(loading, 0, 0)  # no measure of how far: the bar pulses
+        from .weights import keep_freed_memory  # torch loads from here on
+        from .generate import load_engine
+        from .quantization.pipeline import quantize_model
+
+        keep_freed_memory()
+        # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16
+        # and would be 30 GB in float32, so a 7B quantizes on a 24 GB machine
+        stored = config.torch_dtype if config.torch_dtype in ("bfloat16", "float16") else "float32"
+        engine = load_engine(model_dir, LoadOptions(device=device, dtype=stored))
+        bars.update(loading, 1, 1)
 
         def run_quantize(target: Path) -> Path:
             return quantize_model(engine, target, settings=settings, replace_output=force, progress=bars.update)

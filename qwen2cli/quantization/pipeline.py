@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import BadCheckpoint
 from ..generate import Engine
+from ..progress import Progress, Step
 from .awq_layer import awq_layer
 from .calibration import calibration_batches, default_calibration_text
 from .gptq_layer import gptq_layer
@@ -34,12 +34,16 @@ def quantize_model(
     *,
     settings: QuantizeSettings,
     replace_output: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Quantize every decoder Linear as `settings` say (checked against the model by settings.check_model), each
     layer fed by the already-quantized layers before it; save to `out_dir` (`replace_output`: a model already
-    there is replaced)."""
+    there is replaced). `progress` hears of calibrating (samples), quantizing (layers) and saving (bytes)."""
     from ..quant.linear import quantize_linear
+
+    def report(step: Step, done: int, total: int) -> None:
+        if progress is not None:
+            progress(step, done, total)
 
     method, quant_config = settings.method, settings.quant_config
     model = engine.loaded.model
@@ -48,10 +52,15 @@ def quantize_model(
     with torch.inference_mode():
         hidden = rope = None
         if method in ("gptq", "awq"):
+            calibrating = Step("calibration samples", "samples")
+            report(calibrating, 0, settings.samples)
             text = settings.calibration or default_calibration_text()
             batches = calibration_batches(engine, text, samples=settings.samples, seq_len=settings.seq_len)
             hidden = model.model.embed_tokens(batches.to(engine.loaded.device)).float()
             rope = model._rope_tables(0, settings.seq_len, hidden.device)
+            report(calibrating, len(batches), len(batches))
+        quantizing = Step(f"quantizing ({settings.label})", "layers")
+        report(quantizing, 0, len(layers))
         for index, layer in enumerate(layers):
             layer.float()  # layers wait in the checkpoint's dtype (views of its files): one float32 layer at a time
             if hidden is not None:
@@ -66,12 +75,13 @@ def quantize_model(
                     name: quantize_linear(linear, quant_config) for name, linear in linears_to_quantize(layer).items()
                 }
             replace_modules(layer, packed)
-            if progress is not None:
-                progress(f"quantizing ({settings.label})", index + 1, len(layers))
-    return save_quantized(engine, out_dir, quant_config, replace=replace_output)
+            report(quantizing, index + 1, len(layers))
+    return save_quantized(engine, out_dir, quant_config, replace=replace_output, progress=progress)
 
 
-def save_quantized(engine: Engine, out_dir: Path, quant_config, *, replace: bool = False) -> Path:
+def save_quantized(
+    engine: Engine, out_dir: Path, quant_config, *, replace: bool = False, progress: Progress | None = None
+) -> Path:
     """A complete model directory: config.json with quantization_config, quantize_config.json, safetensors, tokenizer.
     Written beside `out_dir` and renamed into place; `replace`: a model already there is replaced (output_dir.py)."""
     from ..checkpoint import save_weights
@@ -82,7 +92,12 @@ def save_quantized(engine: Engine, out_dir: Path, quant_config, *, replace: bool
             state = engine.loaded.model.state_dict()  # the tensors themselves: each is made float16 as it is written
             if engine.config.tie_word_embeddings:
                 state.pop("lm_head.weight", None)
-            save_weights(state, staging / "model.safetensors", float_dtype=torch.float16)
+            save_weights(
+                state,
+                staging / "model.safetensors",
+                float_dtype=torch.float16,
+                progress=None if progress is None else lambda done, total: progress(Step("saving"), done, total),
+            )
             raw = json.loads((engine.model_dir / "config.json").read_text())
             raw.update(quantization_config=quant_config.to_hf(), torch_dtype="float16")
             raw.pop("dtype", None)
