@@ -439,9 +439,10 @@ def quantize(
     with ProgressBars() as bars:
         loading = Step(f"loading {model_dir.name}", "models")
         bars.update(loading, 0, 0)  # no measure of how far: the bar pulses
-        from .weights import keep_freed_memory  # torch loads from here on
+        # torch loads from here on
         from .generate import load_engine
         from .quantization.pipeline import quantize_model
+        from .weights import keep_freed_memory
 
         keep_freed_memory()
         # in the checkpoint's own dtype, each layer made float32 in its turn: a 7B's weights are 15 GB in bfloat16
