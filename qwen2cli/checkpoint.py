@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import Qwen2Config, load_config, with_context
 from .errors import BadCheckpoint, BadInput
 from .load_options import DEFAULT_LOAD, LoadOptions
 from .model import Qwen2ForCausalLM
+from .quantized_load import (
+    block_modules,
+    block_tensor_names,
+    finish_quantized_modules,
+    fuse_projections,
+    install_int8_head,
+    quantizable_linears,
+    quantize_at_load,
+    swap_quantized_modules,
+)
+from .weights import read_state_dict, release_freed_memory, tensor_homes, weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,112 +58,9 @@ def resolve_dtype(dtype: str, config: Qwen2Config, device: torch.device) -> torc
     return torch.float32 if config.torch_dtype == "float32" else torch.bfloat16
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files (single or sharded); pickle checkpoints are refused."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise BadCheckpoint(f"cannot read {index}: {exc}") from exc
-        files = [model_dir / name for name in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise BadCheckpoint(f"{model_dir} is missing shards named in its index: {', '.join(missing[:3])}")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        return files
-    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pth")):
-        raise BadCheckpoint(
-            f"{model_dir} holds only pickle (*.bin/*.pt) weights, which can run arbitrary code when loaded; "
-            "qwen2cli loads safetensors only (convert with transformers' save_pretrained(safe_serialization=True))"
-        )
-    raise BadCheckpoint(f"{model_dir} has no *.safetensors weights")
-
-
-OWN_MAPPING_BYTES = 1 << 22  # tensors read through a mapping of their own when converted or transient
-Target = Callable[[str, torch.Tensor], tuple[torch.dtype, torch.device]]
-
-
-def read_state_dict(
-    files: list[Path],
-    target: Target | None = None,
-    transient: frozenset[str] = frozenset(),
-    skip: frozenset[str] = frozenset(),
-) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors files; a corrupt or truncated file is a BadCheckpoint.
-
-    `target(name, tensor)` says the dtype and device each tensor is used in. One already so stays a memory-mapped,
-    zero-copy view. One converted, or named in `transient` (read once, then dropped), is read through a mapping of
-    its own, so the pages read for it leave memory with it instead of staying resident in the one mapping that the
-    kept views hold open. Names in `skip` are not read."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    if name in skip:
-                        continue
-                    tensor = handle.get_tensor(name)  # a view: none of its pages is read yet
-                    dtype, device = (tensor.dtype, tensor.device) if target is None else target(name, tensor)
-                    if (dtype, device) == (tensor.dtype, tensor.device) and name not in transient:
-                        tensors[name] = tensor
-                    elif tensor.nbytes < OWN_MAPPING_BYTES:  # small: not worth a mapping (~2 ms each)
-                        tensors[name] = tensor.to(device=device, dtype=dtype)
-                    else:
-                        with safe_open(str(path), framework="pt", device="cpu") as own:
-                            tensors[name] = own.get_tensor(name).to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise corrupt(path, exc) from exc
-    return tensors
-
-
-def corrupt(path: Path, exc: Exception) -> BadCheckpoint:
-    """The one message for a weight file that cannot be read."""
-    return BadCheckpoint(f"{path.name} is corrupt or truncated ({' '.join(str(exc).split())[:120]})")
-
-
-def tensor_homes(files: list[Path]) -> dict[str, Path]:
-    """Which file holds each tensor (the files' headers only)."""
-    home = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                home.update((name, path) for name in handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise corrupt(path, exc) from exc
-    return home
-
-
 def _target(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.device]:
     """Floating tensors in the compute dtype; integer (packed) tensors keep theirs."""
     return (dtype if tensor.is_floating_point() else tensor.dtype), device
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc): loading frees hundreds of MB of temporaries in
-    pieces that malloc would otherwise keep, counted in the process's resident memory."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-            pass
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it: calibration forwards allocate and free
-    tensors of tens of MB per batch, each above malloc's mmap threshold (32 MB at most), so every one was a fresh
-    mmap whose pages faulted in zeroed (17.8 million page faults in a 32 x 512 GPTQ run, 31 s of system time).
-    For this process only (the quantize command); False where the C library has no mallopt (not glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedModel:
@@ -176,13 +81,9 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
         model = Qwen2ForCausalLM(config)
     quantized = config.quantization_config is not None
     if quantized:
-        from .quantized_load import swap_quantized_modules
-
         swap_quantized_modules(model, config, dtype=torch_dtype)
     blocks: dict = {}
     if quantized:
-        from .quantized_load import block_modules
-
         blocks = block_modules(config)  # a GGUF import's: its head is stored quantized already
     int8_head = (
         not options.float_head and torch_device.type == "cpu" and (quantized or load_in is not None)
@@ -190,8 +91,6 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
     head_names: frozenset[str] = frozenset()
     home = tensor_homes(files) if quantized or int8_head else {}  # read once for the head and for repacking
     if int8_head:
-        from .quantized_load import install_int8_head
-
         head_names = install_int8_head(model, config, home)
     # On CPU an untied embedding table keeps its stored dtype (rows are cast as they are looked up): it stays a
     # view of the file, and only the rows a prompt uses are ever read into memory
@@ -199,14 +98,10 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
         {"model.embed_tokens.weight"} if torch_device.type == "cpu" and not config.tie_word_embeddings else set()
     )
     if blocks:
-        from .quantized_load import block_tensor_names
-
         lookup_only |= block_tensor_names(blocks)  # the kernels read them as stored
     # --load-in: each float Linear weight is read once, quantized, then dropped
     transient: frozenset[str] = frozenset()
     if load_in is not None:
-        from .quantized_load import quantizable_linears
-
         transient = frozenset(f"{name}.weight" for name in quantizable_linears(model))
     state = read_state_dict(
         files,
@@ -236,16 +131,11 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
     if config.tie_word_embeddings and not int8_head and "lm_head" not in blocks:
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantized:
-        from .quantized_load import finish_quantized_modules
-
         finish_quantized_modules(model, home)
     if load_in is not None:
-        from .quantized_load import quantize_at_load
-
         quantize_at_load(model, load_in, device=torch_device)
     if quantized or load_in is not None:
         from .native_decode import NativeDecoder
-        from .quantized_load import fuse_projections
 
         fuse_projections(model)
         model.fast_decode = NativeDecoder.build(model)

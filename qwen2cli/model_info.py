@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import weight_files
 from .config import load_config
 from .errors import BadCheckpoint, BadInput
 from .memory import kv_bytes_per_token
+from .weights import weight_files
 
 
 def parameter_count(config) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import Qwen2Config
 from .errors import BadCheckpoint, MissingDependency
+from .weights import corrupt, release_freed_memory
 
 PACKED = ("qweight", "qzeros", "g_idx")  # what QuantLinear.post_load reads
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
@@ -104,13 +105,12 @@ def use_kernel_cache() -> None:
 def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = None) -> None:
     """Convert loaded packed weights once into the fastest kernel layout for their device.
 
-    With `home` (which checkpoint file holds each tensor: checkpoint.tensor_homes), the packed integers are read
+    With `home` (which checkpoint file holds each tensor: weights.tensor_homes), the packed integers are read
     for this through mappings of their own, dropped every RELEASE_EVERY Linears: the modules' buffers (memory-mapped
     views, kept for the reference path and for saving) are then never read, and stay out of resident memory beside
     the kernels' copy."""
     from safetensors import safe_open
 
-    from .checkpoint import release_freed_memory
     from .quant.linear import QuantLinear
 
     use_kernel_cache()
@@ -134,7 +134,6 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
 
 def fuse_projections(model: nn.Module) -> None:
     """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.linear.fuse_native)."""
-    from .checkpoint import release_freed_memory
     from .model import MLP, Attention, Fused
     from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
 
@@ -166,7 +165,6 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Pat
     and with tied weights the embedding's), which loading then need not read."""
     from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import corrupt
     from .quant.head import Int8Lookup, Int8Rows
 
     use_kernel_cache()  # the head is the first to ask for the kernels: built once into the store, not per process
@@ -202,7 +200,6 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
     channel or int4 in groups of 128 (asymmetric), on torch's packed CPU kernels. Returns what was used, for `info`."""
     if device.type == "cuda":
         return _bitsandbytes(model, load_in, keeps_float)
-    from .checkpoint import release_freed_memory
     from .quant.config import QuantConfig
     from .quant.linear import quantize_linear
 

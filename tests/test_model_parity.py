@@ -114,7 +114,7 @@ def test_read_state_dict_gives_the_stored_values(tiny_model):
     safetensors' own loader reads."""
     from safetensors.torch import load_file
 
-    from qwen2cli.checkpoint import read_state_dict
+    from qwen2cli.weights import read_state_dict
 
     path = tiny_model / "model.safetensors"
     reference = load_file(str(path))

@@ -1327,7 +1327,7 @@ def test_quantize_keeps_freed_memory_for_reuse():
     faults them in for the first 5 and then never again); by default each is a fresh mmap faulted in anew."""
     script = """
 import resource, sys, torch
-from qwen2cli.checkpoint import keep_freed_memory
+from qwen2cli.weights import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():
