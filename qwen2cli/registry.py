@@ -19,8 +19,8 @@ else:  # pragma: no cover - Python 3.10
 
 from . import store
 from .errors import BadInput, DownloadError, ModelNotFound
+from .progress import Progress
 
-Progress = Callable[[str, int, int], None]
 Notice = Callable[[str], None]
 
 

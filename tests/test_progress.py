@@ -55,3 +55,18 @@ def test_quantize_on_a_pipe_writes_nothing_but_the_path(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout == f"{(tmp_path / 'out').resolve()}\n"
+
+
+def test_download_shows_each_file_and_its_verification_in_bytes(tiny_model, tmp_path):
+    from devtools.hub_server import HubServer, HubState
+
+    state = HubState()
+    state.add_directory("Qwen/Tiny-Test", tiny_model)
+    with HubServer(state) as server:
+        shown = on_a_terminal(
+            ["download", "Qwen/Tiny-Test"], tmp_path / "home", TERM="xterm", HF_ENDPOINT=server.url, NO_COLOR="1"
+        )
+    size = (tiny_model / "model.safetensors").stat().st_size
+    assert re.search(r"model\.safetensors\s.*kB", shown), shown  # the transfer, in bytes
+    assert re.search(r"verifying model\.safetensors\s.*kB", shown), shown
+    assert f"{size / 1000:.1f}/{size / 1000:.1f} kB" in shown
