@@ -3,6 +3,7 @@ into a fresh sibling directory and renamed into place, so nothing the user had t
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,10 +21,12 @@ def _is_checkpoint(path: Path) -> bool:
 
 def check_output_dir(out: str | Path, *, replace: bool, source: Path | None = None) -> Path:
     """The absolute directory to write, refused (BadInput) when writing it could lose something: a file in its
-    place, the model being read (`source`), or a non-empty directory, unless `replace` and it is a checkpoint."""
+    place, the model being read (`source`), or a non-empty directory, unless `replace` and it is a checkpoint.
+    What a killed earlier writer left beside it is cleaned up first (_recover)."""
     target = Path(out).expanduser().resolve()
     if target.parent == target:
         raise BadInput(f"cannot write a model to {target}: choose a new directory")
+    _recover(target)
     if Path.cwd().resolve().is_relative_to(target):
         raise BadInput(f"--out {out} is the current directory or holds it: choose a new directory")
     if source is not None and target == Path(source).expanduser().resolve():
@@ -44,6 +47,21 @@ def check_output_dir(out: str | Path, *, replace: bool, source: Path | None = No
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write in {parent}: permission denied")
     return target
+
+
+def _recover(target: Path) -> None:
+    """Undo what a killed writer of `target` left beside it: its unfinished directory is deleted; the model it had
+    moved aside is put back when nothing took its place (deleted when the new one did)."""
+    from .store import process_alive
+
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        kind, _, pid = sibling.name[len(target.name) + 2 :].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or process_alive(int(pid)) or not sibling.is_dir():
+            continue
+        if kind == "old" and not target.exists():
+            sibling.rename(target)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 @contextmanager

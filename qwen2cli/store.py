@@ -137,10 +137,11 @@ def install_lock(name: str) -> Iterator[None]:
         handle.close()
 
 
-_LEFTOVER = re.compile(r"\.staging-.+-(\d+)-\d+|\.old-.+-(\d+)")  # staging(): name, pid, ns; commit(): name, pid
+_STAGING = re.compile(r"\.staging-.+-(\d+)-\d+")  # staging(): name, pid, ns
+_REPLACED = re.compile(r"\.old-(.+)-(\d+)")  # commit(): the entry it replaces, moved aside, and the pid
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process with this id exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
@@ -152,15 +153,25 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_staging() -> list[Path]:
-    """Delete the staging and replaced-entry directories of processes that no longer run (killed mid-install);
-    returns what was removed. A live process's directories are left alone."""
+    """Clean up after processes killed mid-install: their staging directories are deleted, and an entry they had
+    moved aside to replace is put back if its replacement never arrived (deleted if it did). A live process's
+    directories are left alone. Returns the directories deleted."""
     root = paths.models_dir()
     removed = []
     for child in root.iterdir() if root.is_dir() else ():
-        match = _LEFTOVER.fullmatch(child.name)
-        if match and child.is_dir() and not _alive(int(match.group(1) or match.group(2))):
+        staging_match, replaced_match = _STAGING.fullmatch(child.name), _REPLACED.fullmatch(child.name)
+        if not child.is_dir() or not (staging_match or replaced_match):
+            continue
+        if staging_match and not process_alive(int(staging_match.group(1))):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
+        elif replaced_match and not process_alive(int(replaced_match.group(2))):
+            entry = root / replaced_match.group(1)
+            if entry.exists():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            else:
+                child.rename(entry)
     return removed
 
 

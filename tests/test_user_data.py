@@ -158,18 +158,40 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_staging_of_a_dead_process_is_removed_by_the_next_store_command(tmp_path):
+def test_staging_of_a_dead_process_is_removed_by_the_next_store_command(tiny_model, tmp_path):
     models = tmp_path / "home" / "models"
     dead, alive = dead_pid(), os.getpid()
-    leftovers = [models / f".staging-Qwen--big-{dead}-123456", models / f".old-some-model-7-{dead}"]
-    working = models / f".staging-other-{alive}-987"
-    for directory in (*leftovers, working):
+    shutil.copytree(tiny_model, models / "replaced-model-7")
+    leftovers = [models / f".staging-Qwen--big-{dead}-123456", models / f".old-replaced-model-7-{dead}"]
+    working = [models / f".staging-other-{alive}-987", models / f".old-replacing-{alive}"]
+    for directory in (*leftovers, *working):
         directory.mkdir(parents=True)
         (directory / "model.safetensors").write_bytes(b"\0" * 4096)
     done = qwen2("list", home=tmp_path / "home")
     assert done.returncode == 0, done.stderr
     assert not any(path.exists() for path in leftovers)
-    assert (working / "model.safetensors").is_file()  # a live process's install in progress is left alone
+    assert all((path / "model.safetensors").is_file() for path in working)  # a live process's work is left alone
+    assert (models / "replaced-model-7" / "config.json").is_file()
+
+
+def test_an_entry_moved_aside_by_a_killed_install_is_put_back(tiny_model, tmp_path):
+    models = tmp_path / "home" / "models"
+    shutil.copytree(tiny_model, models / f".old-tiny-{dead_pid()}")  # killed before its replacement arrived
+    done = qwen2("list", "--json", home=tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    assert [row["name"] for row in json.loads(done.stdout)] == ["tiny"]
+    assert tree(models / "tiny") == tree(tiny_model)
+
+
+def test_quantize_puts_back_a_model_a_killed_quantize_had_moved_aside(tiny_model, tmp_path):
+    out = tmp_path / "q4"
+    dead = dead_pid()
+    shutil.copytree(tiny_model, tmp_path / f".q4.old-{dead}")  # the user's model, moved aside, never replaced
+    (tmp_path / f".q4.partial-{dead}").mkdir()  # the killed run's unfinished output
+    (tmp_path / f".q4.partial-{dead}" / "model.safetensors").write_bytes(b"half")
+    refused(qwen2(*QUANTIZE, str(tiny_model), "--out", str(out), home=tmp_path / "home"), "not empty")
+    assert tree(out) == tree(tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q4")) == []
 
 
 def test_list_shows_sizes_on_disk(tiny_model, tmp_path):
