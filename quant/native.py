@@ -2,9 +2,10 @@
 quant/attention.c's prompt attention (AVX-512 builds), compiled with the system's C compiler at first use.
 
 torch's CPU int4 and int8 kernels compute bfloat16 products and stream weights slowly on AVX2 (docs/performance.md);
-qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache directory (the
-caller's, else a private temporary one), loaded with ctypes; absent (None) where there is no compiler, no AVX2/FMA,
-not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels."""
+qgemv.c quantizes the activations to int8 and multiplies bytes as llama.cpp does. Built once per source into a cache
+directory (the caller's, else a private temporary one), loaded with ctypes; absent (None) where there is no compiler,
+no AVX2/FMA, not x86-64, or QWEN2_NATIVE=0: callers then keep torch's kernels. A compiler that fails (or is missing
+on a CPU that could run the kernels) is told once as a KernelBuildWarning carrying the compiler's output."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +28,21 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # where the CPU has them: two blocks of 32 codes per 512-bit vpdpbusd (qgemv.c's rows_dot512)
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 cache_dir: Path | None = None  # set by the application (qwen2cli: QWEN2_HOME/cache/kernels)
+FALLBACK = "using torch's kernels"
+
+
+class KernelBuildWarning(RuntimeWarning):
+    """The native kernels could not be built or loaded, so torch's kernels run instead; `output` holds what the
+    compiler said."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def _warn_unavailable(reason: str, output: str = "") -> None:
+    """Say once (one message text, one place) why the native kernels are not used."""
+    warnings.warn(KernelBuildWarning(f"native CPU kernels unavailable ({reason}); {FALLBACK}", output), stacklevel=3)
 
 
 def native_flags() -> tuple[str, ...]:
@@ -47,8 +64,12 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     """The kernels compiled with `flags` (cached per flags and source); None where they cannot run here."""
     if os.environ.get("QWEN2_NATIVE") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if compiler is None or not _cpu_has("avx2", "fma", "f16c"):
+    if not _cpu_has("avx2", "fma", "f16c"):
+        return None
+    asked = os.environ.get("CC", "gcc")
+    compiler = shutil.which(asked) or shutil.which("cc")
+    if compiler is None:
+        _warn_unavailable(f"no C compiler: {asked} not found")
         return None
     digest = hashlib.sha256(
         b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(flags).encode()
@@ -62,14 +83,20 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         if not target.exists():
             directory.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.{os.getpid()}")
-            subprocess.run(
-                [compiler, *flags, *map(str, SOURCES), "-o", str(partial)], check=True, capture_output=True, timeout=120
+            built = subprocess.run(
+                [compiler, *flags, *map(str, SOURCES), "-o", str(partial)], capture_output=True, text=True, timeout=120
             )
+            if built.returncode != 0:
+                partial.unlink(missing_ok=True)
+                reason = f"{Path(compiler).name} failed with exit status {built.returncode}"
+                _warn_unavailable(reason, (built.stdout + built.stderr).strip())
+                return None
             os.replace(partial, target)  # atomic: another process may be building the same file
         library = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the OpenMP runtime both use
         if private:
             shutil.rmtree(directory, ignore_errors=True)  # the loaded mapping outlives the file
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        _warn_unavailable(f"build or load failed: {' '.join(str(exc).split())[:160]}")
         return None
     if not library.q4_supported():
         return None

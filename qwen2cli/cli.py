@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -516,6 +517,25 @@ def main() -> None:
     _leave(_run_app())
 
 
+def _warning_printer(python_show: Any) -> Any:
+    """A warnings.showwarning that prints a failed build of the native kernels as one line on stderr (with the
+    compiler's output under QWEN2_DEBUG=1) and leaves any other warning to `python_show`."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        native = sys.modules.get("qwen2cli.quant.native")  # loaded by then if the warning is its own
+        if native is None or not issubclass(category, native.KernelBuildWarning):
+            python_show(message, category, filename, lineno, file, line)
+            return
+        output = getattr(message, "output", "")
+        debug = os.environ.get("QWEN2_DEBUG") == "1"
+        hint = " (QWEN2_DEBUG=1 shows the compiler's output)" if output and not debug else ""
+        sys.stderr.write(f"warning: {message}{hint}\n")
+        if output and debug:
+            sys.stderr.write(output.rstrip() + "\n")
+
+    return show
+
+
 def _run_app() -> int:
     """The app's exit code; every failure is reported as one line on stderr."""
     from typer import Abort, Exit
@@ -526,7 +546,9 @@ def _run_app() -> int:
         from click.exceptions import ClickException, NoArgsIsHelpError
 
     try:
-        result = app(standalone_mode=False)
+        with warnings.catch_warnings():  # restores Python's own printer on the way out
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            result = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:  # its message is the help, or empty where rich has already printed it
         if exc.format_message().strip():
             sys.stdout.write(exc.format_message() + "\n")
