@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
 from qwen2cli import quant
 from qwen2cli.load_options import LoadOptions
+from qwen2cli.model import DecoderLayer, Qwen2ForCausalLM
 from qwen2cli.quant.config import QuantConfig
 from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
 from qwen2cli.quant.linear import (
@@ -31,6 +33,15 @@ from qwen2cli.quant.rtn import quantize_rtn
 
 # CPU int4/int8: quant/qgemv.c where it builds (test_native_kernel_builds_where_it_can says where that must be)
 NATIVE = native_library() is not None
+
+
+def decoder_layers(model: Qwen2ForCausalLM) -> list[DecoderLayer]:
+    """The model's decoder layers, as the DecoderLayers they are."""
+    layers = list(model.model.layers)
+    assert all(isinstance(layer, DecoderLayer) for layer in layers)
+    return cast(list[DecoderLayer], layers)
+
+
 INT4_CPU_KERNEL = "q4-native-cpu" if NATIVE else "int4pack-cpu"
 INT8_CPU_KERNEL = "q8-native-cpu" if NATIVE else "int8pack-cpu"
 
@@ -90,7 +101,7 @@ def test_awq_pack_round_trip_and_independent_reader(group):
     codes, scales, zeros = quantize_rtn(weight, bits=4, group_size=group, sym=False)
     qweight, qzeros = pack_awq(codes, zeros)
     assert qweight.shape == (128, 2) and qzeros.shape == (128 // group, 2)
-    assert all(torch.equal(a, b) for a, b in zip(unpack_awq(qweight, qzeros), (codes, zeros)))
+    assert all(torch.equal(a, b) for a, b in zip(unpack_awq(qweight, qzeros), (codes, zeros), strict=True))
     layer = QuantLinear.from_quantized(
         codes,
         scales,
@@ -241,11 +252,13 @@ def test_int4pack_cpu_layout_read_back(out_features, in_features):
     """The codes come back out of torch's CPU int4 packing (Qwen2-0.5B's shapes among them; tiles of 32 rows in
     torch's AVX2 builds, 64 in its AVX-512 ones), so long inputs can use the one packed copy instead of keeping a
     second."""
-    assert int4pack_cpu_layout_known(out_features, in_features) == (out_features % int4pack_cpu_tile() == 0)
+    tile = int4pack_cpu_tile()
+    assert tile is not None, "torch's CPU int4 packing has neither known tile layout here"
+    assert int4pack_cpu_layout_known(out_features, in_features) == (out_features % tile == 0)
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-    if out_features % int4pack_cpu_tile() == 0:
-        assert torch.equal(unpack_int4pack_cpu(packed, out_features, in_features, int4pack_cpu_tile()).int(), codes)
+    if out_features % tile == 0:
+        assert torch.equal(unpack_int4pack_cpu(packed, out_features, in_features, tile).int(), codes)
 
 
 @pytest.mark.parametrize("size", [300, 2100])  # LAPACK's three calls below 2048, the recursion from there
@@ -452,7 +465,7 @@ def test_awq_clips_each_linear_on_its_inputs_after_scaling(tiny_model, monkeypat
         before = run_layer(layer, hidden, rope, config)
         awq_layer(layer, hidden, rope, config, quant_config, clip=True)
         linears = linears_to_quantize(layer)
-        seen = {name: [] for name in linears}
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
         handles = [
             linear.register_forward_pre_hook(
                 lambda module, args, n=name: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).clone())
@@ -489,7 +502,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
 
     engine = load_engine(tiny_model, LoadOptions(device="cpu", dtype="float32"))
     model, config = engine.loaded.model, engine.config
-    attention = model.model.layers[0].self_attn
+    attention = decoder_layers(model)[0].self_attn
     linears = [attention.q_proj, attention.k_proj, attention.v_proj]
     own = [linear.weight.detach().clone() for linear in linears]
     inputs = [torch.randn(2, 16, config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -508,7 +521,7 @@ def test_awq_scores_attention_scales_on_the_attention_output(tiny_model):
         q_error = error([own[0] * 1.5, own[1], own[2]])  # sharper attention: a real, partial change
         assert 0 < q_error < 1
         assert error([own[0] * 1.5, own[1], own[2]]) == q_error
-    for linear, weight in zip(linears, own):
+    for linear, weight in zip(linears, own, strict=True):
         assert torch.equal(linear.weight, weight)
 
 
@@ -723,7 +736,7 @@ def test_quantizing_a_bfloat16_checkpoint_holds_one_float32_layer_at_a_time(tiny
     config.pop("dtype", None)
     (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
     settings = QuantizeSettings(method=method, bits=4, group_size=32, sym=False, desc_act=False, samples=4, seq_len=32)
-    later_dtypes = []
+    later_dtypes: list[torch.dtype] = []
     engine = load_engine(bf16, LoadOptions(device="cpu", dtype="bfloat16"))
     layers = engine.loaded.model.model.layers
 
@@ -930,7 +943,7 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
         pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
     loaded = load_model(tiny_model, LoadOptions(device="cpu", dtype=dtype))
     model = loaded.model
-    for block in model.model.layers:  # sharper attention than random weights give: positions must matter
+    for block in decoder_layers(model):  # sharper attention than random weights give: positions must matter
         for projection in (block.self_attn.q_proj, block.self_attn.k_proj):
             projection.weight = torch.nn.Parameter(projection.weight * 3, requires_grad=False)
     quantize_at_load(model, load_in, device=torch.device("cpu"))
@@ -958,7 +971,7 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     exact, python, native_logits = run("exact"), run("python"), run("native")
     # the first layer's keys and values (rotated, biased, in their slots) are the same whatever the path: its
     # inputs are the embeddings; bfloat16 caches round both alike
-    for ours, theirs in zip(first_layer["native"], first_layer["python"]):
+    for ours, theirs in zip(first_layer["native"], first_layer["python"], strict=True):
         tolerance = 2e-2 if dtype == "bfloat16" else 1e-5  # bfloat16: the Python path rounds after each op
         torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * theirs.abs().max().item())
 
@@ -1019,7 +1032,12 @@ def test_int8_rows_quantize_in_chunks_and_compute_what_they_stand_for():
     table = torch.randn(rows, cols, generator=generator) * torch.logspace(-3, 0, rows)[:, None]
     table[7] = 0  # an all-zero row quantizes to zeros, not NaN
     reads = []
-    head = Int8Rows.from_rows(lambda begin, end: reads.append((begin, end)) or table[begin:end].half(), rows, cols)
+
+    def read(begin: int, end: int) -> torch.Tensor:
+        reads.append((begin, end))
+        return table[begin:end].half()
+
+    head = Int8Rows.from_rows(read, rows, cols)
     assert reads == [(0, QUANTIZE_ROWS), (QUANTIZE_ROWS, rows)]
     stored = table.half().float()
     torch.testing.assert_close(head.scales, stored.abs().amax(dim=1).clamp(min=1e-10) / 127)
@@ -1138,6 +1156,7 @@ def test_native_exp_is_within_two_ulp_of_exp():
     """The C layer's SiLU and softmax use their own 8-wide exp: against float64 exp over the range where float32's
     exp is finite and normal, within 2 ulp; clamped outside it (tiny stays tiny, overflow stays huge)."""
     library = native_library()
+    assert library is not None
     x = torch.cat(
         [torch.linspace(-87.3, 88.37, 200_000), torch.tensor([-1e4, -200.0, -88.0, 89.0, 200.0, 1e4, 0.0, 1.0])]
     )
@@ -1250,6 +1269,7 @@ def test_prefill_attention_kernel_equals_causal_attention(heads, kv_heads, lengt
     keys = torch.randn(kv_heads, keys_total + 5, head_dim, generator=generator).to(dtype)  # a longer cache
     values = torch.randn(kv_heads, keys_total + 5, head_dim, generator=generator).to(dtype)
     got = prefill_attention(q, keys, values, start)
+    assert got is not None
     group = heads // kv_heads
     k, v = (t[:, :keys_total].double().repeat_interleave(group, dim=0) for t in (keys, values))
     scores = q.double() @ k.transpose(1, 2) / head_dim**0.5  # (heads, length, keys)
@@ -1359,7 +1379,8 @@ def test_mo_catalogues_read_as_gettext_reads_them():
     assert all(catalogues), f"no gettext catalogues under {LOCALE_DIR}: install a system with locales"
     for path in sum(catalogues, []):
         with path.open("rb") as handle:
-            reference = gettext.GNUTranslations(handle)._catalog
+            # the catalogue has no public accessor: its private dict is the reference
+            reference = gettext.GNUTranslations(handle)._catalog  # type: ignore[attr-defined]
         expected = sorted(v for k, v in reference.items() if (k[0] if isinstance(k, tuple) else k) and v)
         assert sorted(mo_translations(path)) == expected, path
     assert len(CALIBRATION_LANGUAGES) >= 10
