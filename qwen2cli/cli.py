@@ -12,6 +12,7 @@ import typer
 
 from .errors import BadInput, OutputClosed, report
 from .load_options import LoadOptions
+from .model_args import local_model, local_model_and_config, model_to_load
 from .options import (
     AttentionOpt,
     CtxOpt,
@@ -58,36 +59,6 @@ def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed,
         seed=seed,
         max_tokens=defaults.max_new_tokens if max_tokens is None else max_tokens,
     )
-
-
-def _resolve(model: str | None):
-    """MODEL -> a local directory, with progress bars while anything is fetched or imported."""
-    from .console import ProgressBars
-    from .registry import resolve_model
-
-    with ProgressBars() as bars:
-        return resolve_model(model, progress=bars.update, notice=bars.notice)
-
-
-def _resolve_config(model: str | None):
-    """MODEL -> (directory, its Qwen2Config): a missing model or a missing or foreign config.json is reported
-    before torch loads (a second or two here), not after."""
-    from .config import load_config
-
-    model_dir = _resolve(model)
-    return model_dir, load_config(model_dir)
-
-
-def _resolve_to_load(model: str | None, options: LoadOptions):
-    """MODEL -> (directory, its Qwen2Config), saying on stderr when the asked-for context rescales RoPE."""
-    from .config import context_notice
-    from .console import dim
-
-    model_dir, config = _resolve_config(model)
-    notice = context_notice(config, options.ctx, attention=options.attention)
-    if notice is not None:
-        dim(notice)
-    return model_dir, config
 
 
 def _read_stdin(*, strict: bool = False) -> str:
@@ -161,7 +132,7 @@ def run(
         elif sys.stdout.isatty():
             write_answer("\n")
         return
-    model_dir, _ = _resolve_to_load(model, options)
+    model_dir, _ = model_to_load(model, options)
     from .runner import answer_once  # torch loads here
 
     result = answer_once(
@@ -238,15 +209,14 @@ def chat(
             run_chat(cast(Any, remote), model_name=server.model, strict=strict, first_message=first_message)
         )
     from .generate import load_engine
-    from .session import ChatSession, read_transcript
-
     from .registry import split_model_and_prompt
+    from .session import ChatSession, read_transcript
 
     model, first_message = split_model_and_prompt(model, None, model=model_option)
     transcript = read_transcript(Path(load)) if load else None
     if model is None and transcript is not None:
         model = transcript.get("model")
-    engine = load_engine(_resolve_to_load(model, options)[0], options)
+    engine = load_engine(model_to_load(model, options)[0], options)
     params = _sampling(
         engine,
         temperature=temperature,
@@ -273,7 +243,7 @@ def tokenize(model: ModelArg = None, json_output: JsonOpt = False) -> None:
     from .console import print_json, write_answer
     from .tokenizer import Qwen2Tokenizer
 
-    ids = Qwen2Tokenizer.from_dir(_resolve(model)).encode(_read_stdin())
+    ids = Qwen2Tokenizer.from_dir(local_model(model)).encode(_read_stdin())
     if json_output:
         print_json(ids)
     else:
@@ -293,7 +263,7 @@ def info(
     from .console import print_json
     from .model_info import describe
 
-    facts = describe(_resolve(model), memory=memory)
+    facts = describe(local_model(model), memory=memory)
     if json_output:
         print_json(facts)
     else:
@@ -319,7 +289,7 @@ def bench(
     options = LoadOptions(device=device, dtype=dtype, load_in=load_in, float_head=float_head)
     if prompt_tokens < 1 or new_tokens < 1:
         raise BadInput("-p and -n must be at least 1")
-    model_dir, _ = _resolve_to_load(model, options)
+    model_dir, _ = model_to_load(model, options)
     from .bench import as_dict, run_bench  # torch loads here
 
     result = as_dict(run_bench(model_dir, options, prompt_tokens=prompt_tokens, new_tokens=new_tokens))
@@ -427,7 +397,7 @@ def quantize(
         seq_len=seq_len,
         calib=Path(calib) if calib else None,
     )
-    model_dir, config = _resolve_config(model)
+    model_dir, config = local_model_and_config(model)
     if out:  # an output that would lose something is refused before the minutes of work, and checked again at the end
         from .output_dir import check_output_dir
 
@@ -493,7 +463,7 @@ def perplexity_command(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
-    model_dir, _ = _resolve_to_load(model, options)
+    model_dir, _ = model_to_load(model, options)
     from .generate import load_engine  # torch loads here
     from .perplexity import perplexity
 

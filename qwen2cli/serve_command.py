@@ -72,8 +72,8 @@ def serve(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
-    from .cli import _resolve_to_load
     from .console import dim
+    from .model_args import model_to_load
 
     check_server_packages()
     if parallel < 1:
@@ -86,7 +86,7 @@ def serve(
     )  # fmt: skip
     if not is_loopback(host) and api_key is None:
         dim(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")
-    model_dir, _ = _resolve_to_load(model, options)
+    model_dir, _ = model_to_load(model, options)
     import uvicorn
 
     from .generate import load_engine
