@@ -78,6 +78,13 @@ def run(
     model_option: ModelOpt = None,
     url: UrlOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
+    json_schema: Annotated[
+        str | None, typer.Option("--json-schema", help="The answer is JSON valid under this schema file (enforced).")
+    ] = None,
+    grammar: Annotated[
+        str | None,
+        typer.Option("--grammar", help="The answer follows this grammar file: Lark (llguidance's dialect) or GBNF."),
+    ] = None,
     json_output: JsonOpt = False,
     strict: StrictOpt = False,
     system: SystemOpt = None,
@@ -110,6 +117,9 @@ def run(
         load_in=load_in,
         float_head=float_head,
     )
+    from .output_grammar import OutputGrammar
+
+    shape = OutputGrammar.from_files(json_schema=json_schema, grammar=grammar)
     server = None
     if url is not None:
         from .remote import connect
@@ -126,7 +136,10 @@ def run(
 
         sampling = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
         on_text = None if json_output else write_answer
-        result = remote_answer(server, text, raw=raw, system=system, sampling=sampling, on_text=on_text)
+        response_format = shape.response_format() if shape is not None else None
+        result = remote_answer(
+            server, text, raw=raw, system=system, sampling=sampling, on_text=on_text, response_format=response_format
+        )
         if json_output:
             print_json(result)
         elif sys.stdout.isatty():
@@ -152,6 +165,7 @@ def run(
             max_tokens=max_tokens,
         ),
         on_text=None if json_output else write_answer,
+        constraint=shape.constraint if shape is not None else None,
     )
     if json_output:
         print_json(result)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -115,11 +116,26 @@ def prefill(engine: Engine, cache: KVCache, token_ids: list[int], *, chunk_size:
     return logits[0, -1].float()
 
 
+class TokenConstraint(Protocol):
+    """A grammar the answer must follow: which tokens may come next, advanced by each one chosen."""
+
+    def allowed(self) -> torch.Tensor: ...  # bool (vocab,)
+
+    def advance(self, token_id: int) -> None: ...
+
+
 def generate(
-    engine: Engine, prompt_ids: list[int], *, params: SamplingParams, cache: KVCache, stats: Stats | None = None
+    engine: Engine,
+    prompt_ids: list[int],
+    *,
+    params: SamplingParams,
+    cache: KVCache,
+    stats: Stats | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[Chunk]:
     """Continue `prompt_ids`, reusing the cache's first cache.pos positions, which must hold prompt_ids' prefix.
-    `stats`: a Stats to fill in as tokens come (the caller keeps counts and timings of an answer it stops)."""
+    `stats`: a Stats to fill in as tokens come (the caller keeps counts and timings of an answer it stops);
+    `constraint`: only the tokens it allows are sampled."""
     if len(prompt_ids) >= cache.max_len:
         raise ContextOverflow(
             f"the prompt is {len(prompt_ids)} tokens; the context holds {cache.max_len} "
@@ -145,7 +161,11 @@ def generate(
         finish = "length"
         while True:
             logits[engine.sampleable_vocab :] = float("-inf")  # ids past the tokenizer's (padding rows)
+            if constraint is not None:
+                logits.masked_fill_(~constraint.allowed().to(logits.device), float("-inf"))
             token = pick_token(logits, params, seen=seen, generator=generator)
+            if constraint is not None:
+                constraint.advance(token)
             if not stats.completion_tokens:
                 stats.ttft_s = time.perf_counter() - started
             stats.completion_tokens += 1

@@ -175,15 +175,19 @@ def remote_answer(
     system: str | None,
     sampling: RemoteSampling,
     on_text: Callable[[str], None] | None,
+    response_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`qwen2 run --url`: one answer from the server, streamed to `on_text`; the same dict as runner.answer_once."""
+    if raw and response_format is not None:
+        raise BadInput("--json-schema with --url needs the chat form (no --raw)")
     if raw:
         answer = RemoteAnswer(server, "/completions", {"prompt": text, **sampling.fields()})
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": text}
         ]
-        answer = RemoteAnswer(server, "/chat/completions", {"messages": messages, **sampling.fields()})
+        shape = {"response_format": response_format} if response_format is not None else {}
+        answer = RemoteAnswer(server, "/chat/completions", {"messages": messages, **sampling.fields(), **shape})
     for piece in answer.stream():
         if on_text is not None:
             on_text(piece)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .chatml import Message, default_system_prompt, encode_chat
-from .generate import Engine, generate, load_engine
+from .generate import Engine, TokenConstraint, generate, load_engine
 from .load_options import LoadOptions
 from .sampling import SamplingParams
 
@@ -29,10 +29,13 @@ def answer_once(
     system: str | None,
     sampling: Callable[[Engine], SamplingParams],
     on_text: Callable[[str], None] | None,
+    constraint: Callable[[Engine], TokenConstraint] | None = None,
 ) -> dict[str, Any]:
-    """Generate one answer, streaming text to `on_text`; return text, finish reason and usage."""
+    """Generate one answer, streaming text to `on_text`; return text, finish reason and usage. `constraint`: the
+    grammar the answer must follow, built for the loaded engine."""
     engine = load_engine(model_dir, options)
     params = sampling(engine)
+    grammar = constraint(engine) if constraint is not None else None
     ids = prompt_ids(engine, text, raw=raw, system=system)
     cache = engine.new_cache(min(engine.ctx, len(ids) + params.max_tokens + 1))
     if (
@@ -45,7 +48,7 @@ def answer_once(
     pieces: list[str] = []
     stats = None
     finish = None
-    for chunk in generate(engine, ids, params=params, cache=cache):
+    for chunk in generate(engine, ids, params=params, cache=cache, constraint=grammar):
         if chunk.text:
             pieces.append(chunk.text)
             if on_text is not None:

@@ -513,6 +513,37 @@ def test_chat_url_keeps_the_conversation(client, server):
     assert done.stdout == f"{first}\n{second.choices[0].message.content}\n"
 
 
+def test_run_json_schema_and_grammar(tiny_model, server, tmp_path):
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(PERSON))
+    for sampling in (["--temperature", "0"], ["--temperature", "1", "--seed", "5"]):
+        local = qwen2(
+            ["run", str(tiny_model), "--json-schema", str(schema_file), "--max-tokens", "200", *sampling, "hi"]
+        )
+        assert local.returncode == 0, local.stderr
+        jsonschema.validate(json.loads(local.stdout), PERSON)
+    remote = qwen2(["run", "--url", server, "--json-schema", str(schema_file), "--max-tokens", "200", "hi"])
+    assert remote.returncode == 0, remote.stderr
+    jsonschema.validate(json.loads(remote.stdout), PERSON)
+    lark, gbnf = tmp_path / "answer.lark", tmp_path / "answer.gbnf"
+    lark.write_text('start: "yes" | "no" | "maybe"\n')
+    gbnf.write_text('root ::= "yes" | "no"\n')
+    for grammar, allowed in ((lark, {"yes", "no", "maybe"}), (gbnf, {"yes", "no"})):
+        for seed in ("1", "2", "3"):
+            done = qwen2(
+                ["run", str(tiny_model), "--grammar", str(grammar), "--temperature", "1", "--seed", seed, "ok?"]
+            )
+            assert done.returncode == 0 and done.stdout in allowed, done.stderr
+    for args, message in (
+        (["--json-schema", str(tmp_path / "absent.json")], "cannot read"),
+        (["--grammar", str(schema_file)], "cannot read the grammar"),
+        (["--json-schema", str(schema_file), "--grammar", str(lark)], "not both"),
+    ):
+        done = qwen2(["run", str(tiny_model), *args, "hi"])
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_missing_model_name_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CONVERSATIONS["user only"])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingDependency
+from ..generate import Engine
 from .schema import RequestError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -46,6 +47,14 @@ class Constraint:
             raise RuntimeError(f"the grammar rejected a token it allowed: {self._matcher.get_error()}")
 
 
+def compiler_for(engine: Engine) -> GrammarCompiler:
+    """The GrammarCompiler of a loaded model; Qwen2.5's tool-call markers by id where its tokenizer has them."""
+    markers = {m: i for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if (i := engine.tokenizer.token_to_id(m)) is not None}
+    return GrammarCompiler(
+        engine.model_dir, vocab_size=engine.config.vocab_size, stop_ids=engine.stop_ids, special_ids=markers
+    )
+
+
 class GrammarCompiler:
     """Builds Constraints for one model: its tokenizer as llguidance sees it, made on first use (a second or so)."""
 
@@ -60,7 +69,7 @@ class GrammarCompiler:
         self._model_dir = Path(model_dir)
         self._vocab_size = vocab_size
         self._stop_ids = sorted(stop_ids)
-        self._special_ids = special_ids
+        self.special_ids = special_ids
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
@@ -89,9 +98,20 @@ class GrammarCompiler:
             raise RequestError(f"unusable JSON schema: {exc}", param="response_format") from exc
         return self._compile(grammar)
 
+    def lark(self, grammar: str) -> Constraint:
+        """Output matching a Lark grammar in llguidance's dialect (GBNF is converted)."""
+        llguidance = _llguidance()
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        try:
+            lark = any_to_lark(grammar)
+        except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions on bad input
+            raise RequestError(f"cannot read the grammar: {exc}", param="grammar") from exc
+        return self._compile(llguidance.LLMatcher.grammar_from_lark(lark))
+
     def _marker(self, text: str) -> str:
         """A tool-call marker in Lark: the added token by id where the tokenizer has it, else the literal text."""
-        token_id = self._special_ids.get(text)
+        token_id = self.special_ids.get(text)
         return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
 
     def tool_calls(self, tools: list[dict[str, Any]], *, mode: str, parallel: bool) -> Constraint:

@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BadInput
 
-class RequestError(Exception):
+
+class RequestError(BadInput):
     """A request the server will not serve as asked: an OpenAI-shaped error with this status and parameter."""
 
     def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None) -> None:

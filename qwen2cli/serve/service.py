@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..chatml import Message, default_system_prompt, render_text
 from ..errors import BadInput
 from ..generate import Engine
 from ..sampling import SamplingParams
-from .constrain import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Constraint, GrammarCompiler
+from .constrain import Constraint, compiler_for
 from .scheduler import Failed, Finished, Job, Scheduler, Token
 from .schema import ChatRequest, Common, CompletionRequest, RequestError
 from .template import ChatTemplate
@@ -53,13 +52,8 @@ class Service:
         self.scheduler = Scheduler(engine, slots=slots)
         tokenizer = engine.tokenizer
         self.template = ChatTemplate.from_model(engine.model_dir, tokenizer.chat_template)
-        self.markers = {m: i for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if (i := tokenizer.token_to_id(m)) is not None}
-        self.grammars = GrammarCompiler(
-            Path(engine.model_dir),
-            vocab_size=engine.config.vocab_size,
-            stop_ids=engine.stop_ids,
-            special_ids=self.markers,
-        )
+        self.grammars = compiler_for(engine)
+        self.markers = self.grammars.special_ids
 
     # -- preparing -------------------------------------------------------------------------------------------
     def _chat_text(self, request: ChatRequest) -> str:
