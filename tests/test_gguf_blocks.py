@@ -229,3 +229,89 @@ def test_imported_model_decodes_on_the_kernels_in_c(tiny):
 
     assert error(native) < 1.5 * error(python) + 1e-3, (error(native), error(python))
     assert ((native - python).norm() / python.norm()).item() < 0.05
+
+
+REAL_PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "用一句话介绍长城。",
+    "Explain what a hash table is in two sentences.",
+    "def quicksort(xs):",
+]
+
+
+@pytest.fixture(scope="module")
+def real_import(tmp_path_factory):
+    """(GGUF, its import) of the real model, and transformers' float32 model read from the same GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from devtools.real_model import real_gguf, real_hf_dir
+
+    try:
+        path, float_dir = real_gguf(), real_hf_dir()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))  # the real group never skips
+    imported = import_gguf(path, tmp_path_factory.mktemp("real") / "model")
+    return path, imported, AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.real
+def test_real_import_is_gguf_py_bit_for_bit_and_small(real_import):
+    """The real Q4_K_M file: every block tensor's weights equal gguf-py's dequantization; the checkpoint is at most
+    1.2x the GGUF's size."""
+    import gguf
+    from safetensors import safe_open
+
+    from qwen2cli.gguf_import import hf_tensor_name
+
+    path, imported, _ = real_import
+    size = sum(item.stat().st_size for item in imported.iterdir())
+    assert size <= 1.2 * path.stat().st_size, (size, path.stat().st_size)
+    modules = json.loads((imported / "config.json").read_text())["quantization_config"]["modules"]
+    reader = gguf.GGUFReader(str(path))
+    with safe_open(str(imported / "model.safetensors"), framework="pt") as stored:
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            module = name.rpartition(".")[0]
+            if module not in modules or not name.endswith(".weight"):
+                continue
+            fmt = BlockFormat.from_json(modules[module])
+            got = dequantize_blocks(*(stored.get_tensor(f"{module}.{key}") for key in ("codes", *fmt.table_names)), fmt)
+            expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(got.shape))
+            assert torch.equal(got, torch.from_numpy(np.asarray(expected, dtype=np.float32))), tensor.name
+
+
+@pytest.mark.real
+def test_real_import_greedy_within_activation_rounding_of_transformers(real_import, monkeypatch):
+    """Through the dequantized weights the last prompt position's logits are transformers' (float32 copy of the same
+    GGUF) within 1e-3. On the kernels, greedy continuations pick transformers' best token, or one within the noise
+    of int8 activations (test_quant_real.py's allowance: under 1.5 below its best, at least 80% exactly it)."""
+    from qwen2cli.generate import Stats, generate, load_engine
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.runner import prompt_ids
+    from qwen2cli.sampling import SamplingParams
+
+    _, imported, reference = real_import
+    engine = load_engine(imported, LoadOptions(device="cpu", dtype="float32"))
+    assert engine.loaded.model.fast_decode is not None
+    gaps = []
+    for prompt in REAL_PROMPTS:
+        ids = prompt_ids(engine, prompt, raw=False, system=None)
+        params = SamplingParams(temperature=0, max_tokens=20, repeat_penalty=1.0)
+        stats = Stats()
+        for _ in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + 21), stats=stats):
+            pass
+        tokens = [token for token in stats.generated_ids if token not in engine.stop_ids]
+        with torch.inference_mode():
+            logits = reference(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+        gaps += [(row.max() - row[token]).item() for row, token in zip(logits, tokens, strict=True)]
+    assert max(gaps) < 1.5, sorted(gaps)[-5:]
+    assert sum(gap == 0 for gap in gaps) >= 0.8 * len(gaps), gaps
+
+    monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: None)
+    exact = load_engine(imported, LoadOptions(device="cpu", dtype="float32")).loaded
+    ids = torch.tensor([prompt_ids(engine, REAL_PROMPTS[3], raw=False, system=None)])
+    with torch.inference_mode():
+        expected = reference(ids).logits[0, -1]
+        got = exact.model(ids, KVCache(exact.config, ids.shape[1] + 1), 0, last_only=True)[0, -1]
+    assert (got - expected).abs().max().item() < 1e-3
