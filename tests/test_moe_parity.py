@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from qwen2cli.checkpoint import load_model
 from qwen2cli.kv_cache import KVCache
 from qwen2cli.load_options import LoadOptions
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {  # Qwen2MoeConfig keyword arguments
     "norm-topk": {"norm_topk_prob": True},
     "no-norm-topk": {"norm_topk_prob": False},
     "sparse-step-2-mlp-only": {"decoder_sparse_step": 2, "mlp_only_layers": [3]},
@@ -57,7 +59,7 @@ def test_layers_are_sparse_where_configured(pair):
     from qwen2cli.model import SparseMoeBlock
 
     reference, ours = pair
-    for ref_layer, our_layer in zip(reference.model.layers, ours.model.model.layers):
+    for ref_layer, our_layer in zip(reference.model.layers, ours.model.model.layers, strict=True):
         assert isinstance(our_layer.mlp, SparseMoeBlock) == (type(ref_layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock")
 
 
@@ -108,6 +110,7 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     likewise (its gate/up scales scored on the whole MoE block's output; no clipping, AWQ's default)."""
     from devtools.tiny_tokenizer import write_tiny_tokenizer
     from qwen2cli.generate import load_engine
+    from qwen2cli.model import SparseMoeBlock
     from qwen2cli.quant.linear import QuantLinear
     from qwen2cli.quantization.pipeline import quantize_model
     from qwen2cli.quantization.settings import QuantizeSettings
@@ -124,8 +127,9 @@ def test_quantized_tiny_moe_loads_and_runs(tmp_path, method):
     )
     out = quantize_model(engine, tmp_path / f"moe-{method}", settings=settings)
     quantized = load_engine(out, LoadOptions(device="cpu", dtype="float32"))
-    experts = quantized.loaded.model.model.layers[0].mlp.experts
-    assert all(isinstance(expert.gate_proj, QuantLinear) for expert in experts)
+    moe = quantized.loaded.model.model.layers[0].mlp
+    assert isinstance(moe, SparseMoeBlock)
+    assert all(isinstance(expert.gate_proj, QuantLinear) for expert in moe.experts)
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference.loaded.model(ids, KVCache(reference.config, 16), 0)
