@@ -49,7 +49,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, config: Qwen2Config, device: torch.device) -> torch.dtype:
     """'auto' -> the checkpoint's dtype on CUDA. On CPU, bfloat16 and float16 checkpoints run in bfloat16 (loaded
     without a copy; bfloat16 decodes faster than float32 on every CPU measured, and decoding dominates a chat's time);
-    float32 checkpoints (GGUF imports) stay float32, exact and loaded without a conversion. Where the CPU has no native
+    float32 checkpoints stay float32, exact and loaded without a conversion. Where the CPU has no native
     bfloat16 arithmetic, `--dtype float32` prefills long prompts faster (docs/performance.md)."""
     if dtype != "auto":
         return DTYPES[dtype]  # a name LoadOptions has checked
