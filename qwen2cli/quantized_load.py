@@ -140,6 +140,7 @@ def fuse_projections(model: nn.Module) -> None:
     for index, module in enumerate(model.modules()):
         if index % RELEASE_EVERY == 0:  # the tables each fused one replaced are freed: hand them back as for repacking
             release_freed_memory()
+        names: tuple[str, ...]
         if isinstance(module, Attention):
             names, slot = ("q_proj", "k_proj", "v_proj"), "fused_qkv"
         elif isinstance(module, MLP):
@@ -189,7 +190,7 @@ def install_int8_head(model: nn.Module, config: Qwen2Config, home: dict[str, Pat
         raise corrupt(path, exc) from exc
     model.lm_head = table
     if config.tie_word_embeddings:
-        model.model.embed_tokens = Int8Lookup(table)
+        model.get_submodule("model").embed_tokens = Int8Lookup(table)
         return frozenset({"lm_head.weight", "model.embed_tokens.weight"})
     return frozenset({"lm_head.weight"})
 

@@ -83,7 +83,7 @@ def corrupt(path: Path, exc: Exception) -> BadCheckpoint:
 
 def tensor_homes(files: list[Path]) -> dict[str, Path]:
     """Which file holds each tensor (the files' headers only)."""
-    home = {}
+    home: dict[str, Path] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:

@@ -26,7 +26,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The package modules `name` imports anywhere in its file (a `from X import Y` naming a submodule Y counts
     as importing Y)."""
     is_package = path.name == "__init__.py"
-    targets = set()
+    targets: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
