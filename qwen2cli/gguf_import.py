@@ -109,7 +109,7 @@ def build_tokenizer_files(reader) -> tuple[dict, dict]:
             "normalized": False,
             "special": kind == GPT2_TOKEN_TYPES["control"],
         }
-        for i, (token, kind) in enumerate(zip(tokens, types))
+        for i, (token, kind) in enumerate(zip(tokens, types, strict=False))
         if kind in (GPT2_TOKEN_TYPES["control"], GPT2_TOKEN_TYPES["user_defined"])
     ]
     tokenizer = {
@@ -246,3 +246,45 @@ def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int],
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def write_float_checkpoint(model_dir: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """A GGUF import as a float checkpoint for other tools (transformers, converters): each block module's weight
+    dequantized (exactly the GGUF's weights in float32), no quantization_config; written beside `out_dir`, then
+    renamed. `out_dir` must not exist."""
+    from safetensors import safe_open
+
+    from .quant.blocks import BlockFormat, dequantize_blocks
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    quant = config.pop("quantization_config", None) or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise BadInput(f"{model_dir} is not a GGUF import (its quantization_config is not {QUANT_METHOD})")
+    if out_dir.exists():
+        raise BadInput(f"{out_dir} exists; name a new directory")
+    modules = {name: BlockFormat.from_json(data) for name, data in quant["modules"].items()}
+    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as stored:
+            names = set(stored.keys())
+            for name, fmt in modules.items():
+                parts = [stored.get_tensor(f"{name}.{key}") for key in ("codes", *fmt.table_names)]
+                tensors[f"{name}.weight"] = dequantize_blocks(*parts, fmt).to(dtype)
+                names -= {f"{name}.{key}" for key in ("codes", *fmt.table_names)}
+            for name in sorted(names):
+                tensors[name] = stored.get_tensor(name).to(dtype)
+        save_weights(tensors, staging / "model.safetensors")
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for item in model_dir.iterdir():
+            if item.is_file() and item.name not in ("config.json", "model.safetensors"):
+                shutil.copy2(item, staging / item.name)
+        staging.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

@@ -315,3 +315,25 @@ def test_real_import_greedy_within_activation_rounding_of_transformers(real_impo
         expected = reference(ids).logits[0, -1]
         got = exact.model(ids, KVCache(exact.config, ids.shape[1] + 1), 0, last_only=True)[0, -1]
     assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_float_export_loads_in_transformers_as_the_gguf(tiny, tmp_path):
+    """write_float_checkpoint: a plain float32 checkpoint transformers loads, with the GGUF's weights exactly (its own
+    GGUF reader's); an existing target or a checkpoint that is not an import is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen2cli.errors import BadInput
+    from qwen2cli.gguf_import import write_float_checkpoint
+
+    path, imported = tiny
+    out = write_float_checkpoint(imported, tmp_path / "float")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    expected = theirs.state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with pytest.raises(BadInput, match="exists"):
+        write_float_checkpoint(imported, out)
+    with pytest.raises(BadInput, match="not a GGUF import"):
+        write_float_checkpoint(out, tmp_path / "again")
