@@ -145,7 +145,9 @@ def test_real_model_session(real_model_dir, tmp_path):
 def context_shown(child: pexpect.spawn) -> int:
     """The context used, as /show reports it."""
     shown = command(child, "/show")
-    return int(re.search(r"context (\d+)/", shown).group(1))
+    used = re.search(r"context (\d+)/", shown)
+    assert used is not None, shown
+    return int(used.group(1))
 
 
 def test_show_after_undo_counts_only_the_kept_turns(tiny_model, tmp_path):
@@ -196,6 +198,7 @@ def test_stats_after_an_interrupted_answer(tiny_model, capsys, monkeypatch):
     status = capsys.readouterr().err
     assert "[answer interrupted: kept as said]" in status, "the answer ended before the fourth piece"
     turn = repl.last_turn
+    assert turn is not None and turn.stats is not None, "the interrupted answer is kept, with its stats"
     repl.handle("/stats")
     shown = capsys.readouterr().err
     assert "no answer yet" not in shown
