@@ -16,6 +16,7 @@ from .schema import RequestError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # one spelling, json.dumps' (", " and ": "), as Qwen2.5's template writes tool calls: no runaway whitespace
+PLAIN_TEXT = f"/(?s:.*)/ & ~/(?s:.*{TOOL_CALL_OPEN}.*)/"  # a Lark terminal: any text without a call marker
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -109,6 +110,11 @@ class GrammarCompiler:
             raise RequestError(f"cannot read the grammar: {exc}", param="grammar") from exc
         return self._compile(llguidance.LLMatcher.grammar_from_lark(lark))
 
+    def plain_text(self) -> Constraint:
+        """Any text without a tool-call marker."""
+        llguidance = _llguidance()
+        return self._compile(llguidance.LLMatcher.grammar_from_lark(f"start: TEXT\nTEXT: {PLAIN_TEXT}"))
+
     def _marker(self, text: str) -> str:
         """A tool-call marker in Lark: the added token by id where the tokenizer has it, else the literal text."""
         token_id = self.special_ids.get(text)
@@ -143,6 +149,6 @@ class GrammarCompiler:
             lines.insert(1, "start: calls")
         else:
             lines.insert(1, "start: TEXT | calls")
-            lines.append(f"TEXT: /(?s:.*)/ & ~/(?s:.*{TOOL_CALL_OPEN}.*)/")
+            lines.append(f"TEXT: {PLAIN_TEXT}")
         llguidance = _llguidance()
         return self._compile(llguidance.LLMatcher.grammar_from_lark("\n".join(lines)))

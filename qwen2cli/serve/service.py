@@ -74,6 +74,8 @@ class Service:
             constraint = self.grammars.json_schema(schema)
         if choice == "none":
             banned = tuple(self.markers.values())
+            if request.tools and constraint is None:  # the tools are in the prompt: no call marker, even spelled out
+                constraint = self.grammars.plain_text()
         elif request.tools:
             tools = request.tools
             if isinstance(choice, dict):
