@@ -82,7 +82,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.quant_breakdown import dequantized_weights, named_checkpoints
+    from benchmarks.quant_breakdown import dequantized_weights, linear_weight, named_checkpoints
     from devtools.real_model import real_hf_dir
     from qwen2cli.generate import load_engine
 
@@ -102,7 +102,7 @@ def main() -> None:
     # float weight minus each checkpoint's, once per Linear rather than once per window
     deltas = {
         name: {
-            checkpoint: (model.get_submodule(name).weight.detach().float() - table[name]).t()
+            checkpoint: (linear_weight(model, name).detach().float() - table[name]).t()
             for checkpoint, table in weights.items()
         }
         for name in linears

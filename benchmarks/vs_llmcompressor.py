@@ -198,7 +198,7 @@ def main() -> None:
     )
     names = list(results["float"]["ours"])
     print(f"{'':10}" + "".join(f"{side + ' ' + name:>30}" for name in names for side in ("ours", "llm-compressor")))
-    for method, sides in results.items():
+    for method in results:
         cells = []
         for name in names:
             for side in ("ours", "llm-compressor"):
