@@ -85,6 +85,16 @@ def parse_memory(text: str) -> int:
     raise BadInput(f"cannot read memory size {text!r}: use a number with GB, GiB, MB or MiB")
 
 
+def _quantization_name(quant: dict[str, Any] | None) -> str:
+    """gptq-int4, awq-int4 ...; a GGUF import's block types, most weights first (gguf-blocks Q5_0+Q6_K+...)."""
+    if not quant:
+        return "none"
+    if quant.get("quant_method") == "gguf-blocks":
+        sources = [str(m.get("source") or m.get("codes")) for m in (quant.get("modules") or {}).values()]
+        return "gguf-blocks " + "+".join(sorted(set(sources), key=lambda s: (-sources.count(s), s)))
+    return f"{quant.get('quant_method')}-int{quant.get('bits')}"
+
+
 def describe(model_dir: Path, *, memory: str | None = None) -> dict[str, Any]:
     """Architecture, size, context, quantization, files, KV bytes per token (and the context a memory budget holds)."""
     config = load_config(model_dir)
@@ -105,7 +115,7 @@ def describe(model_dir: Path, *, memory: str | None = None) -> dict[str, Any]:
         "rope_scaling": (config.rope_scaling or {}).get("type", "none"),
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": config.torch_dtype,
-        "quantization": f"{quant.get('quant_method')}-int{quant.get('bits')}" if quant else "none",
+        "quantization": _quantization_name(quant),
         "kv_bytes_per_token": {
             kind: kv_bytes_per_token(config, element_bytes=size)
             for kind, size in (("float32", 4), ("bfloat16", 2), ("int8", 1))

@@ -159,6 +159,11 @@ def test_imported_weights_are_gguf_py_dequantization_bit_for_bit(tiny):
             assert name.endswith(".bias") or module not in modules
             got = stored[name].float()
         assert torch.equal(got, expected), tensor.name
+    from qwen2cli.model_info import describe
+
+    name = describe(imported)["quantization"]  # what `qwen2 info` shows
+    assert name.split(" ")[0] == "gguf-blocks"
+    assert set(name.split(" ")[1].split("+")) == {data["source"] for data in modules.values()}
 
 
 def _reference_logits(path, ids):
