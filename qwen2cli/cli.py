@@ -61,6 +61,18 @@ def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed,
     )
 
 
+def _load_shown(model_dir: Path, options: LoadOptions):
+    """load_engine with a pulsing "loading NAME" bar on a terminal: torch and the weights take seconds."""
+    from .console import ProgressBars
+    from .progress import Step
+
+    with ProgressBars() as bars:
+        bars.update(Step(f"loading {model_dir.name}", "models"), 0, 0)
+        from .generate import load_engine
+
+        return load_engine(model_dir, options)
+
+
 def _read_stdin(*, strict: bool = False) -> str:
     """Piped standard input, or '' when stdin is a terminal or closed; not UTF-8: a warning, or refused if strict."""
     from .console import warn
@@ -222,7 +234,6 @@ def chat(
         raise typer.Exit(
             run_chat(cast(Any, remote), model_name=server.model, strict=strict, first_message=first_message)
         )
-    from .generate import load_engine
     from .registry import split_model_and_prompt
     from .session import ChatSession, read_transcript
 
@@ -230,7 +241,7 @@ def chat(
     transcript = read_transcript(Path(load)) if load else None
     if model is None and transcript is not None:
         model = transcript.get("model")
-    engine = load_engine(model_to_load(model, options)[0], options)
+    engine = _load_shown(model_to_load(model, options)[0], options)
     params = _sampling(
         engine,
         temperature=temperature,
@@ -478,10 +489,9 @@ def perplexity_command(
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {file}: {exc}") from exc
     model_dir, _ = model_to_load(model, options)
-    from .generate import load_engine  # torch loads here
+    engine = _load_shown(model_dir, options)  # torch loads here
     from .perplexity import perplexity
 
-    engine = load_engine(model_dir, options)
     result = perplexity(engine, text, ctx=ctx)
     if json_output:
         print_json({"ppl": result.ppl, "tokens": result.tokens})

@@ -70,3 +70,18 @@ def test_download_shows_each_file_and_its_verification_in_bytes(tiny_model, tmp_
     assert re.search(r"model\.safetensors\s.*kB", shown), shown  # the transfer, in bytes
     assert re.search(r"verifying model\.safetensors\s.*kB", shown), shown
     assert f"{size / 1000:.1f}/{size / 1000:.1f} kB" in shown
+
+
+def test_chat_shows_the_model_loading_before_its_prompt(tiny_model, tmp_path):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen2cli", "chat", str(tiny_model)],
+        env={"QWEN2_HOME": str(tmp_path), "PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "TERM": "xterm"},
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(40, 160),
+    )
+    child.expect_exact(">>>")  # the prompt, drawn with escape sequences after it on this terminal
+    assert f"loading {tiny_model.name}" in ANSI.sub("", child.before)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
