@@ -257,7 +257,10 @@ def test_answer_equals_transformers_greedy(client, tool_model):
     model = AutoModelForCausalLM.from_pretrained(tool_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tool_model)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")] + [2]
-    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops)[0, len(ids) :]
+    padding = list(range(len(tokenizer), model.config.vocab_size))  # ids no tokenizer produces: never sampled
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops, suppress_tokens=padding
+    )[0, len(ids) :]
     new = [t for t in out.tolist() if t not in stops]
     # a random model's tokens are often pieces of UTF-8 characters: the characters that decode must agree
     expected = str(tokenizer.decode(new)).replace("\ufffd", "")
@@ -265,6 +268,53 @@ def test_answer_equals_transformers_greedy(client, tool_model):
     assert answer.usage.prompt_tokens == len(ids)
     assert answer.usage.completion_tokens == len(out)
     assert answer.choices[0].finish_reason == ("length" if len(out) == 12 and out[-1] not in stops else "stop")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character each byte is spelled with in a byte-level BPE vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def test_logprobs_equal_transformers(client, tool_model):
+    from transformers import AutoModelForCausalLM
+
+    messages = CONVERSATIONS["system and user"]
+    answer = chat(client, messages, max_tokens=6, logprobs=True, top_logprobs=3)
+    entries = answer.choices[0].logprobs.content
+    ids = reference_ids(tool_model, messages, None)
+    model = AutoModelForCausalLM.from_pretrained(tool_model, dtype=torch.float32)
+    tokenizer = hf_tokenizer(tool_model)
+    padding = list(range(len(tokenizer), model.config.vocab_size))  # ids no tokenizer produces: never sampled
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=6,
+        do_sample=False,
+        suppress_tokens=padding,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(ids) :].tolist()
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's spelling of bytes
+    assert len(entries) == len(tokens) == 6
+    for entry, token, logits in zip(entries, tokens, out.logits, strict=True):
+        logprobs = torch.log_softmax(logits[0, : len(tokenizer)].float(), -1)
+        assert bytes(entry.bytes) == bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(token))
+        assert entry.logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
+        expected_top = torch.topk(logprobs, 3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(expected_top.values.tolist(), abs=1e-4)
+    streamed_entries = []
+    for chunk in chat(client, messages, max_tokens=6, logprobs=True, top_logprobs=3, stream=True):
+        for choice in chunk.choices:
+            streamed_entries += choice.logprobs.content if choice.logprobs else []
+    assert [(e.bytes, e.logprob) for e in streamed_entries] == [(e.bytes, e.logprob) for e in entries]
 
 
 def test_streaming_equals_non_streaming(client):
@@ -377,7 +427,8 @@ def test_tool_choice_none_and_auto(client):
         ({"extra_body": {"bogus": 1}}, "bogus"),
         ({"temperature": -0.5}, "temperature"),
         ({"n": 2}, "'n'"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name"),
         ({"tool_choice": "required"}, "tools"),

@@ -81,11 +81,14 @@ class Routes:
             return Response(status_code=499)  # the client has gone: nobody reads this
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
         outcome = None
         for item in collected:
             if isinstance(item, Outcome):
                 outcome = item
-            elif item.call is not None:
+                continue
+            entries.extend(item.logprobs)
+            if item.call is not None:
                 calls.append(item.call)
             else:
                 texts.append(item.text)
@@ -95,7 +98,8 @@ class Routes:
             message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
             if calls:
                 message["tool_calls"] = calls
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
+            logprobs = {"content": entries} if prepared.logprobs is not None else None
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": outcome.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
         body = {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice]}
@@ -127,8 +131,12 @@ class Routes:
         """Server-sent events in OpenAI's shape; leaving early (the client went away) cancels the generation."""
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: tuple[dict[str, Any], ...] = ()) -> str:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "logprobs": {"content": list(logprobs)} if logprobs else None,
+                "finish_reason": finish,
+            }
             choice.update({"delta": delta} if chat else {"text": delta.get("content", "")})
             return _sse({**head, "choices": [choice], **extra})
 
@@ -143,10 +151,10 @@ class Routes:
                         yield _sse({**head, "choices": [], "usage": item.usage})
                     yield _sse("[DONE]")
                 elif item.call is not None:
-                    yield chunk({"tool_calls": [{"index": calls, **item.call}]})
+                    yield chunk({"tool_calls": [{"index": calls, **item.call}]}, logprobs=item.logprobs)
                     calls += 1
                 else:
-                    yield chunk({"content": item.text})
+                    yield chunk({"content": item.text}, logprobs=item.logprobs)
         except ServerError as exc:
             yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
         finally:

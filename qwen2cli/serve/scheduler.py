@@ -22,7 +22,11 @@ from .constrain import Constraint
 
 @dataclass(frozen=True)
 class Token:
+    """A generated token; with logprobs asked for, its log-probability and the top alternatives' (id, logprob)."""
+
     token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Job:
     presence_penalty: float = 0.0
     constraint: Constraint | None = None
     banned_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none reported; else each token's and this many alternatives'
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -206,16 +211,23 @@ class Scheduler:
         counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         self._active.append(Active(job, slot, logits, seen, counts, generator, cached_tokens=kept))
 
-    def _choose(self, active: Active) -> int:
+    def _choose(self, active: Active) -> Token:
+        """The next token, with the model's log-probabilities (before penalties and grammar) when asked for."""
         job, logits = active.job, active.logits
         logits[self.engine.sampleable_vocab :] = float("-inf")
+        model_logprobs = torch.log_softmax(logits, dim=-1) if job.logprobs is not None else None
         if job.banned_ids:
             logits[list(job.banned_ids)] = float("-inf")
         if job.frequency_penalty or job.presence_penalty:
             logits -= job.frequency_penalty * active.counts + job.presence_penalty * (active.counts > 0).float()
         if job.constraint is not None:
             logits.masked_fill_(~job.constraint.allowed().to(logits.device), float("-inf"))
-        return pick_token(logits, job.params, seen=active.seen, generator=active.generator)
+        token = pick_token(logits, job.params, seen=active.seen, generator=active.generator)
+        if model_logprobs is None or job.logprobs is None:
+            return Token(token)
+        top = torch.topk(model_logprobs, job.logprobs) if job.logprobs else None
+        alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+        return Token(token, float(model_logprobs[token]), alternatives)
 
     def _step(self, active: Active) -> int | None:
         """One token for one active job: choose and report it; return it when it must run through the model."""
@@ -223,14 +235,15 @@ class Scheduler:
         if job.cancelled.is_set():
             self._end(active, "cancelled")
             return None
-        token = self._choose(active)
+        chosen = self._choose(active)
+        token = chosen.token_id
         if job.constraint is not None:
             job.constraint.advance(token)
         active.completion_tokens += 1
         if token in self.engine.stop_ids:
             self._end(active, "stop")
             return None
-        job.emit(Token(token))
+        job.emit(chosen)
         if active.completion_tokens >= job.params.max_tokens or slot.cache.pos >= slot.cache.max_len:
             self._end(active, "length")
             return None

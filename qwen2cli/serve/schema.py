@@ -52,6 +52,7 @@ class ChatRequest:
     tool_choice: str | dict[str, Any]  # "auto", "none", "required" or {"name": ...}
     parallel_tool_calls: bool
     response_format: dict[str, Any] | None  # None (text), {"type": "json_object"} or {"type": "json_schema", ...}
+    logprobs: int | None  # None: no logprobs; else each token's and this many alternatives' (top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,6 @@ def _common(body: dict) -> Common:
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required (see GET /v1/models)", param="model")
     _must_be_off(body, "n", (None, 1))
-    _must_be_off(body, "logprobs", (None, False))
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise RequestError("'user' must be a string", param="user")
     stream = body.get("stream") or False
@@ -252,7 +252,12 @@ def _response_format(body: dict) -> dict[str, Any] | None:
 def parse_chat(body: Any) -> ChatRequest:
     """A /v1/chat/completions body, checked."""
     body = _check_fields(body, CHAT_FIELDS)
-    _must_be_off(body, "top_logprobs", (None, 0))
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise RequestError("'logprobs' must be a boolean", param="logprobs")
+    top_logprobs = _number(body, "top_logprobs", 0, 20, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", param="messages")
@@ -273,12 +278,14 @@ def parse_chat(body: Any) -> ChatRequest:
         tool_choice=choice,
         parallel_tool_calls=parallel,
         response_format=response_format,
+        logprobs=(top_logprobs or 0) if logprobs else None,
     )
 
 
 def parse_completion(body: Any) -> CompletionRequest:
     """A /v1/completions body, checked: one prompt string."""
     body = _check_fields(body, COMPLETION_FIELDS)
+    _must_be_off(body, "logprobs", (None,))
     _must_be_off(body, "echo", (None, False))
     _must_be_off(body, "suffix", (None,))
     prompt = body.get("prompt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..chatml import Message, default_system_prompt, render_text
@@ -29,6 +29,7 @@ class Prepared:
     constraint: Constraint | None
     banned_ids: tuple[int, ...]
     split_tool_calls: bool
+    logprobs: int | None = None  # as ChatRequest.logprobs
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Service:
                 tools = [t for t in tools if t["function"]["name"] == choice["name"]]
             mode = "auto" if choice == "auto" else "required"
             constraint = self.grammars.tool_calls(tools, mode=mode, parallel=request.parallel_tool_calls)
-        return self._prepared(request.common, ids, constraint, banned, split_tool_calls=choice != "none")
+        prepared = self._prepared(request.common, ids, constraint, banned, split_tool_calls=choice != "none")
+        return replace(prepared, logprobs=request.logprobs)
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         ids = self.engine.tokenizer.encode(request.prompt)
@@ -155,11 +157,13 @@ class Service:
             presence_penalty=asked.presence_penalty,
             constraint=prepared.constraint,
             banned_ids=prepared.banned_ids,
+            logprobs=prepared.logprobs,
         )
         decoder = self.engine.tokenizer.stream_decoder()
         stops = StopStrings(prepared.common.stop)
         splitter = ToolCallSplitter() if prepared.split_tool_calls else None
         received = 0
+        pending: list[dict[str, Any]] = []  # logprobs entries of tokens whose text is not out yet
         self.scheduler.submit(job)
         try:
             while True:
@@ -168,9 +172,11 @@ class Service:
                     raise ServerError(event.message)
                 if isinstance(event, Token):
                     received += 1
+                    if event.logprob is not None:
+                        pending.append(self._logprob_entry(event))
                     text = stops.push(decoder.push(event.token_id))
                     for piece in self._split(splitter, text, last=stops.stopped):
-                        yield piece
+                        yield self._with_logprobs(piece, pending)
                     if stops.stopped:
                         job.cancelled.set()
                         self.scheduler.wake()
@@ -184,7 +190,9 @@ class Service:
                 text = stops.push(decoder.flush())
                 text += stops.finish()
                 for piece in self._split(splitter, text, last=True):
-                    yield piece
+                    yield self._with_logprobs(piece, pending)
+                if pending:  # tokens that added no text (a stop string's, or an unfinished character)
+                    yield self._with_logprobs(Piece(), pending)
                 yield self._outcome(
                     event.finish_reason, event.cached_tokens, event.prompt_tokens, event.completion_tokens, splitter
                 )
@@ -192,6 +200,28 @@ class Service:
         finally:
             job.cancelled.set()
             self.scheduler.wake()
+
+    def _logprob_entry(self, token: Token) -> dict[str, Any]:
+        tokenizer = self.engine.tokenizer
+
+        def described(token_id: int, logprob: float) -> dict[str, Any]:
+            piece = tokenizer.token_bytes(token_id)
+            text = piece.decode("utf-8", errors="replace")
+            return {"token": text, "logprob": logprob, "bytes": list(piece)}
+
+        assert token.logprob is not None
+        entry = described(token.token_id, token.logprob)
+        entry["top_logprobs"] = [described(i, lp) for i, lp in token.top]
+        return entry
+
+    @staticmethod
+    def _with_logprobs(piece: Piece, pending: list[dict[str, Any]]) -> Piece:
+        """The piece carrying the entries of the tokens behind it (the first piece after them takes them all)."""
+        if not pending:
+            return piece
+        taken = tuple(pending)
+        pending.clear()
+        return replace(piece, logprobs=taken)
 
     @staticmethod
     async def _finished(queue: asyncio.Queue) -> Finished:

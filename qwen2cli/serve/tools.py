@@ -17,6 +17,7 @@ class Piece:
 
     text: str = ""
     call: dict[str, Any] | None = None
+    logprobs: tuple[dict[str, Any], ...] = ()  # OpenAI logprobs entries of the tokens behind this piece
 
 
 def _held_back(text: str, markers: tuple[str, ...]) -> int:
