@@ -208,7 +208,7 @@ class Repl:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         history_path = paths.history_file()
         history_path.parent.mkdir(parents=True, exist_ok=True)
-        prompt = PromptSession(
+        prompt: PromptSession[str] = PromptSession(
             history=FileHistory(str(history_path)),
             key_bindings=bindings,
             completer=WordCompleter(list(COMMANDS), sentence=True),

@@ -127,10 +127,13 @@ def test_chat_with_a_context_larger_than_memory_is_refused_with_one_that_fits(ti
     assert "Traceback" not in done.stderr and done.stdout == ""
     error = done.stderr.strip().splitlines()[-1]  # after the note that the context turns YaRN on
     assert error.startswith("error: ") and "allocate" not in error, error
-    longest = int(re.search(r"--ctx (\d+) is the longest that fits", error).group(1))
+    said = re.search(r"--ctx (\d+) is the longest that fits", error)
+    assert said is not None, error
+    longest = int(said.group(1))
     per_token = KVCache(load_config(tiny_model), 1).nbytes  # the cache's own size for one position
-    assert 2 <= longest < requested
-    assert longest * per_token <= available_memory("cpu")
+    free = available_memory("cpu")
+    assert free is not None and 2 <= longest < requested
+    assert longest * per_token <= free
 
 
 def test_check_cache_fits_agrees_with_the_caches_own_size(tiny_model):
