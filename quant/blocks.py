@@ -101,6 +101,10 @@ class BlockQuantLinear(QuantLinear):
     # the file (the C decoder takes q/k/v and gate/up as parts instead)
     dequant_min_rows = 20
     fusable = False
+    config: BlockFormat  # type: ignore[assignment]  # QuantLinear's QuantConfig: the layout's description here
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -129,11 +133,12 @@ class BlockQuantLinear(QuantLinear):
         )
 
     @property
-    def _version(self) -> int:  # nn.Module's state-dict version, which QuantLinear's property stands in for
+    def _version(self) -> int:  # type: ignore[override]  # nn.Module's state-dict version, as QuantLinear's
         return 1
 
     def _table(self) -> torch.Tensor:
-        return getattr(self, self.config.table_names[1])
+        table: torch.Tensor = getattr(self, self.config.table_names[1])
+        return table
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_blocks(self.codes, self.scales, self._table(), self.config)
@@ -164,6 +169,9 @@ class BlockQuantLinear(QuantLinear):
 class BlockEmbedding(nn.Module):
     """An embedding table as block codes and tables: each looked-up row is dequantized (float32) when asked for."""
 
+    codes: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, rows: int, cols: int, *, fmt: BlockFormat, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.config = rows, cols, fmt
@@ -175,6 +183,6 @@ class BlockEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        table = getattr(self, self.config.table_names[1])
+        table: torch.Tensor = getattr(self, self.config.table_names[1])
         rows = dequantize_blocks(self.codes[flat], self.scales[flat], table[flat], self.config)
         return rows.view(*ids.shape, self.embedding_dim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Callable
@@ -124,7 +125,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", zeros(out_features, dtype=dtype) if bias else None)
         self.kernel = "reference"
         self._fast: dict[str, torch.Tensor] = {}
-        self._native = None  # quant.native's library, for the q4/q8-native-cpu kernels
+        self._native: ctypes.CDLL | None = None  # quant.native's library, for the q4/q5/q8-native-cpu kernels
 
     def extra_repr(self) -> str:
         """What the layer computes with, so that two differently quantized models never print (or key) alike."""

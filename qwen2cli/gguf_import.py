@@ -272,8 +272,8 @@ def write_float_checkpoint(model_dir: Path, out_dir: Path, *, dtype: torch.dtype
         with safe_open(str(model_dir / "model.safetensors"), framework="pt") as stored:
             names = set(stored.keys())
             for name, fmt in modules.items():
-                parts = [stored.get_tensor(f"{name}.{key}") for key in ("codes", *fmt.table_names)]
-                tensors[f"{name}.weight"] = dequantize_blocks(*parts, fmt).to(dtype)
+                codes, scales, table = (stored.get_tensor(f"{name}.{key}") for key in ("codes", *fmt.table_names))
+                tensors[f"{name}.weight"] = dequantize_blocks(codes, scales, table, fmt).to(dtype)
                 names -= {f"{name}.{key}" for key in ("codes", *fmt.table_names)}
             for name in sorted(names):
                 tensors[name] = stored.get_tensor(name).to(dtype)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCache
-from .model import MLP, DecoderLayer, Qwen2ForCausalLM
+from .model import MLP, DecoderLayer, Fused, Qwen2ForCausalLM
 
 
 class _QMatrix(ctypes.Structure):
@@ -81,21 +81,31 @@ def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
     )
 
 
-def _parts(fused, layers: list[nn.Module], kept: list[torch.Tensor], slots: int):
-    """A projection as qlayer.c's parts (one fused matrix, or each layer's) and their bias (float32, zeros where a
-    part has none; None when none has one); None where a part is not a native-kernel layer."""
+def _parts(
+    fused: Fused | None, layers: list[nn.Module], kept: list[torch.Tensor], slots: int
+) -> tuple[ctypes.Array[_QMatrix], int, torch.Tensor | None] | None:
+    """A projection as qlayer.c's parts (one fused matrix, or each layer's), their rows, and their bias (float32,
+    zeros where a part has none; None when none has one); None where a part is not a native-kernel layer."""
+    from .quant.linear import QuantLinear
+
     projections = [fused.projection] if fused is not None else layers
-    matrices = [_matrix(layer, kept) for layer in projections]
-    if any(m is None for m in matrices):
+    if not all(isinstance(layer, QuantLinear) for layer in projections):
         return None
-    biases = [getattr(layer, "bias", None) for layer in projections]
+    linears = [layer for layer in projections if isinstance(layer, QuantLinear)]
+    matrices = [matrix for matrix in (_matrix(layer, kept) for layer in linears) if matrix is not None]
+    if len(matrices) != len(linears):
+        return None
     bias = None
-    if any(b is not None for b in biases):
+    if any(layer.bias is not None for layer in linears):
+        biases = [getattr(layer, "bias", None) for layer in linears]
         bias = torch.cat(
-            [torch.zeros(p.out_features) if b is None else b.float() for p, b in zip(projections, biases, strict=True)]
+            [
+                torch.zeros(layer.out_features) if b is None else b.float()
+                for layer, b in zip(linears, biases, strict=True)
+            ]
         ).contiguous()
         kept.append(bias)
-    return (_QMatrix * slots)(*matrices), sum(p.out_features for p in projections), bias
+    return (_QMatrix * slots)(*matrices), sum(layer.out_features for layer in linears), bias
 
 
 class NativeDecoder:
@@ -143,7 +153,7 @@ class NativeDecoder:
                 or mlp.down_proj.in_features != intermediate
             ):
                 return None
-            library = attention.o_proj._native
+            library = getattr(attention.o_proj, "_native", None)  # a QuantLinear's: _matrix took it
             norms = [
                 layer.input_layernorm.weight.detach().float().contiguous(),
                 layer.post_attention_layernorm.weight.detach().float().contiguous(),

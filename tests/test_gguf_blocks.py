@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,8 +111,8 @@ def test_native_kernels_on_block_layouts_within_activation_rounding(flags, fmt, 
         expected = x.double() @ weight.double().t()
         step = x.view(rows, -1, 32).abs().amax(dim=-1).repeat_interleave(32, dim=-1) / 127
         bound = (step.double() / 2) @ weight.abs().double().t() + 1e-4 * expected.abs().max()
-        tables = [layer._fast[name] for name in layer._native_tables()]
-        got = native_matmul(library, fmt.codes, x, layer._fast[fmt.codes], *tables, fmt.group_size)
+        scales, offsets = (layer._fast[name] for name in layer._native_tables())
+        got = native_matmul(library, fmt.codes, x, layer._fast[fmt.codes], scales, offsets, fmt.group_size)
         assert bool(((got.double() - expected).abs() <= bound).all())
     for dtype in (torch.float32, torch.bfloat16):
         rows_out = layer._native_rows(8, 40, torch.empty(32, 384, dtype=dtype))
@@ -121,11 +122,12 @@ def test_native_kernels_on_block_layouts_within_activation_rounding(flags, fmt, 
 @pytest.fixture(scope="module", params=["every-type", "q4_k_m", "q4_k_m-tied"])
 def tiny(request, tmp_path_factory):
     """(GGUF, imported directory) for a tiny GGUF of every type, and two shaped like llama.cpp's Q4_K_M."""
-    options = {
+    choices: dict[str, dict[str, Any]] = {
         "every-type": {},
         "q4_k_m": {"layer_types": Q4_K_M_LAYER_TYPES, "head_type": "Q8_0"},
         "q4_k_m-tied": {"layer_types": Q4_K_M_LAYER_TYPES, "head_type": None},
-    }[request.param]
+    }
+    options = choices[request.param]
     directory = tmp_path_factory.mktemp(request.param)
     path = write_tiny_gguf(directory / "tiny.gguf", **options)
     return path, import_gguf(path, directory / "model")
@@ -280,7 +282,8 @@ def test_real_import_is_gguf_py_bit_for_bit_and_small(real_import):
             if module not in modules or not name.endswith(".weight"):
                 continue
             fmt = BlockFormat.from_json(modules[module])
-            got = dequantize_blocks(*(stored.get_tensor(f"{module}.{key}") for key in ("codes", *fmt.table_names)), fmt)
+            codes, scales, table = (stored.get_tensor(f"{module}.{key}") for key in ("codes", *fmt.table_names))
+            got = dequantize_blocks(codes, scales, table, fmt)
             expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(got.shape))
             assert torch.equal(got, torch.from_numpy(np.asarray(expected, dtype=np.float32))), tensor.name
 
@@ -315,10 +318,10 @@ def test_real_import_greedy_within_activation_rounding_of_transformers(real_impo
 
     monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: None)
     exact = load_engine(imported, LoadOptions(device="cpu", dtype="float32")).loaded
-    ids = torch.tensor([prompt_ids(engine, REAL_PROMPTS[3], raw=False, system=None)])
+    forced = torch.tensor([prompt_ids(engine, REAL_PROMPTS[3], raw=False, system=None)])
     with torch.inference_mode():
-        expected = reference(ids).logits[0, -1]
-        got = exact.model(ids, KVCache(exact.config, ids.shape[1] + 1), 0, last_only=True)[0, -1]
+        expected = reference(forced).logits[0, -1]
+        got = exact.model(forced, KVCache(exact.config, forced.shape[1] + 1), 0, last_only=True)[0, -1]
     assert (got - expected).abs().max().item() < 1e-3
 
 
