@@ -87,7 +87,10 @@ async def stream_once(
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or []
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise SystemExit(f"{server.name} failed: {event['error']}")
+            choices = event.get("choices") or []
             if choices and (choices[0].get("delta") or {}).get("content"):
                 chunks += 1
                 text += choices[0]["delta"]["content"]

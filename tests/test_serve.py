@@ -310,7 +310,7 @@ def test_logprobs_equal_transformers(client, tool_model):
         assert entry.logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
         expected_top = torch.topk(logprobs, 3)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(expected_top.values.tolist(), abs=1e-4)
-    streamed_entries = []
+    streamed_entries: list[Any] = []
     for chunk in chat(client, messages, max_tokens=6, logprobs=True, top_logprobs=3, stream=True):
         for choice in chunk.choices:
             streamed_entries += choice.logprobs.content if choice.logprobs else []
@@ -473,6 +473,53 @@ def test_parallel_requests_equal_their_answers_alone(client, server):
     for thread in threads:
         thread.join()
     assert together == alone
+    assert httpx.get(f"{server}/health").json()["requests"]["widest_step"] > 1  # they did run side by side
+
+
+def test_quantized_gguf_model_batches_as_it_answers_alone(tmp_path):
+    from qwen2cli.generate import load_engine
+    from qwen2cli.gguf_import import import_gguf
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.sampling import SamplingParams
+    from qwen2cli.serve.scheduler import Finished, Job, Scheduler, Token
+    from tests.tiny_gguf import write_tiny_gguf
+
+    model_dir = import_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "model")
+    engine = load_engine(model_dir, LoadOptions(device="cpu"))
+    prompts = [engine.tokenizer.encode(f"prompt {i} " * (i + 1)) for i in range(3)]
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=12)
+
+    def answers(scheduler: Scheduler, together: bool) -> list[list]:
+        outputs: list[list] = [[] for _ in prompts]
+        done = [threading.Event() for _ in prompts]
+
+        def emit_into(index: int):
+            def emit(event) -> None:
+                if isinstance(event, Token):
+                    outputs[index].append(event.token_id)
+                else:  # Finished, or Failed (whose message then stands in for the answer)
+                    outputs[index].append(event if isinstance(event, Finished) else event.message)
+                    done[index].set()
+
+            return emit
+
+        for index, ids in enumerate(prompts):
+            scheduler.submit(Job(prompt_ids=ids, params=params, emit=emit_into(index)))
+            if not together:
+                done[index].wait(120)
+        assert all(event.wait(120) for event in done)
+        assert all(isinstance(output[-1], Finished) for output in outputs), outputs
+        return [output[:-1] for output in outputs]
+
+    alone_scheduler, together_scheduler = Scheduler(engine, slots=3), Scheduler(engine, slots=3)
+    for scheduler in (alone_scheduler, together_scheduler):
+        scheduler.start()
+    try:
+        assert answers(together_scheduler, True) == answers(alone_scheduler, False)
+        assert together_scheduler.widest_step == 3 and alone_scheduler.widest_step == 1
+    finally:
+        alone_scheduler.stop()
+        together_scheduler.stop()
 
 
 def test_second_turn_reuses_the_first_turns_cache(client, tool_model):

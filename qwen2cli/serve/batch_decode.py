@@ -26,8 +26,7 @@ def can_batch(model: Qwen2ForCausalLM) -> bool:
 def decode_step(model: Qwen2ForCausalLM, tokens: list[int], caches: list[KVCache], *, rows: int) -> torch.Tensor:
     """Run tokens[i] at caches[i].pos for every i (len(tokens) <= rows); return their logits (len(tokens), vocab)."""
     count = len(tokens)
-    weight = model.model.embed_tokens.weight
-    device = weight.device
+    device = model.model.norm.weight.device  # the embedding may be a quantized table without a plain weight
     ids = torch.tensor(tokens + [0] * (rows - count), device=device)[:, None]  # (M, 1)
     x = model.model.embed_tokens(ids).to(model.model.norm.weight.dtype)  # (M, 1, hidden)
     positions = [cache.pos for cache in caches]

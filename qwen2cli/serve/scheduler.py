@@ -105,6 +105,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self.finished: Counter[str] = Counter()  # requests ended so far, by finish reason
+        self.widest_step = 0  # the most requests one decode step has advanced together
         self._thread = threading.Thread(target=self._run, name="qwen2-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -124,7 +125,12 @@ class Scheduler:
 
     def load(self) -> dict[str, int]:
         """Requests being answered and waiting now, and those ended so far by finish reason."""
-        return {"active": len(self._active), "waiting": len(self._waiting), **self.finished}
+        return {
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "widest_step": self.widest_step,
+            **self.finished,
+        }
 
     def wake(self) -> None:
         """Look at the requests again (one was cancelled while the worker waited)."""
@@ -254,6 +260,7 @@ class Scheduler:
     def _forward(self, pending: list[tuple[Active, int]]) -> None:
         """Run each pending token through the model in its job's cache: one batched step where the model allows."""
         model = self.engine.loaded.model
+        self.widest_step = max(self.widest_step, len(pending))
         try:
             if self._batched:
                 tokens, caches = [token for _, token in pending], [active.slot.cache for active, _ in pending]
