@@ -127,7 +127,7 @@ class Repl:
         elif name == "/stats":
             self._stats()
         else:
-            self.say(f"unknown command {name}: /help lists them", style="yellow")
+            raise Qwen2Error(f"unknown command {name}: /help lists them")
         return True
 
     @staticmethod

@@ -43,6 +43,15 @@ def test_piped_chat_with_a_failing_turn_exits_non_zero_and_answers_the_rest(tiny
     assert done.stderr.count("prompt tokens") == 2  # the first and the last line were still answered
 
 
+@pytest.mark.parametrize("command", ["/frobnicate", "/load /no/such/chat.json", "/set top_p 7"])
+def test_piped_chat_with_a_failing_command_exits_non_zero(tiny_model, tmp_path, command):
+    lines = f"{command}\nhello\n".encode()
+    done = qwen2("chat", str(tiny_model), "--max-tokens", "3", stdin=lines, home=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert len(error_lines(done)) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("prompt tokens") == 1  # the message after it was still answered
+
+
 def test_piped_chat_without_failures_exits_zero(tiny_model, tmp_path):
     done = qwen2("chat", str(tiny_model), "--max-tokens", "4", stdin=b"hello\nthanks\n", home=tmp_path)
     assert done.returncode == 0, done.stderr
