@@ -179,6 +179,8 @@ def names_a_model(text: str, catalog: Catalog) -> bool:
     """Whether a command's lone argument names a model rather than being the prompt: a catalogue alias, an installed
     name, an existing path or a Hub `org/name` id. A single word plainly meant as a model that names none (a missing
     .gguf file or path, a near miss of an alias) is a ModelNotFound, not a prompt for the default model."""
+    if not text.strip():  # Path("") is the current directory
+        return False
     if catalog.get(text) is not None or Path(text).expanduser().exists():
         return True
     try:

@@ -47,7 +47,7 @@ def test_an_existing_path_is_the_model(catalogue, tiny_model):
 
 
 @pytest.mark.parametrize(
-    "argument", ["Summarize these commits in one line:", "hi", "what is 1/2?", "Explain org/name ids", "hello:"]
+    "argument", ["Summarize these commits in one line:", "hi", "what is 1/2?", "Explain org/name ids", "hello:", ""]
 )
 def test_anything_else_is_the_prompt(catalogue, argument):
     assert split(argument) == (None, argument)
