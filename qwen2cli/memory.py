@@ -70,6 +70,8 @@ def check_cache_fits(
         return
     longest = usable // per_token
     advice = f"--ctx {longest} is the longest that fits" if longest >= 2 else "no context fits; free some memory"
+    if element_bytes > 1 and longest >= 2:
+        advice += f" ({usable // kv_bytes_per_token(config, element_bytes=1)} with --kv-cache int8)"
     raise BadInput(
         f"a {max_len}-token context needs {needed / 2**30:.1f} GiB of KV cache and {available / 2**30:.1f} GiB of "
         f"memory is free: {advice}"

@@ -134,6 +134,10 @@ def test_chat_with_a_context_larger_than_memory_is_refused_with_one_that_fits(ti
     free = available_memory("cpu")
     assert free is not None and 2 <= longest < requested
     assert longest * per_token <= free
+    with_int8 = re.search(r"\((\d+) with --kv-cache int8\)", error)
+    assert with_int8 is not None, error
+    assert int(with_int8.group(1)) * Int8KVCache(load_config(tiny_model), 1).nbytes <= free
+    assert int(with_int8.group(1)) > longest
 
 
 def test_check_cache_fits_agrees_with_the_caches_own_size(tiny_model):
