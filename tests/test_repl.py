@@ -206,3 +206,25 @@ def test_stats_after_an_interrupted_answer(tiny_model, capsys, monkeypatch):
     assert said is not None, shown
     assert int(said.group(1)) == len(turn.stats.generated_ids) >= 3  # three pieces were written before the key
     assert "interrupted" in shown
+
+
+def test_a_first_message_on_the_command_line_is_answered_before_the_prompt(tiny_model, tmp_path):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen2cli", "chat", "-m", str(tiny_model), "hello there", "--max-tokens", "3"],
+        env={
+            "QWEN2_HOME": str(tmp_path / "home"),
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+        },
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(50, 200),
+    )
+    child.expect(r"prompt tokens \(\d+ new\)")  # the answer to "hello there", before any prompt
+    child.expect_exact(PROMPT)
+    assert "2 messages" in command(child, "/show")  # the question and its answer are the conversation
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
