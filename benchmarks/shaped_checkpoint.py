@@ -103,7 +103,7 @@ def main() -> None:
 
 def _write_shard(out: Path, tensors: dict, weight_map: dict[str, str]) -> None:
     """The next numbered shard; its tensors' names go into the index's weight_map."""
-    from qwen2cli.checkpoint import save_weights  # a tensor at a time: no serialised copy of the shard in memory
+    from qwen2cli.weights import save_weights  # a tensor at a time: no serialised copy of the shard in memory
 
     name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
     save_weights(tensors, out / name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,58 +146,3 @@ def load_model(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> LoadedMo
 def _shape_of(model: torch.nn.Module, name: str) -> tuple[int, ...]:
     module_name, _, attribute = name.rpartition(".")
     return tuple(getattr(model.get_submodule(module_name), attribute).shape)
-
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def save_weights(
-    state: dict[str, torch.Tensor],
-    path: Path,
-    *,
-    float_dtype: torch.dtype | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Write tensors as safetensors atomically (temporary file, then rename), one tensor at a time: the header
-    first (from shapes and dtypes alone), then each tensor's bytes, floating tensors cast to `float_dtype` as they
-    are written (`progress`: bytes written and the total, after each). safetensors' save_file serialises the whole
-    file in memory first, a second copy of the model (a 7B's int4 output is 5 GB)."""
-
-    def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
-        return float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
-
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in state.items():
-        size = tensor.numel() * stored_dtype(tensor).itemsize
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[stored_dtype(tensor)],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        written = 0
-        for tensor in state.values():
-            data = tensor.detach().to("cpu", stored_dtype(tensor)).contiguous().reshape(-1)
-            handle.write(data.view(torch.uint8).numpy().data)
-            written += data.numel() * data.element_size()
-            if progress is not None:
-                progress(written, offset)
-    temporary.replace(path)

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import save_weights
 from .errors import BadCheckpoint, BadInput
 from .gguf_dequant import dequantize
 from .gguf_repack import repack
 from .tokenizer import QWEN2_PATTERN
+from .weights import save_weights
 
 GPT2_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}
 LAYER_TENSORS = {

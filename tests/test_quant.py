@@ -784,7 +784,7 @@ def test_save_weights_writes_what_safetensors_writes(tmp_path, float_dtype):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from qwen2cli.checkpoint import save_weights
+    from qwen2cli.weights import save_weights
 
     generator = torch.Generator().manual_seed(0)
     state = {

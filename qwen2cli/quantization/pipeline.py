@@ -84,8 +84,8 @@ def save_quantized(
 ) -> Path:
     """A complete model directory: config.json with quantization_config, quantize_config.json, safetensors, tokenizer.
     Written beside `out_dir` and renamed into place; `replace`: a model already there is replaced (output_dir.py)."""
-    from ..checkpoint import save_weights
     from ..output_dir import written_in_place
+    from ..weights import save_weights
 
     try:
         with written_in_place(out_dir, replace=replace) as staging:
