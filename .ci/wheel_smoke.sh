@@ -16,14 +16,23 @@ cd "$work"
 export QWEN2_HOME="$work/home"
 qwen2="$work/venv/bin/qwen2"
 # the installed package runs, not the checkout, and the wheel puts nothing but qwen2cli at the top of site-packages
-"$work/venv/bin/python" - "$work"/dist/qwen2cli-*.whl <<'PY'
+# and it carries every source file of the package (a subpackage missing from pyproject's list would be dropped)
+"$work/venv/bin/python" - "$work"/dist/qwen2cli-*.whl "$repo" <<'PY'
 import pathlib, sys, zipfile
 import qwen2cli
 site = pathlib.Path(qwen2cli.__file__).resolve().parents[1]
 assert site.name == "site-packages", f"qwen2cli imported from {site}, not from the venv"
-tops = {name.split("/")[0] for name in zipfile.ZipFile(sys.argv[1]).namelist()}
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+tops = {name.split("/")[0] for name in names}
 stray = sorted(top for top in tops if top != "qwen2cli" and not top.endswith(".dist-info"))
-sys.exit(f"the wheel installs top-level names besides qwen2cli: {stray}" if stray else 0)
+if stray:
+    sys.exit(f"the wheel installs top-level names besides qwen2cli: {stray}")
+repo = pathlib.Path(sys.argv[2])
+wanted = {f"qwen2cli/{p.relative_to(repo / 'qwen2cli')}" for p in (repo / "qwen2cli").rglob("*.py")}
+wanted |= {f"qwen2cli/quant/{p.name}" for p in (repo / "quant").iterdir() if p.suffix in (".py", ".c", ".h")}
+wanted.add("qwen2cli/models.toml")
+missing = sorted(wanted - names)
+sys.exit(f"the wheel lacks {len(missing)} package files, e.g. {missing[:5]}" if missing else 0)
 PY
 "$qwen2" --help >/dev/null
 "$qwen2" models >/dev/null
