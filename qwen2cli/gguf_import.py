@@ -218,7 +218,8 @@ def converted_tensors(
 
 
 def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a complete checkpoint directory for `gguf_path` at `target` (built beside it, then renamed)."""
+    """Write a complete checkpoint directory for `gguf_path` at `target` (built beside it, then renamed), its block
+    types kept (docs/gguf-layout.md); `progress(bytes, total)` as tensors are converted."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise BadInput(f"no such GGUF file: {gguf_path}")
@@ -245,6 +246,12 @@ def import_gguf(gguf_path: Path, target: Path, *, progress: Callable[[int, int],
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if modules:  # the kernels it runs on, built into the store's cache now rather than at its first run
+        from .quant.native import native_library
+        from .quantized_load import use_kernel_cache
+
+        use_kernel_cache()
+        native_library()
     return target
 
 

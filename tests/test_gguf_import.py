@@ -14,6 +14,7 @@ from qwen2cli.gguf_dequant import DECODERS, dequantize
 from qwen2cli.gguf_import import import_gguf
 from qwen2cli.kv_cache import KVCache
 from qwen2cli.load_options import LoadOptions
+from qwen2cli.quant.blocks import BlockQuantLinear
 from qwen2cli.sampling import SamplingParams
 from qwen2cli.tokenizer import Qwen2Tokenizer
 from tests.tiny_gguf import write_tiny_gguf
@@ -44,10 +45,10 @@ def test_block_decoders_match_the_gguf_package(type_name, monkeypatch):
         blocks[:, at : at + 2] = generator.normal(0, 0.05, size=(300, 1)).astype(np.float16).view(np.uint8)
     expected = quants.dequantize(blocks, GGMLQuantizationType[type_name]).reshape(-1)
     monkeypatch.setattr("qwen2cli.gguf_dequant.VALUES_PER_CHUNK", 7 * values)  # 300 blocks in chunks of 7
-    got = dequantize(blocks, type_name)
-    assert got.shape == (300 * values,)
+    got, empty = dequantize(blocks, type_name), dequantize(blocks[:0], type_name)
+    assert got is not None and got.shape == (300 * values,)
     torch.testing.assert_close(got, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=0)
-    assert dequantize(blocks[:0], type_name).shape == (0,)
+    assert empty is not None and empty.shape == (0,)
     with pytest.raises(ValueError, match="whole number"):
         dequantize(blocks.reshape(-1)[:-1], type_name)
 
@@ -114,7 +115,10 @@ def test_import_command_installs_into_the_store(tiny_gguf, tmp_path):
 
 
 @pytest.mark.real
-def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
+def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path, monkeypatch):
+    """The tokenizer encodes as transformers' GGUF tokenizer does; through the dequantized weights (the block
+    modules' reference path: tests/test_gguf_blocks.py tests the kernels' greedy choices) greedy text is
+    transformers' on the float32 copy of the same GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from devtools.real_model import real_gguf, real_hf_dir
@@ -129,18 +133,23 @@ def test_real_gguf_import_greedy_and_tokenizer_match_transformers(tmp_path):
     # once (dequantizing the GGUF again here took minutes of CI's time). Its tokenizer is built from the GGUF
     # above, not read back from that copy: the saved tokenizer.json does not encode every text the same way.
     reference = AutoModelForCausalLM.from_pretrained(real_hf_dir(), dtype=torch.float32).eval()
+    monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: None)
     engine = load_engine(target, LoadOptions(device="cpu", dtype="float32"))
-    params = SamplingParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
+    for module in engine.loaded.model.modules():  # each layer's weight dequantized once, not at every call
+        if isinstance(module, BlockQuantLinear):
+            weight = module.dequantized_weight()
+            module.dequantized_weight = lambda weight=weight: weight  # type: ignore[method-assign,misc]
+    params = SamplingParams(temperature=0, max_tokens=12, repeat_penalty=1.0)
     for prompt in ["def quicksort(items):", "The capital of Australia is", "用Python写一个快速排序："]:
         ids = ours.encode(prompt)
         with torch.inference_mode():
             out = reference.generate(
                 torch.tensor([ids]),
-                max_new_tokens=24,
+                max_new_tokens=12,
                 do_sample=False,
                 eos_token_id=sorted(engine.stop_ids),
                 pad_token_id=151643,
             )[0, len(ids) :]
         expected = reference_tokenizer.decode([t for t in out.tolist() if t not in engine.stop_ids])
-        got = "".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + 30)))
+        got = "".join(c.text for c in generate(engine, ids, params=params, cache=engine.new_cache(len(ids) + 16)))
         assert got == expected
