@@ -7,8 +7,10 @@ The first run builds llama-cpp-python from PyPI into its own virtual environment
 -march=native build on these CPUs, so the build names the AVX-512 features and leaves AMX off.
 
 llama.cpp runs the real model's GGUF (Q4_K_M) and requantizations of it (Q4_0, Q8_0, with --allow-requantize).
-qwen2cli runs round-to-nearest int4 (group 128) and int8 (per channel) checkpoints of the same model, made from the
-float copy of that GGUF with `qwen2 quantize --method rtn` (speed does not depend on how the codes were chosen).
+qwen2cli runs the same GGUF as `qwen2 download` installs it (its import: the file's Q5_0/Q8_0/Q4_K/Q6_K blocks kept,
+docs/gguf-layout.md), and round-to-nearest int4 (group 128) and int8 (per channel) checkpoints of the same model,
+made from the float copy of that GGUF with `qwen2 quantize --method rtn` (speed does not depend on how the codes
+were chosen). `--systems` picks some of them by name (comma-separated, e.g. "llama.cpp Q4_K_M,qwen2cli GGUF").
 Each measurement is a process of its own (so peak RSS is its own: one load, one prompt and answer); the systems
 take turns, round after round, and each number is the median over the rounds. Prints tok/s, peak RSS and the
 ratios.
@@ -191,12 +193,23 @@ def our_checkpoint(hf_dir: Path, work: Path, bits: int) -> Path:
     return out
 
 
+def our_gguf_import(gguf: Path, work: Path) -> Path:
+    """The GGUF as `qwen2 download` installs it, imported in a process of its own (the children this one starts
+    inherit its peak RSS, which an import here would have raised)."""
+    out = work / "qwen2cli-gguf-import"
+    if not (out / "config.json").exists():
+        code = "import sys; from qwen2cli.gguf_import import import_gguf; import_gguf(sys.argv[1], sys.argv[2])"
+        subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, capture_output=True, cwd=ROOT)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-p", type=int, default=512)
     parser.add_argument("-n", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--systems", help="comma-separated names of the systems to run (default: all)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,13 +228,19 @@ def main() -> None:
     gguf = real_gguf()
     work = VENV.parent / "vs-llamacpp"
     work.mkdir(parents=True, exist_ok=True)
-    systems = {
-        "llama.cpp Q4_K_M": ("llamacpp", gguf),
-        "llama.cpp Q4_0": ("llamacpp", requantize(python, gguf, work / "q4_0.gguf", "Q4_0")),
-        "llama.cpp Q8_0": ("llamacpp", requantize(python, gguf, work / "q8_0.gguf", "Q8_0")),
-        "qwen2cli int4 g128": ("ours", our_checkpoint(real_hf_dir(), work, 4)),
-        "qwen2cli int8": ("ours", our_checkpoint(real_hf_dir(), work, 8)),
+    makers = {
+        "llama.cpp Q4_K_M": lambda: ("llamacpp", gguf),
+        "qwen2cli GGUF": lambda: ("ours", our_gguf_import(gguf, work)),
+        "llama.cpp Q4_0": lambda: ("llamacpp", requantize(python, gguf, work / "q4_0.gguf", "Q4_0")),
+        "llama.cpp Q8_0": lambda: ("llamacpp", requantize(python, gguf, work / "q8_0.gguf", "Q8_0")),
+        "qwen2cli int4 g128": lambda: ("ours", our_checkpoint(real_hf_dir(), work, 4)),
+        "qwen2cli int8": lambda: ("ours", our_checkpoint(real_hf_dir(), work, 8)),
     }
+    chosen = args.systems.split(",") if args.systems else list(makers)
+    unknown = [name for name in chosen if name not in makers]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}: choose from {list(makers)}")
+    systems = {name: makers[name]() for name in chosen}
     # rounds: every system once per round, each in a fresh process; medians over the rounds. Speeds on this
     # shared 2-core host drift by 20% within minutes: all repeats of one system, then all of the next, put that
     # drift into the ratios
@@ -267,13 +286,19 @@ def main() -> None:
             f"{name:22}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['peak_rss_mb']:14.0f}"
             f"  {low:.1f}-{high:.1f}"
         )
-    fastest4 = max(("llama.cpp Q4_K_M", "llama.cpp Q4_0"), key=lambda k: results[k]["decode_tok_s"])
-    ours4, ours8 = results["qwen2cli int4 g128"], results["qwen2cli int8"]
+    pairs = [  # (ours, theirs, what) where both ran
+        ("qwen2cli GGUF", "llama.cpp Q4_K_M", "decode_tok_s"),
+        ("qwen2cli GGUF", "llama.cpp Q4_K_M", "prefill_tok_s"),
+        ("qwen2cli GGUF", "llama.cpp Q4_K_M", "peak_rss_mb"),
+        ("qwen2cli int4 g128", "llama.cpp Q4_0", "decode_tok_s"),
+        ("qwen2cli int4 g128", "llama.cpp Q4_K_M", "prefill_tok_s"),
+        ("qwen2cli int4 g128", "llama.cpp Q4_K_M", "peak_rss_mb"),
+        ("qwen2cli int8", "llama.cpp Q8_0", "decode_tok_s"),
+    ]
     ratios = {
-        f"int4 decode / {fastest4}": ours4["decode_tok_s"] / results[fastest4]["decode_tok_s"],
-        "int8 decode / Q8_0": ours8["decode_tok_s"] / results["llama.cpp Q8_0"]["decode_tok_s"],
-        "int4 prefill / Q4_K_M": ours4["prefill_tok_s"] / results["llama.cpp Q4_K_M"]["prefill_tok_s"],
-        "int4 peak RSS / Q4_K_M": ours4["peak_rss_mb"] / results["llama.cpp Q4_K_M"]["peak_rss_mb"],
+        f"{ours} / {theirs} {what.split('_')[0]}": results[ours][what] / results[theirs][what]
+        for ours, theirs, what in pairs
+        if ours in results and theirs in results
     }
     for name, value in ratios.items():
         print(f"{name:34}{value:6.2f}x")
