@@ -55,6 +55,26 @@ def import_command(
     write_answer(f"{entry.path}\n")
 
 
+def export(
+    model: ModelArg = None,
+    float_dir: Annotated[
+        str, typer.Option("--float", help="Directory to write (must not exist): float32 weights, no quantization.")
+    ] = "",
+) -> None:
+    """Write a GGUF import (the default model included) as a float32 Hugging Face checkpoint for other tools, its
+    weights exactly the GGUF's (docs/gguf-layout.md); prints its path."""
+    from .console import write_answer
+    from .gguf_import import write_float_checkpoint
+    from .model_args import local_model
+
+    if not float_dir:
+        raise BadInput("name the directory to write with --float DIR")
+    out = Path(float_dir).expanduser()
+    if out.exists():
+        raise BadInput(f"{out} exists; name a new directory")
+    write_answer(f"{write_float_checkpoint(local_model(model), out)}\n")
+
+
 def list_command(json_output: JsonOpt = False) -> None:
     """Installed models: name, source, parameters, quantization, size on disk, path."""
     from . import paths, store
@@ -139,6 +159,7 @@ def register(app: typer.Typer) -> None:
     """Add the store commands to `app`, in the order `qwen2 --help` lists them."""
     app.command()(download)
     app.command(name="import")(import_command)
+    app.command()(export)
     app.command(name="list")(list_command)
     app.command()(rm)
     app.command()(models)

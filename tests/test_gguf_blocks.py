@@ -345,3 +345,29 @@ def test_float_export_loads_in_transformers_as_the_gguf(tiny, tmp_path):
         write_float_checkpoint(imported, out)
     with pytest.raises(BadInput, match="not a GGUF import"):
         write_float_checkpoint(out, tmp_path / "again")
+
+
+def test_export_command_writes_the_float_copy(tiny, tmp_path):
+    """`qwen2 export MODEL --float DIR`: the float checkpoint's path on stdout; an existing DIR, a missing --float
+    and a model that is no GGUF import are one-line errors."""
+    import subprocess
+    import sys
+
+    _, imported = tiny
+
+    def export(*args: str) -> subprocess.CompletedProcess:
+        env = {"QWEN2_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+        command = [sys.executable, "-m", "qwen2cli", "export", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    done = export(str(imported), "--float", str(tmp_path / "float"))
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "float"), done.stderr
+    assert json.loads((tmp_path / "float" / "config.json").read_text())["torch_dtype"] == "float32"
+    for args, fragment in (
+        ((str(imported), "--float", str(tmp_path / "float")), "exists"),
+        ((str(imported),), "--float DIR"),
+        ((str(tmp_path / "float"), "--float", str(tmp_path / "again")), "not a GGUF import"),
+    ):
+        failed = export(*args)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and fragment in failed.stderr, failed.stderr
