@@ -4,11 +4,12 @@
 
 Both servers run side by side; for each client count the systems take turns (rounds alternate which goes first).
 Each client streams one chat completion (a distinct prompt of about -p tokens, -n new tokens, greedy). Reported:
-time to first token p50/p95, aggregate decode tokens/s (all clients' tokens over the wall time of the batch),
-and the server's peak RSS; then the time to first token of a second turn of a long conversation against its first
-turn (the prefix cache at work). llama-cpp-python's server answers one request at a time (it has no parallel
-slots), so its clients queue; ours answers up to --parallel at once. Tokens are counted as streamed chunks that
-carry text (both servers send one per token, except where a character spans tokens).
+time to first token p50/p95, tokens/s over the batch's wall time (prefills included), aggregate decode tokens/s
+(the tokens after each client's first, over the span from the first first token to the last token), the tokens
+received, and the server's peak RSS; then the time to first token of a second turn of a long conversation
+against its first turn (the prefix cache at work). llama-cpp-python's server answers one request at a time (it has
+no parallel slots), so its clients queue; ours answers up to --parallel at once. Tokens are counted as streamed
+chunks that carry text (both servers send one per token, except where a character spans tokens).
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ class Server:
 
 async def stream_once(
     client: httpx.AsyncClient, server: Server, messages: list[dict], max_tokens: int
-) -> tuple[float, int, str]:
-    """(seconds to the first text chunk, text chunks, text) of one streamed chat completion."""
+) -> tuple[float, int, str, float, float]:
+    """(seconds to the first text chunk, text chunks, text, clock at the first and at the last chunk) of one
+    streamed chat completion."""
     body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
-    first, chunks, text = None, 0, ""
+    first, chunks, text, first_at, last_at = None, 0, "", float("nan"), float("nan")
     async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -94,13 +96,16 @@ async def stream_once(
             if choices and (choices[0].get("delta") or {}).get("content"):
                 chunks += 1
                 text += choices[0]["delta"]["content"]
-                first = first if first is not None else time.perf_counter() - started
-    return (first if first is not None else float("nan")), chunks, text
+                last_at = time.perf_counter()
+                if first is None:
+                    first, first_at = last_at - started, last_at
+    return (first if first is not None else float("nan")), chunks, text, first_at, last_at
 
 
 def prompt(index: int, tokens: int) -> list[dict]:
+    """About `tokens` tokens of text, asked back word for word (a long answer: it runs to max_tokens)."""
     text = "".join(SENTENCE.format(i=index * 1000 + i) for i in range(max(1, tokens // 17)))
-    return [{"role": "user", "content": f"Request {index}. Summarise this text:\n{text}"}]
+    return [{"role": "user", "content": f"Request {index}. Repeat this text word for word:\n{text}"}]
 
 
 async def load(server: Server, clients: int, prompt_tokens: int, new_tokens: int) -> dict:
@@ -111,10 +116,14 @@ async def load(server: Server, clients: int, prompt_tokens: int, new_tokens: int
         )
         wall = time.perf_counter() - started
     ttfts = sorted(r[0] for r in results)
+    decoded = sum(r[1] - 1 for r in results)  # tokens after each client's first
+    decode_span = max(r[4] for r in results) - min(r[3] for r in results)
     return {
         "ttft_p50": statistics.median(ttfts),
         "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         "tok_s": sum(r[1] for r in results) / wall,
+        "decode_tok_s": decoded / decode_span if decode_span > 0 else float("nan"),
+        "tokens": sum(r[1] for r in results),
     }
 
 
@@ -122,9 +131,9 @@ async def second_turn(server: Server, tokens: int) -> tuple[float, float]:
     """TTFT of a first turn of about `tokens` tokens, and of the second turn that resends it with the answer."""
     first = prompt(99, tokens)
     async with httpx.AsyncClient(timeout=3600) as client:
-        first_ttft, _, reply = await stream_once(client, server, first, 16)
+        first_ttft, _, reply, _, _ = await stream_once(client, server, first, 16)
         turn = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Shorter, please."}]
-        second_ttft, _, _ = await stream_once(client, server, turn, 4)
+        second_ttft, _, _, _, _ = await stream_once(client, server, turn, 4)
     return first_ttft, second_ttft
 
 
@@ -158,14 +167,20 @@ def main() -> None:
                 for server in order:
                     result = asyncio.run(load(server, clients, args.prompt_tokens, args.new_tokens))
                     table.setdefault((server.name, clients), []).append(result)
-        print(f"{'server':<10} {'clients':>7} {'ttft p50':>9} {'ttft p95':>9} {'tok/s':>8}")
+        print(
+            f"{'server':<10} {'clients':>7} {'ttft p50':>9} {'ttft p95':>9} {'tok/s':>8} {'decode/s':>9} {'tokens':>7}"
+        )
         for (name, clients), results in table.items():
             med = {key: statistics.median(r[key] for r in results) for key in results[0]}
-            print(f"{name:<10} {clients:>7} {med['ttft_p50']:>8.2f}s {med['ttft_p95']:>8.2f}s {med['tok_s']:>8.1f}")
-        ours_single = statistics.median(r["tok_s"] for r in table[("qwen2cli", min(args.clients))])
+            print(
+                f"{name:<10} {clients:>7} {med['ttft_p50']:>8.2f}s {med['ttft_p95']:>8.2f}s {med['tok_s']:>8.1f} "
+                f"{med['decode_tok_s']:>9.1f} {med['tokens']:>7.0f}"
+            )
+        ours_single = statistics.median(r["decode_tok_s"] for r in table[("qwen2cli", min(args.clients))])
+        print("aggregate decode tokens/s (first token to last, all clients):")
         for clients in args.clients:
-            ours = statistics.median(r["tok_s"] for r in table[("qwen2cli", clients)])
-            theirs = statistics.median(r["tok_s"] for r in table[("llama.cpp", clients)])
+            ours = statistics.median(r["decode_tok_s"] for r in table[("qwen2cli", clients)])
+            theirs = statistics.median(r["decode_tok_s"] for r in table[("llama.cpp", clients)])
             print(
                 f"{clients} clients: ours {ours / ours_single:.2f}x our single stream, {ours / theirs:.2f}x llama.cpp"
             )
