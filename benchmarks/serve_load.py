@@ -8,8 +8,9 @@ time to first token p50/p95, tokens/s over the batch's wall time (prefills inclu
 (the tokens after each client's first, over the span from the first first token to the last token), the tokens
 received, and the server's peak RSS; then the time to first token of a second turn of a long conversation
 against its first turn (the prefix cache at work). llama-cpp-python's server answers one request at a time (it has
-no parallel slots), so its clients queue; ours answers up to --parallel at once. Tokens are counted as streamed
-chunks that carry text (both servers send one per token, except where a character spans tokens).
+no parallel slots; it runs with --interrupt_requests False, else a new request cuts the one streaming), so its
+clients queue; ours answers up to --parallel at once. Tokens are counted as streamed chunks that carry text (both
+servers send one per token, except where a character spans tokens).
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ def main() -> None:
     ours_cmd = [sys.executable, "-m", "qwen2cli", "serve", args.ours or str(args.gguf), "--port", str(ours_port),
                 "--parallel", str(slots), "--ctx", "4096"]  # fmt: skip
     threads = ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+    # its default interrupts a streaming answer when another request arrives: queue them instead
     llama_cmd = [str(VENV_PYTHON), "-m", "llama_cpp.server", "--model", str(args.gguf), "--n_ctx", "4096", *threads,
-                 "--port", str(llama_port)]  # fmt: skip
+                 "--interrupt_requests", "False", "--port", str(llama_port)]  # fmt: skip
     servers = [
         Server("qwen2cli", ours_cmd, ours_port, args.threads),
         Server("llama.cpp", llama_cmd, llama_port, args.threads),

@@ -1,17 +1,10 @@
-"""`qwen2 serve` through the official openai client: answers against transformers, streaming, stop strings, JSON
-schemas, tool calls, errors, auth, parallel requests, prefix reuse and disconnects; prompts against
-transformers' apply_chat_template."""
+"""`qwen2 serve` over HTTP through the official openai client: answers and logprobs against transformers,
+streaming, stop strings, JSON schemas, tool calls, errors, auth, parallel requests, prefix reuse, disconnects."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,225 +16,40 @@ import openai
 import pytest
 import torch
 
-from qwen2cli.serve.schema import parse_chat
-from qwen2cli.serve.template import ChatTemplate
-from qwen2cli.tokenizer import Qwen2Tokenizer
-
-KEY = "test-key"
-CTX = 2048
-
-# Qwen2.5-Instruct's chat template (tokenizer_config.json of the Qwen2.5 checkpoints), tools included
-QWEN25_TEMPLATE = (
-    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
-    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
-    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are '
-    'provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
-    '    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
-    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
-    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
-    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n{%- else %}\n'
-    "    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
-    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-    "assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
-    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
-    '(message.role == "assistant" and not message.tool_calls) %}\n'
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
-    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
-    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
-    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
-    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n            {{- tool_call.name }}\n'
-    '            {{- \'", "arguments": \' }}\n            {{- tool_call.arguments | tojson }}\n'
-    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
-    '    {%- elif message.role == "tool" %}\n'
-    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
-    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
-    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
-    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+from tests.serve_helpers import (
+    CONVERSATIONS,
+    CTX,
+    GREEDY,
+    KEY,
+    MODEL,
+    PERSON,
+    SAMPLED,
+    TOOLS,
+    bytes_to_unicode,
+    chat,
+    check_calls,
+    hf_tokenizer,
+    make_tool_model,
+    openai_client,
+    reference_ids,
+    serving,
+    streamed,
 )
-
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time now.",
-        "parameters": {
-            "type": "object",
-            "properties": {"utc": {"type": "boolean"}},
-            "required": ["utc"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS: list[dict[str, Any]] = [WEATHER, CLOCK]
-CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
-    "system and user": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
-    "user only": [{"role": "user", "content": "What is 2+2?"}],
-    "multi turn": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a joke."}]},
-    ],
-    "tool results": [
-        {"role": "system", "content": "You can look things up."},
-        {"role": "user", "content": "Weather in Paris and the time?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
-                },
-                {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"utc": true}'}},
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
-        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
-        {"role": "assistant", "content": "It is 21 C and noon."},
-        {"role": "user", "content": "Thanks, and Tokyo?"},
-    ],
-}
-
-
-def with_template(source: Path, target: Path) -> Path:
-    """A copy of a checkpoint whose tokenizer carries Qwen2.5's chat template (tools included)."""
-    shutil.copytree(source, target)
-    config_path = target / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = QWEN25_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    return target
-
-
-@functools.cache
-def hf_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def reference_ids(model_dir: Path, messages: list[dict], tools: list[dict] | None) -> list[int]:
-    """The prompt ids transformers' apply_chat_template gives (tool-call arguments as objects, as it expects)."""
-    tokenizer = hf_tokenizer(model_dir)
-    plain = []
-    for message in messages:
-        message = dict(message)
-        if isinstance(message.get("content"), list):
-            message["content"] = "".join(part["text"] for part in message["content"])
-        if message.get("tool_calls"):
-            message["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                for c in message["tool_calls"]
-            ]
-            message["content"] = message["content"] or ""
-        plain.append(message)
-    rendered = tokenizer.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=True)
-    return list(rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered)
-
-
-def our_ids(model_dir: Path, messages: list[dict], tools: list[dict] | None) -> list[int]:
-    tokenizer = Qwen2Tokenizer.from_dir(model_dir)
-    request = parse_chat({"model": "m", "messages": messages, **({"tools": tools} if tools else {})})
-    template = ChatTemplate.from_model(model_dir, tokenizer.chat_template)
-    assert template is not None
-    return tokenizer.encode(template.render(request.messages, tools=request.tools))
 
 
 @pytest.fixture(scope="module")
 def tool_model(tiny_model, tmp_path_factory) -> Path:
-    return with_template(tiny_model, tmp_path_factory.mktemp("serve") / "tinyqwen")
-
-
-@pytest.mark.parametrize("name", list(CONVERSATIONS))
-@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no tools", "tools"])
-def test_prompt_ids_equal_apply_chat_template(tool_model, name, tools):
-    messages = CONVERSATIONS[name]
-    assert our_ids(tool_model, messages, tools) == reference_ids(tool_model, messages, tools)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "qwen2cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen([*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.communicate()[1]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not come up")
+    return make_tool_model(tiny_model, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def server(tool_model):
-    process, url = start_server(tool_model, "--api-key", KEY, "--parallel", "4")
-    yield url
-    process.terminate()
-    assert process.wait(timeout=30) == 0, process.communicate()[1]
+    yield from serving(tool_model)
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-MODEL = "tinyqwen"
-GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
-
-
-def chat(client, messages, **fields):
-    return client.chat.completions.create(model=MODEL, messages=messages, **{**GREEDY, **fields})
-
-
-def streamed(client, messages, **fields) -> tuple[str, list[dict[str, str]], Any, Any]:
-    """Text, tool calls (accumulated from deltas), finish reason and usage of a streamed chat answer."""
-    text, finish, usage = "", None, None
-    calls: dict[int, dict[str, str]] = {}
-    stream = chat(client, messages, stream=True, stream_options={"include_usage": True}, **fields)
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            for call in choice.delta.tool_calls or []:
-                entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
-                entry["name"] += call.function.name or ""
-                entry["arguments"] += call.function.arguments or ""
-            finish = choice.finish_reason or finish
-    return text, [calls[i] for i in sorted(calls)], finish, usage
+    return openai_client(server)
 
 
 def test_models_and_health(server, client):
@@ -269,19 +77,6 @@ def test_answer_equals_transformers_greedy(client, tool_model):
     assert answer.usage.prompt_tokens == len(ids)
     assert answer.usage.completion_tokens == len(out)
     assert answer.choices[0].finish_reason == ("length" if len(out) == 12 and out[-1] not in stops else "stop")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: the character each byte is spelled with in a byte-level BPE vocabulary."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def test_logprobs_equal_transformers(client, tool_model):
@@ -330,9 +125,6 @@ def test_streaming_equals_non_streaming(client):
     assert plain.usage.completion_tokens == 10 and plain.choices[0].finish_reason == "length"
 
 
-SAMPLED = {"temperature": 1.0, "top_p": 1.0, "seed": 3}  # the tiny model's greedy answer is all broken UTF-8
-
-
 def test_stop_string_is_never_emitted(client):
     messages = CONVERSATIONS["user only"]
     full = chat(client, messages, max_tokens=24, **SAMPLED).choices[0].message.content
@@ -347,33 +139,12 @@ def test_stop_string_is_never_emitted(client):
     assert usage.completion_tokens < 24
 
 
-PERSON: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "admin": {"type": "boolean"},
-        "role": {"enum": ["user", "guest"]},
-    },
-    "required": ["name", "age", "admin", "role"],
-    "additionalProperties": False,
-}
-
-
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_json_schema_output_validates(client, temperature):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     answer = chat(client, CONVERSATIONS["user only"], max_tokens=200, response_format=fmt, temperature=temperature)
     assert answer.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
-
-
-def check_calls(calls, names):
-    assert calls
-    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    for name, arguments in calls:
-        assert name in names
-        jsonschema.validate(json.loads(arguments), by_name[name])
 
 
 def test_tool_choice_required_and_named(client):
@@ -477,52 +248,6 @@ def test_parallel_requests_equal_their_answers_alone(client, server):
     assert httpx.get(f"{server}/health").json()["requests"]["widest_step"] > 1  # they did run side by side
 
 
-def test_quantized_gguf_model_batches_as_it_answers_alone(tmp_path):
-    from qwen2cli.generate import load_engine
-    from qwen2cli.gguf_import import import_gguf
-    from qwen2cli.load_options import LoadOptions
-    from qwen2cli.sampling import SamplingParams
-    from qwen2cli.serve.scheduler import Finished, Job, Scheduler, Token
-    from tests.tiny_gguf import write_tiny_gguf
-
-    model_dir = import_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "model")
-    engine = load_engine(model_dir, LoadOptions(device="cpu"))
-    prompts = [engine.tokenizer.encode(f"prompt {i} " * (i + 1)) for i in range(3)]
-    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=12)
-
-    def answers(scheduler: Scheduler, together: bool) -> list[list]:
-        outputs: list[list] = [[] for _ in prompts]
-        done = [threading.Event() for _ in prompts]
-
-        def emit_into(index: int):
-            def emit(event) -> None:
-                if isinstance(event, Token):
-                    outputs[index].append(event.token_id)
-                else:  # Finished, or Failed (whose message then stands in for the answer)
-                    outputs[index].append(event if isinstance(event, Finished) else event.message)
-                    done[index].set()
-
-            return emit
-
-        for index, ids in enumerate(prompts):
-            scheduler.submit(Job(prompt_ids=ids, params=params, emit=emit_into(index)))
-            if not together:
-                done[index].wait(120)
-        assert all(event.wait(120) for event in done)
-        assert all(isinstance(output[-1], Finished) for output in outputs), outputs
-        return [output[:-1] for output in outputs]
-
-    alone_scheduler, together_scheduler = Scheduler(engine, slots=3), Scheduler(engine, slots=3)
-    for scheduler in (alone_scheduler, together_scheduler):
-        scheduler.start()
-    try:
-        assert answers(together_scheduler, True) == answers(alone_scheduler, False)
-        assert together_scheduler.widest_step == 3 and alone_scheduler.widest_step == 1
-    finally:
-        alone_scheduler.stop()
-        together_scheduler.stop()
-
-
 def test_second_turn_reuses_the_first_turns_cache(client, tool_model):
     first = [{"role": "user", "content": "Remember the number seven. " * 20}]
     answer = chat(client, first, max_tokens=8).choices[0].message.content
@@ -579,130 +304,6 @@ def test_disconnect_while_waiting_for_a_whole_answer_cancels(server):
         time.sleep(0.05)
 
 
-def qwen2(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OPENAI_API_KEY": KEY}
-    command = [sys.executable, "-m", "qwen2cli", *args]
-    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300, env=env)
-
-
-SHELL_GREEDY = ["--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "10"]
-
-
-def test_run_url_answers_as_the_server_does(client, server):
-    done = qwen2(["run", "--url", server, "--json", "--system", "Be brief.", *SHELL_GREEDY, "Hello there"])
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    answer = chat(client, CONVERSATIONS["system and user"], max_tokens=10)
-    assert result["text"] == answer.choices[0].message.content
-    assert result["finish_reason"] == answer.choices[0].finish_reason
-    assert result["usage"]["prompt_tokens"] == answer.usage.prompt_tokens
-    raw = qwen2(["run", "--url", server, MODEL, "--raw", *SHELL_GREEDY], "Once upon")
-    plain = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, **GREEDY)
-    assert (raw.returncode, raw.stdout) == (0, plain.choices[0].text)
-    wrong = qwen2(["run", "--url", server, "-m", "nothing", "hi"])
-    assert wrong.returncode == 1 and wrong.stderr.startswith("error: the server answered 404")
-
-
-def test_chat_url_keeps_the_conversation(client, server):
-    done = qwen2(["chat", "--url", server, *SHELL_GREEDY], "Hi\nTell me a joke.\n")
-    assert done.returncode == 0, done.stderr
-    first = chat(client, [{"role": "user", "content": "Hi"}], max_tokens=10).choices[0].message.content
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first}]
-    second = chat(client, [*turns, {"role": "user", "content": "Tell me a joke."}], max_tokens=10)
-    assert done.stdout == f"{first}\n{second.choices[0].message.content}\n"
-
-
-def test_run_json_schema_and_grammar(tiny_model, server, tmp_path):
-    schema_file = tmp_path / "person.json"
-    schema_file.write_text(json.dumps(PERSON))
-    for sampling in (["--temperature", "0"], ["--temperature", "1", "--seed", "5"]):
-        local = qwen2(
-            ["run", str(tiny_model), "--json-schema", str(schema_file), "--max-tokens", "200", *sampling, "hi"]
-        )
-        assert local.returncode == 0, local.stderr
-        jsonschema.validate(json.loads(local.stdout), PERSON)
-    remote = qwen2(["run", "--url", server, "--json-schema", str(schema_file), "--max-tokens", "200", "hi"])
-    assert remote.returncode == 0, remote.stderr
-    jsonschema.validate(json.loads(remote.stdout), PERSON)
-    lark, gbnf = tmp_path / "answer.lark", tmp_path / "answer.gbnf"
-    lark.write_text('start: "yes" | "no" | "maybe"\n')
-    gbnf.write_text('root ::= "yes" | "no"\n')
-    for grammar, allowed in ((lark, {"yes", "no", "maybe"}), (gbnf, {"yes", "no"})):
-        for seed in ("1", "2", "3"):
-            done = qwen2(
-                ["run", str(tiny_model), "--grammar", str(grammar), "--temperature", "1", "--seed", seed, "ok?"]
-            )
-            assert done.returncode == 0 and done.stdout in allowed, done.stderr
-    for args, message in (
-        (["--json-schema", str(tmp_path / "absent.json")], "cannot read"),
-        (["--grammar", str(schema_file)], "cannot read the grammar"),
-        (["--json-schema", str(schema_file), "--grammar", str(lark)], "not both"),
-    ):
-        done = qwen2(["run", str(tiny_model), *args, "hi"])
-        assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr
-
-
-def test_open_host_warns_and_ctrl_c_stops_cleanly(tiny_model):
-    process, url = start_server(tiny_model, "--host", "0.0.0.0")
-    assert httpx.get(f"{url}/v1/models").status_code == 200  # no key asked for
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
-    assert process.returncode == 130
-    assert "warning: listening on 0.0.0.0 without --api-key" in stderr and "Traceback" not in stderr
-
-
 def test_missing_model_name_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CONVERSATIONS["user only"])
-
-
-@pytest.mark.real
-def test_real_template_equals_apply_chat_template(real_model_dir):
-    for name, messages in CONVERSATIONS.items():
-        for tools in (None, TOOLS):
-            assert our_ids(real_model_dir, messages, tools) == reference_ids(real_model_dir, messages, tools), name
-
-
-@pytest.mark.real
-def test_real_model_calls_the_tool_it_is_asked_for(real_model_dir):
-    process, url = start_server(real_model_dir, "--parallel", "1", "--ctx", "4096")
-    try:
-        client: Any = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1200)
-        model = client.models.list().data[0].id
-        messages = [{"role": "user", "content": "What is the weather like in Paris, in celsius?"}]
-        answer = client.chat.completions.create(
-            model=model,
-            messages=messages,
-            tools=TOOLS,
-            tool_choice="required",
-            parallel_tool_calls=False,
-            temperature=0,
-            max_tokens=100,
-        )
-        calls = answer.choices[0].message.tool_calls
-        assert answer.choices[0].finish_reason == "tool_calls"
-        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-            ("get_weather", {"city": "Paris", "unit": "celsius"})
-        ]
-        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-        person = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "Invent a user called Ann, aged 30, not an admin."}],
-            response_format=fmt,
-            temperature=0,
-            max_tokens=100,
-        )
-        jsonschema.validate(json.loads(person.choices[0].message.content), PERSON)
-        anything = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "The capital of France and its country, as a JSON object."}],
-            response_format={"type": "json_object"},
-            temperature=0,
-            max_tokens=120,
-        )
-        assert anything.choices[0].finish_reason == "stop"
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
