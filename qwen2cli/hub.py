@@ -161,7 +161,9 @@ def _resumable_get(
         raise DownloadError(f"downloading {what} failed: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno == 28:
-            raise DownloadError(f"the disk filled up while downloading {what}; the partial file is kept for resume")
+            raise DownloadError(
+                f"the disk filled up while downloading {what}; the partial file is kept for resume"
+            ) from exc
         raise DownloadError(f"downloading {what} was cut off ({exc}); run the same command again to resume") from exc
     if size and have != size:
         raise DownloadError(

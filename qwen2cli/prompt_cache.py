@@ -24,7 +24,9 @@ def shared_prefix_length(ids: list[int], *others: list[int]) -> int:
     """How many leading ids `ids` has in common with every one of `others`."""
     length = len(ids)
     for other in others:
-        length = next((i for i, (a, b) in enumerate(zip(ids[:length], other)) if a != b), min(length, len(other)))
+        # the shorter of the two bounds the comparison: zip stops there
+        pairs = zip(ids[:length], other, strict=False)
+        length = next((i for i, (a, b) in enumerate(pairs) if a != b), min(length, len(other)))
     return length
 
 
@@ -79,7 +81,7 @@ def _save(cache: KVCache, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for index, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+    for index, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
         tensors[f"k.{index}"] = keys[:, :, : cache.pos].contiguous().cpu()
         tensors[f"v.{index}"] = values[:, :, : cache.pos].contiguous().cpu()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if XDIST_WORKER:
     # Two workers share the two cores: one thread each, and for the commands they start (set before torch loads).
     # Two one-thread jobs at once do 1.4x the work of one two-thread job here; two two-thread jobs thrash.
     os.environ["OMP_NUM_THREADS"] = "1"
 
-import pytest
-import torch
+import torch  # noqa: E402 - after the thread settings above
 
 from devtools.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402 - after the thread settings above
 
