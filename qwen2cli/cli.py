@@ -356,7 +356,8 @@ def quantize(
         bool | None,
         typer.Option(
             "--static-groups/--no-static-groups",
-            help="GPTQ: each group's scale and zero from the weights before any update, groups kept contiguous under act-order (nothing to reorder at load). Default: on with act-order.",
+            help="GPTQ: each group's scale and zero from the weights before any update, groups kept contiguous under "
+            "act-order (nothing to reorder at load). Default: on with act-order.",
         ),
     ] = None,
     clip: Annotated[
@@ -382,7 +383,8 @@ def quantize(
         str,
         typer.Option(
             "--shrink",
-            help="GPTQ: pull the Hessian toward its diagonal, 0 (plain GPTQ) to 1 (round-to-nearest), or auto: in/(in+tokens), strong when calibration tokens are few.",
+            help="GPTQ: pull the Hessian toward its diagonal, 0 (plain GPTQ) to 1 (round-to-nearest), or auto: "
+            "in/(in+tokens), strong when calibration tokens are few.",
         ),
     ] = "auto",
     out: Annotated[
@@ -536,8 +538,8 @@ def _run_app() -> int:
 
     try:  # typer >= 0.24 vendors click
         from typer._click.exceptions import ClickException, NoArgsIsHelpError
-    except ImportError:
-        from click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:  # older typer raises click's own classes (the same names; mypy sees one typer only)
+        from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
     try:
         with warnings.catch_warnings():  # restores Python's own printer on the way out
