@@ -235,7 +235,8 @@ def chat(
             run_chat(cast(Any, remote), model_name=server.model, strict=strict, first_message=first_message)
         )
     from .registry import split_model_and_prompt
-    from .session import ChatSession, read_transcript
+    from .session import ChatSession
+    from .transcript import read_transcript
 
     model, first_message = split_model_and_prompt(model, None, model=model_option)
     transcript = read_transcript(Path(load)) if load else None

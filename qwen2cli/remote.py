@@ -15,6 +15,7 @@ from typing import Any
 
 from .chatml import Message
 from .errors import BadInput
+from .transcript import write_transcript
 
 API_KEY_ENV = "OPENAI_API_KEY"  # sent as `Authorization: Bearer ...` when set
 
@@ -277,22 +278,15 @@ class RemoteChat:
 
     def save(self, path: Path, *, model: str) -> None:
         """The conversation as a transcript `qwen2 chat --load` reads (temporary file, then rename)."""
-        data = {
-            "version": 1,
-            "model": model,
-            "system": self.system,
-            "ctx": self.ctx,
-            "settings": {k: v for k, v in self.params.__dict__.items() if v is not None},
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
-            "cut": self.cut_flags,
-        }
-        path = Path(path).expanduser()
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            temporary.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-            temporary.replace(path)
-        except OSError as exc:
-            raise BadInput(f"cannot save to {path}: {exc.strerror or exc}") from exc
+        write_transcript(
+            path,
+            model=model,
+            system=self.system,
+            ctx=self.ctx,
+            settings={k: v for k, v in self.params.__dict__.items() if v is not None},
+            messages=self.messages,
+            cut=self.cut_flags,
+        )
 
     def load(self, path: Path) -> dict[str, Any]:
         """Continue a saved transcript."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,8 +11,7 @@ from .chatml import Message, default_system_prompt, encode_chat
 from .errors import BadInput, ContextOverflow
 from .generate import Chunk, Engine, Stats, generate
 from .sampling import SamplingParams
-
-TRANSCRIPT_VERSION = 1
+from .transcript import read_transcript, write_transcript
 
 
 @dataclass
@@ -184,22 +181,15 @@ class ChatSession:
     # -- transcripts -----------------------------------------------------------------------------------------
     def save(self, path: Path, *, model: str) -> None:
         """Write the conversation, model and settings as JSON (temporary file, then rename)."""
-        data = {
-            "version": TRANSCRIPT_VERSION,
-            "model": model,
-            "system": self.system,
-            "ctx": self.ctx,
-            "settings": asdict(self.params),
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
-            "cut": self.cut_flags,
-        }
-        path = Path(path).expanduser()
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            temporary.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-            temporary.replace(path)
-        except OSError as exc:
-            raise BadInput(f"cannot save to {path}: {exc.strerror or exc}") from exc
+        write_transcript(
+            path,
+            model=model,
+            system=self.system,
+            ctx=self.ctx,
+            settings=asdict(self.params),
+            messages=self.messages,
+            cut=self.cut_flags,
+        )
 
     def load(self, path: Path) -> dict[str, Any]:
         """Replace the conversation with a saved transcript; returns the transcript's data."""
@@ -212,19 +202,3 @@ class ChatSession:
         if data.get("settings"):
             self.params = SamplingParams(**data["settings"])
         return data
-
-
-def read_transcript(path: Path) -> dict[str, Any]:
-    """A saved transcript, checked for shape; a bad file is a BadInput."""
-    path = Path(path).expanduser()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        messages = data["messages"]
-        roles = [m["role"] for m in messages]
-        if roles != ["user", "assistant"] * (len(roles) // 2) or not all(
-            isinstance(m["content"], str) for m in messages
-        ):
-            raise ValueError("messages must alternate user, assistant")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"cannot load transcript {path}: {exc}") from exc
-    return data
