@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -36,6 +36,9 @@ from .options import (
     UrlOpt,
 )
 
+if TYPE_CHECKING:
+    from .remote import RemoteSampling
+
 app = typer.Typer(
     name="qwen2",
     help="Run Qwen2 / Qwen2.5 models on your own machine.",
@@ -45,19 +48,19 @@ app = typer.Typer(
 )
 
 
-def _sampling(engine, *, temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens):
+def _sampling(engine, wanted: RemoteSampling):
     """SamplingParams from the options given, the rest from the model's generation_config.json."""
     from .sampling import SamplingParams
 
     defaults = engine.config.generation
     return SamplingParams(
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        top_k=defaults.top_k if top_k is None else top_k,
-        min_p=defaults.min_p if min_p is None else min_p,
-        repeat_penalty=defaults.repetition_penalty if repeat_penalty is None else repeat_penalty,
-        seed=seed,
-        max_tokens=defaults.max_new_tokens if max_tokens is None else max_tokens,
+        temperature=defaults.temperature if wanted.temperature is None else wanted.temperature,
+        top_p=defaults.top_p if wanted.top_p is None else wanted.top_p,
+        top_k=defaults.top_k if wanted.top_k is None else wanted.top_k,
+        min_p=defaults.min_p if wanted.min_p is None else wanted.min_p,
+        repeat_penalty=defaults.repetition_penalty if wanted.repeat_penalty is None else wanted.repeat_penalty,
+        seed=wanted.seed,
+        max_tokens=defaults.max_new_tokens if wanted.max_tokens is None else wanted.max_tokens,
     )
 
 
@@ -119,7 +122,9 @@ def run(
     installed name, a path, an org/name id) is the prompt, answered by the default model."""
     from .console import print_json, write_answer
     from .registry import split_model_and_prompt
+    from .remote import RemoteSampling
 
+    wanted = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
     options = LoadOptions(
         device=device,
         dtype=dtype,
@@ -144,13 +149,12 @@ def run(
     if not text:
         raise BadInput("no prompt: give PROMPT or pipe text on stdin")
     if server is not None:
-        from .remote import RemoteSampling, remote_answer
+        from .remote import remote_answer
 
-        sampling = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
         on_text = None if json_output else write_answer
         response_format = shape.response_format() if shape is not None else None
         result = remote_answer(
-            server, text, raw=raw, system=system, sampling=sampling, on_text=on_text, response_format=response_format
+            server, text, raw=raw, system=system, sampling=wanted, on_text=on_text, response_format=response_format
         )
         if json_output:
             print_json(result)
@@ -166,16 +170,7 @@ def run(
         options=options,
         raw=raw,
         system=system,
-        sampling=lambda engine: _sampling(
-            engine,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            max_tokens=max_tokens,
-        ),
+        sampling=lambda engine: _sampling(engine, wanted),
         on_text=None if json_output else write_answer,
         constraint=shape.constraint if shape is not None else None,
     )
@@ -210,6 +205,9 @@ def chat(
 ) -> None:
     """Chat in a REPL; with stdin not a terminal, one user turn per input line. An argument that names no model is
     the first message, to the default model."""
+    from .remote import RemoteSampling
+
+    wanted = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
     options = LoadOptions(
         device=device,
         dtype=dtype,
@@ -222,11 +220,10 @@ def chat(
     from .repl import run_chat
 
     if url is not None:
-        from .remote import RemoteChat, RemoteSampling, connect
+        from .remote import RemoteChat, connect
 
         server, first_message = connect(url, model, None, model_option=model_option)
-        sampling = RemoteSampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
-        remote = RemoteChat(server, params=sampling, system=system)
+        remote = RemoteChat(server, params=wanted, system=system)
         if load:
             remote.load(Path(load))
             remote.system = system if system is not None else remote.system
@@ -243,16 +240,7 @@ def chat(
     if model is None and transcript is not None:
         model = transcript.get("model")
     engine = _load_shown(model_to_load(model, options)[0], options)
-    params = _sampling(
-        engine,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
-        max_tokens=max_tokens,
-    )
+    params = _sampling(engine, wanted)
     session = ChatSession(engine, params=params, system=system)
     if load:
         session.load(Path(load))
