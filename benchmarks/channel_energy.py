@@ -67,7 +67,9 @@ def main() -> None:
     def share(table: torch.Tensor, channels: torch.Tensor) -> float:
         return float(table[channels].sum() / table.sum())
 
-    calibration = calibration_batches(engine, default_calibration_text(), samples=args.samples, seq_len=WINDOW)
+    calibration = calibration_batches(
+        engine.tokenizer, default_calibration_text(), samples=args.samples, seq_len=WINDOW
+    )
     calibrated = energy(list(calibration.split(4)))
     text = energy([torch.tensor([window]) for window in windows(engine.tokenizer, args.text)])
     print(

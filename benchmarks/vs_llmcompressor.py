@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from qwen2cli.load_options import LoadOptions
 
@@ -113,8 +112,14 @@ def worker(method: str, samples: int, seq_len: int, files: list[Path]) -> None:
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     cache.IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # pins to a device; fails without one
-    engine = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: tokenizer(text)["input_ids"]))
-    batches = calibration_batches(engine, default_calibration_text(), samples=samples, seq_len=seq_len)
+
+    class Encoder:
+        """transformers' tokenizer, read as calibration_batches reads ours."""
+
+        def encode(self, text: str) -> list[int]:
+            return tokenizer(text)["input_ids"]
+
+    batches = calibration_batches(Encoder(), default_calibration_text(), samples=samples, seq_len=seq_len)
     data = Dataset.from_dict({"input_ids": batches.tolist(), "attention_mask": torch.ones_like(batches).tolist()})
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
     if method == "gptq":

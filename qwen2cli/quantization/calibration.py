@@ -6,14 +6,13 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import BadInput
 
 if TYPE_CHECKING:  # torch loads only where windows are cut: reading a calibration file needs none
     import torch
 
-    from ..generate import Engine
 
 # Languages of the multilingual part: Qwen2's most used, in several scripts
 CALIBRATION_LANGUAGES = ("zh_CN", "ja", "ko", "de", "fr", "es", "ru", "pt_BR", "it", "ar", "vi")
@@ -128,12 +127,18 @@ def mo_translations(path: Path) -> list[str]:
     return messages
 
 
-def calibration_batches(engine: Engine, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
+class TextEncoder(Protocol):
+    """What calibration reads of a tokenizer (ours, or another library's behind the same method)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def calibration_batches(tokenizer: TextEncoder, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
     """(samples, seq_len) token ids: windows spread evenly over the whole text (so a mixed text gives a mixed
     set); too little text is a clear error."""
     import torch
 
-    ids = engine.tokenizer.encode(text)
+    ids = tokenizer.encode(text)
     available = len(ids) // seq_len
     if available < min(samples, 8):
         raise BadInput(

@@ -55,7 +55,7 @@ def quantize_model(
             calibrating = Step("calibration samples", "samples")
             report(calibrating, 0, settings.samples)
             text = settings.calibration or default_calibration_text()
-            batches = calibration_batches(engine, text, samples=settings.samples, seq_len=settings.seq_len)
+            batches = calibration_batches(engine.tokenizer, text, samples=settings.samples, seq_len=settings.seq_len)
             hidden = model.model.embed_tokens(batches.to(engine.loaded.device)).float()
             rope = model._rope_tables(0, settings.seq_len, hidden.device)
             report(calibrating, len(batches), len(batches))
