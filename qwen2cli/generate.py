@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from .kv_cache import Int8KVCache, KVCache
 from .load_options import DEFAULT_LOAD, LoadOptions
 from .memory import check_cache_fits
 from .sampling import SamplingParams, pick_token
+from .stats import Stats
 from .tokenizer import Qwen2Tokenizer
 
 PREFILL_CHUNK = 512
@@ -72,28 +73,6 @@ def load_engine(model_dir: Path, options: LoadOptions = DEFAULT_LOAD) -> Engine:
         options=options,
         load_seconds=time.perf_counter() - started,
     )
-
-
-@dataclass
-class Stats:
-    """Token counts and timings of one generation."""
-
-    prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt tokens that actually ran through the model (the rest were cached)
-    completion_tokens: int = 0
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    generated_ids: list[int] = field(default_factory=list)
-
-    @property
-    def decode_tok_s(self) -> float:
-        steps = self.completion_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 @dataclass

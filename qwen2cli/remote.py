@@ -15,6 +15,7 @@ from typing import Any
 
 from .chatml import Message
 from .errors import BadInput
+from .stats import Stats
 from .transcript import write_transcript
 
 API_KEY_ENV = "OPENAI_API_KEY"  # sent as `Authorization: Bearer ...` when set
@@ -116,26 +117,6 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 @dataclass
-class RemoteStats:
-    """What the REPL shows of an answer, from the server's usage and our clock."""
-
-    prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt tokens the server did not have cached
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        steps = self.completion_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prefilled_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
-
-
-@dataclass
 class RemoteAnswer:
     """One streamed answer: its text pieces as they come, then finish_reason and stats."""
 
@@ -144,17 +125,17 @@ class RemoteAnswer:
     body: dict[str, Any]
     text: str = ""
     finish_reason: str | None = None
-    stats: RemoteStats | None = None
+    stats: Stats | None = None
 
     def stream(self) -> Iterator[str]:
         started = time.perf_counter()
-        stats = RemoteStats()
+        stats = Stats()
         for event in self.server.stream(self.path, self.body):
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                 if piece:
-                    if not stats.ttft_s:
-                        stats.ttft_s = time.perf_counter() - started
+                    if not stats.ttft_s:  # all a client sees of the server's prefill
+                        stats.ttft_s = stats.prefill_s = time.perf_counter() - started
                     self.text += piece
                     yield piece
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
@@ -192,7 +173,7 @@ def remote_answer(
     for piece in answer.stream():
         if on_text is not None:
             on_text(piece)
-    stats = answer.stats or RemoteStats()
+    stats = answer.stats or Stats()
     return {
         "text": answer.text,
         "finish_reason": answer.finish_reason,
