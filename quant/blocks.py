@@ -132,10 +132,6 @@ class BlockQuantLinear(QuantLinear):
             f"{fmt.codes}, group_size={fmt.group_size}, {fmt.tables}, kernel={self.kernel}"
         )
 
-    @property
-    def _version(self) -> int:  # type: ignore[override]  # nn.Module's state-dict version, as QuantLinear's
-        return 1
-
     def _table(self) -> torch.Tensor:
         table: torch.Tensor = getattr(self, self.config.table_names[1])
         return table

@@ -88,6 +88,12 @@ class QuantLinear(nn.Module):
 
     dequant_min_rows = DEQUANT_MIN_ROWS  # from this many input rows on, unpack the weight for a float GEMM
     fusable = True  # fuse_native may concatenate its tables with its neighbours' (a copy of them)
+    # the buffers (the checkpoint's tensors)
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    g_idx: torch.Tensor  # the GPTQ layout only
+    scales: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -137,7 +143,9 @@ class QuantLinear(nn.Module):
 
     # -- decoding the stored layout ------------------------------------------------------------------------------
     @property
-    def _version(self) -> int:
+    def _gptq_version(self) -> int:
+        """The GPTQ packing's version (2: zeros stored as they are, 1: minus one). Not nn.Module's `_version`,
+        the state-dict format's."""
         return 2 if self.config.checkpoint_format == "gptq_v2" else 1
 
     def codes_and_zeros(
@@ -149,7 +157,7 @@ class QuantLinear(nn.Module):
         if self.config.layout == "awq":
             codes, zeros = unpack_awq(qweight, qzeros, input_major=True)
             return codes, zeros, torch.arange(self.in_features, device=codes.device) // self.group_size
-        codes, zeros = unpack_gptq(qweight, qzeros, bits=self.config.bits, version=self._version, input_major=True)
+        codes, zeros = unpack_gptq(qweight, qzeros, bits=self.config.bits, version=self._gptq_version, input_major=True)
         return codes, zeros, (packed or {}).get("g_idx", self.g_idx).long()
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -157,7 +165,7 @@ class QuantLinear(nn.Module):
         if self.config.layout == "awq":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, group_size=self.group_size)
         return dequantize_gptq(
-            self.qweight, self.qzeros, self.scales, self.g_idx, bits=self.config.bits, version=self._version
+            self.qweight, self.qzeros, self.scales, self.g_idx, bits=self.config.bits, version=self._gptq_version
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,9 +240,9 @@ class QuantLinear(nn.Module):
             # tinygemm: uint8 (out, in/2), even inputs in the high nibbles, repacked in tiles of inner_k_tiles x 16
             offsets = scales * (8 - zeros.float())
             codes = sorted_rows.t()
-            packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+            nibbles = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
             self._fast = {
-                "packed": torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles),
+                "packed": torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles),
                 "scales_and_zeros": torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous(),
             }
             self.kernel = "int4pack-cuda"
@@ -283,7 +291,7 @@ class QuantLinear(nn.Module):
         )
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            if native:
+            if block is not None:  # native
                 rows = self._native_rows(start, stop, block[: stop - start])
             else:
                 rows = self._float_rows(start, stop).to(flat.dtype)
@@ -292,9 +300,10 @@ class QuantLinear(nn.Module):
 
     def _native_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """`_float_rows` of a native-kernel layer, unpacked by quant/qgemv.c into `out` (float32 or bfloat16)."""
-        fast, kind = self._fast, self.kernel[:2]
+        fast, kind, native = self._fast, self.kernel[:2], self._native
+        assert native is not None, "a native-kernel layer holds the library"
         scales, offsets = (fast[key][start:stop] for key in self._native_tables())
-        return native_unpack(self._native, kind, fast[kind][start:stop], scales, offsets, self.group_size, out)
+        return native_unpack(native, kind, fast[kind][start:stop], scales, offsets, self.group_size, out)
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the dequantized weight, float32 (stop - start, in), from the fast kernel's tables."""
@@ -306,7 +315,9 @@ class QuantLinear(nn.Module):
         elif self.kernel == "q8-native-cpu":
             codes = fast["q8"][start:stop]
         else:  # int4pack-cpu: start is a multiple of 64, and stop too unless it is the end
-            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features, int4pack_cpu_tile())
+            tile = int4pack_cpu_tile()
+            assert tile is not None, "post_load keeps float tables only where the packing's layout is known"
+            codes = unpack_int4pack_cpu(fast["packed"][start:stop], stop - start, self.in_features, tile)
         codes = codes.view(stop - start, self.in_features // self.group_size, self.group_size)
         if "scales16" in fast:  # (stored - zero) * scale, as the checkpoint's dequantization computes it
             zeros, scales = (fast[key][start:stop].float().unsqueeze(-1) for key in ("zeros16", "scales16"))
@@ -353,7 +364,7 @@ class QuantLinear(nn.Module):
         if config.layout == "awq":
             layer.qweight, layer.qzeros = pack_awq(codes, zeros)
         else:
-            layer.qweight, layer.qzeros = pack_gptq(codes, zeros, bits=config.bits, version=layer._version)
+            layer.qweight, layer.qzeros = pack_gptq(codes, zeros, bits=config.bits, version=layer._gptq_version)
             layer.g_idx = g_idx.to(device=codes.device, dtype=torch.int32)
         layer.scales = scales.to(torch.float16)
         if bias is not None:
@@ -379,8 +390,10 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
         for layer in layers
     ):
         return None
+    first_order = orders[0]
     if any(
-        (order is None) != (orders[0] is None) or (order is not None and not torch.equal(order, orders[0]))
+        (order is None) != (first_order is None)
+        or (order is not None and first_order is not None and not torch.equal(order, first_order))
         for order in orders
     ):
         return None
@@ -404,7 +417,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
         )  # float32, as the kernel's output
     for key in (kind, *tables):
         fused._fast[key] = torch.cat([layer._fast[key] for layer in layers])
-        for layer, part in zip(layers, fused._fast[key].split(sizes)):
+        for layer, part in zip(layers, fused._fast[key].split(sizes), strict=True):
             layer._fast[key] = part  # rows of a contiguous tensor: contiguous views
     if orders[0] is not None:
         fused._fast["order"] = orders[0]
