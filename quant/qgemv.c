@@ -109,6 +109,18 @@ static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *
     return _mm256_loadu_si256((const __m256i *)(w + (size_t)b * 32));
 }
 
+/* block b's codes as block_dot takes them: q4/q5 codes as they are (no signs), int8 codes as their magnitudes with
+ * the codes themselves in `signs` */
+static inline __attribute__((always_inline)) __m256i unsigned_codes(const uint8_t *w, int kind, int b, int q4,
+                                                                     __m256i *signs) {
+    if (q4) {
+        *signs = _mm256_setzero_si256();
+        return block_codes(w, kind, b);
+    }
+    *signs = block_codes(w, kind, b);
+    return _mm256_sign_epi8(*signs, *signs);
+}
+
 static inline __m256i block_dot(__m256i unsigned_w, __m256i signs, int q4, __m256i xv) {
     __m256i x = q4 ? xv : _mm256_sign_epi8(xv, signs);
 #if VNNI512
@@ -176,13 +188,7 @@ static inline __attribute__((always_inline)) void small_group_block(const uint8_
                                                                     int half, Activations a, int cols, int group,
                                                                     int m0, int n, int b, __m256 *acc) {
     int blocks = cols / 32, q4 = kind != KIND_Q8;
-    __m256i signs = _mm256_setzero_si256(), unsigned_w;
-    if (q4) {
-        unsigned_w = block_codes(w, kind, b);
-    } else {
-        signs = block_codes(w, kind, b);
-        unsigned_w = _mm256_sign_epi8(signs, signs);
-    }
+    __m256i signs, unsigned_w = unsigned_codes(w, kind, b, q4, &signs);
     __m256 scale = group == 16 ? _mm256_set_m128(_mm_set1_ps(group_scale(s, 2 * b + 1, half)),
                                                  _mm_set1_ps(group_scale(s, 2 * b, half)))
                                : _mm256_set1_ps(group_scale(s, b, half));
@@ -233,13 +239,7 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int
         for (int j = 0; j < n; j++) group_acc[j] = _mm256_setzero_ps();
         for (int k = 0; k < per_group; k++) {
             int b = g * per_group + k;
-            __m256i signs = _mm256_setzero_si256(), unsigned_w;
-            if (q4) {
-                unsigned_w = block_codes(w, kind, b);
-            } else {
-                signs = block_codes(w, kind, b);
-                unsigned_w = _mm256_sign_epi8(signs, signs);
-            }
+            __m256i signs, unsigned_w = unsigned_codes(w, kind, b, q4, &signs);
             for (int j = 0; j < n; j++) {
                 size_t m = (size_t)(m0 + j);
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(a.xq + m * cols + b * 32));
