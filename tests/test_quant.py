@@ -574,6 +574,11 @@ def _qwen2(*args: str, home) -> subprocess.CompletedProcess:
     )
 
 
+def _rtn_quantized(model: Path, out: Path, *, home) -> subprocess.CompletedProcess:
+    """`qwen2 quantize --method rtn --group-size 32`: the quickest quantized checkpoint of `model`."""
+    return _qwen2("quantize", str(model), "--method", "rtn", "--group-size", "32", "--out", str(out), home=home)
+
+
 @pytest.mark.parametrize("method,bits,group", [("gptq", 4, "32"), ("awq", 4, "32"), ("rtn", 8, "-1")])
 def test_tiny_quantize_store_load_generate(tiny_model, tmp_path, method, bits, group, monkeypatch):
     from qwen2cli.generate import load_engine
@@ -839,17 +844,7 @@ def test_quantize_bad_input(tiny_model, tmp_path):
     for extra, message in cases:
         done = _qwen2("quantize", str(tiny_model), *extra, "--out", str(tmp_path / "q"), home=tmp_path)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    first = _qwen2(
-        "quantize",
-        str(tiny_model),
-        "--method",
-        "rtn",
-        "--out",
-        str(tmp_path / "q1"),
-        "--group-size",
-        "32",
-        home=tmp_path,
-    )
+    first = _rtn_quantized(tiny_model, tmp_path / "q1", home=tmp_path)
     assert first.returncode == 0, first.stderr
     again = _qwen2("quantize", str(tmp_path / "q1"), "--out", str(tmp_path / "q2"), home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
@@ -1005,17 +1000,7 @@ def test_a_dropped_quantized_model_is_freed_at_once(tiny_model):
 def test_load_in_bad_input(tiny_model, tmp_path):
     bad = _qwen2("run", str(tiny_model), "hi", "--load-in", "2bit", home=tmp_path)
     assert bad.returncode == 1 and "unknown --load-in '2bit'" in bad.stderr and "Traceback" not in bad.stderr
-    quantized = _qwen2(
-        "quantize",
-        str(tiny_model),
-        "--method",
-        "rtn",
-        "--group-size",
-        "32",
-        "--out",
-        str(tmp_path / "q"),
-        home=tmp_path,
-    )
+    quantized = _rtn_quantized(tiny_model, tmp_path / "q", home=tmp_path)
     assert quantized.returncode == 0, quantized.stderr
     again = _qwen2("run", str(tmp_path / "q"), "hi", "--load-in", "8bit", home=tmp_path)
     assert again.returncode == 1 and "already quantized" in again.stderr
@@ -1225,17 +1210,7 @@ def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_feat
 def test_truncated_quantized_checkpoint_is_a_one_line_error(tiny_model, tmp_path):
     """A quantized checkpoint's files are read before the weights (for the int8 head and repacking): a truncated
     one is the same one-line "corrupt or truncated" error as a float checkpoint's."""
-    done = _qwen2(
-        "quantize",
-        str(tiny_model),
-        "--method",
-        "rtn",
-        "--group-size",
-        "32",
-        "--out",
-        str(tmp_path / "q"),
-        home=tmp_path,
-    )
+    done = _rtn_quantized(tiny_model, tmp_path / "q", home=tmp_path)
     assert done.returncode == 0, done.stderr
     weights = tmp_path / "q" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
