@@ -118,11 +118,11 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         + [ctypes.c_int] * 6
     )
     library.qlayer_work_floats.restype = ctypes.c_long
-    library.qlayer_work_floats.argtypes = [ctypes.c_void_p]
+    library.qlayer_work_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
     library.qlayer_exp.restype = None
     library.qlayer_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     library.qlayer_decode.restype = None
-    library.qlayer_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p]
+    library.qlayer_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 7]
     return library
 
 

@@ -223,7 +223,8 @@ static inline __attribute__((always_inline)) void rows_dot_small(const uint8_t *
 }
 
 /* One weight row against activation rows m0..m0+n-1 (n <= 4, a constant at each inlined call, as are `q4` and
- * `half`): each block of weights is loaded and unpacked once for the n rows. */
+ * `half`): each block of weights is loaded and unpacked once for the n rows. Each row's arithmetic is the same
+ * whatever n is (a row's result never depends on the rows beside it). */
 static inline __attribute__((always_inline)) void rows_dot(const uint8_t *w, int kind, const void *s, const void *o,
                                                            int half, Activations a, float *out, int r, int rows,
                                                            int cols, int group, int m0, int n) {
@@ -321,17 +322,23 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int 
     if (group % 64 == 0 && kind != KIND_Q5) {
         int q4 = kind == KIND_Q4;
         for (; m + 4 <= count; m += 4) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 4);
-        for (; m < count; m++) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
+        if (count - m == 3) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 3);
+        else if (count - m == 2) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 2);
+        else if (count - m == 1) rows_dot512(w, q4, s, o, half, a, out, r, rows, cols, group, m, 1);
         return;
     }
 #endif
     if (group <= 32) {
         for (; m + 4 <= count; m += 4) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 4);
-        for (; m < count; m++) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
+        if (count - m == 3) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 3);
+        else if (count - m == 2) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 2);
+        else if (count - m == 1) rows_dot_small(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
         return;
     }
     for (; m + 4 <= count; m += 4) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 4);
-    for (; m < count; m++) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
+    if (count - m == 3) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 3);
+    else if (count - m == 2) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 2);
+    else if (count - m == 1) rows_dot(w, kind, s, o, half, a, out, r, rows, cols, group, m, 1);
 }
 
 /* one function per (codes, scale layout), so that `q4` and `half` are constants inside each OpenMP region; `half`:

@@ -1,7 +1,10 @@
-/* One Qwen2 decoder layer for one token, in one call, on qgemv.c's int4/int8 kernels: decoding on CPU spent about
- * as long in Python and in torch's per-op dispatch (some 40 small ops a layer) as in the matrix products.
+/* One Qwen2 decoder layer for one token of each of `count` sequences, in one call, on qgemv.c's int4/int8 kernels:
+ * decoding on CPU spent about as long in Python and in torch's per-op dispatch (some 40 small ops a layer) as in the
+ * matrix products. The sequences share each weight read (qgemv.c takes their rows together) and each has its own
+ * cache and position; every row's arithmetic is the same whatever the other rows and their number, so a sequence
+ * decoded beside others gets exactly the numbers it gets alone.
  *
- * x (hidden) float32, updated in place: x += attention(rms_norm(x)); x += mlp(rms_norm(x)). Everything here is
+ * x (count, hidden) float32, updated in place: x += attention(rms_norm(x)); x += mlp(rms_norm(x)). Everything here is
  * float32; the keys and values are written to, and read from, the caller's cache (float32 or bfloat16,
  * (kv_heads, max_len, head_dim) per layer). q/k/v and gate/up are each one fused matrix (rows q, k, v and gate, up).
  * Rotary embedding as Qwen2 (rotate_half): the cos/sin rows of the token's position are passed in. Attention is
@@ -29,7 +32,7 @@ typedef struct {
     QMatrix qkv[3], o, gate_up[2], down; /* q/k/v and gate/up: one fused matrix, or parts (rows 0: absent) */
     const float *qkv_bias;                /* (q + k + v rows) or NULL */
     const float *input_norm, *post_norm; /* (hidden) */
-    void *keys, *values;                  /* (kv_heads, max_len, head_dim) */
+    void *keys, *values; /* (kv_heads, max_len, head_dim): one sequence's cache, set by qlayer_decode per row */
 } Layer;
 
 typedef struct {
@@ -37,16 +40,26 @@ typedef struct {
     float eps;
 } Shape;
 
-static void gemv(const QMatrix *m, const float *x, float *out) {
-    q_gemv(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, 1, m->kind, m->half);
+/* x (count, m->cols) -> out (count, m->rows) */
+static void gemv(const QMatrix *m, const float *x, int count, float *out) {
+    q_gemv(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, count, m->kind, m->half);
 }
 
-/* a projection made of parts side by side: each writes its rows of `out` */
-static void gemv_parts(const QMatrix *parts, int count, const float *x, float *out) {
-    for (int i = 0; i < count; i++) {
-        if (parts[i].rows == 0) continue;
-        gemv(&parts[i], x, out);
-        out += parts[i].rows;
+/* a projection made of parts side by side, out (count, total): each part writes its columns of every row (through
+ * `scratch`, count x its rows, where it is not the whole row) */
+static void gemv_parts(const QMatrix *parts, int n, const float *x, int count, float *out, int total, float *scratch) {
+    int offset = 0;
+    for (int i = 0; i < n; i++) {
+        const QMatrix *m = &parts[i];
+        if (m->rows == 0) continue;
+        if (count == 1 || m->rows == total) {
+            gemv(m, x, count, out + offset);
+        } else {
+            gemv(m, x, count, scratch);
+            for (int r = 0; r < count; r++)
+                memcpy(out + (size_t)r * total + offset, scratch + (size_t)r * m->rows, sizeof(float) * m->rows);
+        }
+        offset += m->rows;
     }
 }
 
@@ -190,46 +203,63 @@ void qlayer_exp(const float *x, float *out, int n) {
     for (int i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp8(_mm256_loadu_ps(x + i)));
 }
 
-/* work: at least qlayer_work_floats(s) floats */
-long qlayer_work_floats(const Shape *s) {
+/* the floats of qlayer_decode's work for `count` rows: each row's vectors, one row's attention scores, and the
+ * scratch of a projection made of parts */
+long qlayer_work_floats(const Shape *s, int count) {
     long q = (long)s->heads * s->head_dim, kv = (long)s->kv_heads * s->head_dim;
-    return 2L * s->hidden + 2 * q + 2 * kv + 3L * s->intermediate + (long)s->heads * s->max_len;
+    long qkv = q + 2 * kv, gate_up = 2L * s->intermediate, widest = qkv > gate_up ? qkv : gate_up;
+    return count * (2L * s->hidden + 2 * q + 2 * kv + 3L * s->intermediate + widest) + (long)s->heads * s->max_len;
 }
 
-void qlayer_decode(const Layer *layer, const Shape *s, float *x, const float *cos, const float *sin, int pos,
-                   float *work) {
-    int d = s->head_dim, q_size = s->heads * d, kv_size = s->kv_heads * d;
-    float *normed = work, *qkv = normed + s->hidden, *attention = qkv + q_size + 2 * kv_size;
-    float *projected = attention + q_size, *gate_up = projected + s->hidden;
-    float *activation = gate_up + 2 * s->intermediate, *scores = activation + s->intermediate;
+/* rows r of x (count, hidden) at position pos[r] of the cache keys[r] / values[r]; cos, sin (count, head_dim): each
+ * row's rotary rows; work: qlayer_work_floats(s, count) floats */
+void qlayer_decode(const Layer *layer, const Shape *s, int count, float *x, const float *cos, const float *sin,
+                   const int *pos, void *const *keys, void *const *values, float *work) {
+    int d = s->head_dim, q_size = s->heads * d, kv_size = s->kv_heads * d, qkv_size = q_size + 2 * kv_size;
+    int hidden = s->hidden, intermediate = s->intermediate;
+    float *normed = work, *qkv = normed + (size_t)count * hidden, *attention = qkv + (size_t)count * qkv_size;
+    float *projected = attention + (size_t)count * q_size, *gate_up = projected + (size_t)count * hidden;
+    float *activation = gate_up + (size_t)count * 2 * intermediate;
+    float *scratch = activation + (size_t)count * intermediate;
+    float *scores = scratch + (size_t)count * (qkv_size > 2 * intermediate ? qkv_size : 2 * intermediate);
 
-    rms_norm(x, layer->input_norm, normed, s->hidden, s->eps);
-    gemv_parts(layer->qkv, 3, normed, qkv);
-    if (layer->qkv_bias)
-        for (int i = 0; i < q_size + 2 * kv_size; i++) qkv[i] += layer->qkv_bias[i];
-    for (int h = 0; h < s->heads + s->kv_heads; h++) rotate(qkv + (size_t)h * d, cos, sin, d); /* q heads, then k */
-    for (int h = 0; h < s->kv_heads; h++) {
-        size_t at = ((size_t)h * s->max_len + pos) * d;
-        store(layer->keys, at, qkv + q_size + (size_t)h * d, d, s->cache_bf16);
-        store(layer->values, at, qkv + q_size + kv_size + (size_t)h * d, d, s->cache_bf16);
+    for (int r = 0; r < count; r++)
+        rms_norm(x + (size_t)r * hidden, layer->input_norm, normed + (size_t)r * hidden, hidden, s->eps);
+    gemv_parts(layer->qkv, 3, normed, count, qkv, qkv_size, scratch);
+    for (int r = 0; r < count; r++) {
+        float *row = qkv + (size_t)r * qkv_size;
+        if (layer->qkv_bias)
+            for (int i = 0; i < qkv_size; i++) row[i] += layer->qkv_bias[i];
+        for (int h = 0; h < s->heads + s->kv_heads; h++) /* q heads, then k */
+            rotate(row + (size_t)h * d, cos + (size_t)r * d, sin + (size_t)r * d, d);
+        Layer own = *layer;
+        own.keys = keys[r];
+        own.values = values[r];
+        for (int h = 0; h < s->kv_heads; h++) {
+            size_t at = ((size_t)h * s->max_len + pos[r]) * d;
+            store(own.keys, at, row + q_size + (size_t)h * d, d, s->cache_bf16);
+            store(own.values, at, row + q_size + kv_size + (size_t)h * d, d, s->cache_bf16);
+        }
+        attend(row, &own, s, pos[r] + 1, attention + (size_t)r * q_size, scores);
     }
-    attend(qkv, layer, s, pos + 1, attention, scores);
-    gemv(&layer->o, attention, projected);
-    for (int i = 0; i < s->hidden; i++) x[i] += projected[i];
+    gemv(&layer->o, attention, count, projected);
+    for (size_t i = 0; i < (size_t)count * hidden; i++) x[i] += projected[i];
 
-    rms_norm(x, layer->post_norm, normed, s->hidden, s->eps);
-    gemv_parts(layer->gate_up, 2, normed, gate_up);
-    int i = 0;
-    for (; i + 8 <= s->intermediate; i += 8) { /* silu(gate) * up */
-        __m256 g = _mm256_loadu_ps(gate_up + i);
-        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-        _mm256_storeu_ps(activation + i, _mm256_mul_ps(silu, _mm256_loadu_ps(gate_up + s->intermediate + i)));
+    for (int r = 0; r < count; r++)
+        rms_norm(x + (size_t)r * hidden, layer->post_norm, normed + (size_t)r * hidden, hidden, s->eps);
+    gemv_parts(layer->gate_up, 2, normed, count, gate_up, 2 * intermediate, scratch);
+    for (int r = 0; r < count; r++) { /* silu(gate) * up */
+        const float *gates = gate_up + (size_t)r * 2 * intermediate, *ups = gates + intermediate;
+        float *out = activation + (size_t)r * intermediate;
+        int i = 0;
+        for (; i + 8 <= intermediate; i += 8) {
+            __m256 g = _mm256_loadu_ps(gates + i);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(ups + i)));
+        }
+        for (; i < intermediate; i++) out[i] = gates[i] / (1.f + expf(-gates[i])) * ups[i];
     }
-    for (; i < s->intermediate; i++) {
-        float g = gate_up[i];
-        activation[i] = g / (1.f + expf(-g)) * gate_up[s->intermediate + i];
-    }
-    gemv(&layer->down, activation, projected);
-    for (int i = 0; i < s->hidden; i++) x[i] += projected[i];
+    gemv(&layer->down, activation, count, projected);
+    for (size_t i = 0; i < (size_t)count * hidden; i++) x[i] += projected[i];
 }

@@ -2,9 +2,11 @@
 
 With q/k/v and gate/up fused, a decoded token still made some 40 torch calls a layer around its 4 kernel calls
 (norms, rotary embedding, the cache write, attention, residuals), about as long as the kernels themselves on
-Qwen2.5-0.5B. Here a layer is one call. The step runs in float32 throughout and writes the caller's cache (float32
-or bfloat16); models or caches it does not cover (MoE, sliding windows, dual chunk attention, act-order layers, an
-int8 cache, batches) take the Python path, and so does every prompt of more than one token.
+Qwen2.5-0.5B. Here a layer is one call, for one sequence or for several decoded side by side (a server's
+requests: each weight read then serves them all). The step runs in float32 throughout and writes the callers'
+caches (float32 or bfloat16); models or caches it does not cover (MoE, sliding windows, dual chunk attention,
+act-order layers, an int8 cache, batched caches) take the Python path, and so does every prompt of more than one
+token.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def _parts(
 
 class NativeDecoder:
     """`decoder(x, cache, start_pos)`: the hidden state after the last layer for one token's embedding x (1, 1,
-    hidden), in x's dtype, or None where the Python path must run (see the module's docstring)."""
+    hidden), in x's dtype, or None where the Python path must run (see the module's docstring). `rows` decodes a
+    token of several sequences at once, each in its own cache."""
 
     def __init__(
         self, model: Qwen2ForCausalLM, library: ctypes.CDLL, layers: list[_Layer], kept: list[torch.Tensor]
@@ -169,7 +172,7 @@ class NativeDecoder:
                     None if bias is None else bias.data_ptr(),
                     norms[0].data_ptr(),
                     norms[1].data_ptr(),
-                    None,
+                    None,  # each call's caches are passed beside the layer
                     None,
                 )
             )
@@ -177,7 +180,20 @@ class NativeDecoder:
             return None
         return cls(model, library, layers, kept)
 
-    def _shape(self, cache: KVCache) -> tuple[_Shape, torch.Tensor]:
+    def takes(self, caches: list[KVCache]) -> bool:
+        """Whether `rows` decodes in these caches: plain float32 or bfloat16 CPU caches of one sequence each, all of
+        one length and dtype (one Shape serves them)."""
+        first = caches[0]
+        return all(
+            type(cache) is KVCache
+            and cache.shape[0] == 1
+            and cache.keys[0].device.type == "cpu"
+            and cache.dtype in (torch.float32, torch.bfloat16)
+            and (cache.max_len, cache.dtype) == (first.max_len, first.dtype)
+            for cache in caches
+        )
+
+    def _shape(self, cache: KVCache, count: int) -> tuple[_Shape, torch.Tensor]:
         key = (cache.max_len, cache.dtype == torch.bfloat16)
         if self._sized is None or self._sized[0] != key:
             config = self.config
@@ -191,26 +207,35 @@ class NativeDecoder:
                 int(key[1]),
                 config.rms_norm_eps,
             )
-            work = torch.empty(self.library.qlayer_work_floats(ctypes.byref(shape)), dtype=torch.float32, device="cpu")
+            self._sized = key, shape, torch.empty(0)
+        shape, work = self._sized[1], self._sized[2]
+        needed = self.library.qlayer_work_floats(ctypes.byref(shape), count)
+        if work.numel() < needed:  # grown to the most rows asked for at once
+            work = torch.empty(needed, dtype=torch.float32, device="cpu")
             self._sized = key, shape, work
-        return self._sized[1], self._sized[2]
+        return shape, work
 
     def __call__(self, x: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
-        if (
-            type(cache) is not KVCache
-            or x.shape[:2] != (1, 1)
-            or x.device.type != "cpu"
-            or cache.dtype not in (torch.float32, torch.bfloat16)
-            or cache.shape[0] != 1
-        ):
+        if x.shape[:2] != (1, 1) or x.device.type != "cpu" or not self.takes([cache]):
             return None
-        shape, work = self._shape(cache)
-        hidden = x.reshape(-1).to(torch.float32, copy=True)  # the residual stream, updated in place by each layer
-        cos, sin = self.rotary.tables(start_pos + 1, x.device)  # float32 (positions, head_dim)
-        cos, sin = cos[start_pos].contiguous(), sin[start_pos].contiguous()
+        return self.rows(x.reshape(1, -1), [cache], [start_pos]).view(1, 1, -1).to(x.dtype)
+
+    def rows(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """The hidden states (count, hidden) float32 after the last layer for one token of each of `count`
+        sequences: x (count, hidden), the token of caches[i] at positions[i] (caches that `takes`). Each row comes
+        out exactly as it does decoded alone."""
+        count = len(caches)
+        shape, work = self._shape(caches[0], count)
+        hidden = x.to(torch.float32, copy=True).contiguous()  # the residual stream, updated in place by each layer
+        cos, sin = self.rotary.tables(max(positions) + 1, x.device)  # float32 (positions, head_dim)
+        index = torch.tensor(positions)
+        cos, sin = cos[index].contiguous(), sin[index].contiguous()
+        position_array = (ctypes.c_int * count)(*positions)
         decode, shape_ref = self.library.qlayer_decode, ctypes.byref(shape)
         pointers = hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), work.data_ptr()
-        for index, layer in enumerate(self.layers):
-            layer.keys, layer.values = cache.keys[index].data_ptr(), cache.values[index].data_ptr()
-            decode(ctypes.byref(layer), shape_ref, pointers[0], pointers[1], pointers[2], start_pos, pointers[3])
-        return hidden.view(1, 1, -1).to(x.dtype)
+        for index_, layer in enumerate(self.layers):
+            keys = (ctypes.c_void_p * count)(*(cache.keys[index_].data_ptr() for cache in caches))
+            values = (ctypes.c_void_p * count)(*(cache.values[index_].data_ptr() for cache in caches))
+            decode(ctypes.byref(layer), shape_ref, count, pointers[0], pointers[1], pointers[2], position_array,
+                   keys, values, pointers[3])  # fmt: skip
+        return hidden

@@ -978,6 +978,48 @@ def test_native_decoder_layers_match_the_python_path(tiny_model, load_in, dtype)
     assert ((native_logits - python).norm() / python.norm()).item() < (0.05 if load_in == "4bit" else 0.02)
 
 
+@pytest.mark.parametrize("load_in,dtype", [("8bit", "float32"), ("4bit", "bfloat16")])
+def test_sequences_decoded_together_get_what_each_gets_alone(tiny_model, load_in, dtype):
+    """Several sequences' tokens through the C layers in one call (a server's batched step) give every sequence
+    exactly the logits, and write exactly the cache, that decoding it alone gives: the weight reads are shared,
+    each row's arithmetic is not. One to five rows (the kernel takes rows four at a time, then the rest)."""
+    from qwen2cli.checkpoint import load_model
+    from qwen2cli.kv_cache import KVCache
+    from qwen2cli.serve.batch_decode import decode_step
+
+    if not NATIVE:
+        pytest.skip("the native kernel cannot build here (test_native_kernel_builds_where_it_can says why)")
+    loaded = load_model(tiny_model, LoadOptions(device="cpu", dtype=dtype, load_in=load_in))
+    model = loaded.model
+    assert model.fast_decode is not None
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 400, (1, length), generator=generator) for length in (5, 17, 9, 30, 2)]
+    steps = torch.randint(0, 400, (len(prompts), 6), generator=generator)
+
+    def prefilled(count: int) -> list[KVCache]:
+        caches = [KVCache(loaded.config, 48, dtype=torch_dtype) for _ in range(count)]
+        with torch.no_grad():
+            for cache, prompt in zip(caches, prompts, strict=False):
+                model(prompt, cache, 0)
+        return caches
+
+    alone = []
+    for row, cache in enumerate(prefilled(len(prompts))):
+        with torch.no_grad():
+            alone.append(
+                [model(steps[row : row + 1, step : step + 1], cache, cache.pos)[0, -1].float() for step in range(6)]
+            )
+    for count in range(1, len(prompts) + 1):
+        caches = prefilled(count)
+        for step in range(6):
+            with torch.no_grad():
+                logits = decode_step(model, steps[:count, step].tolist(), caches, rows=count)
+            for row in range(count):
+                assert torch.equal(logits[row], alone[row][step]), (count, step, row)
+        assert [cache.pos for cache in caches] == [len(prompt[0]) + 6 for prompt in prompts[:count]]
+
+
 def test_a_dropped_quantized_model_is_freed_at_once(tiny_model):
     """No reference cycle through the native decoder: a dropped model's memory is returned when the last reference
     goes, not at some later garbage collection (a benchmark loading three times held three models)."""

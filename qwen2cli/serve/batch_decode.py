@@ -1,9 +1,11 @@
 """One decode step for several sequences at once, each in its own cache at its own position: the weight reads of
 every linear layer are shared, attention runs per sequence.
 
-The step always runs a fixed number of rows (padding the unused ones): a float matmul's rows come out bit for
-bit the same whatever the other rows hold, but not whatever their number is, so a fixed row count keeps each
-answer identical to the one it gets alone."""
+Quantized models on the native CPU kernels take the step in C (qwen2cli.native_decode), where every row's
+arithmetic is that of a token decoded alone: the step runs exactly the active rows, and each answer is the one
+`qwen2 run` gives. Elsewhere the step runs through torch with a fixed number of rows (padding the unused ones): a
+float matmul's rows come out bit for bit the same whatever the other rows hold, but not whatever their number is,
+so a fixed row count keeps each answer identical to the one it gets alone in the server."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 
 from ..kv_cache import KVCache
 from ..model import Attention, DecoderLayer, Qwen2ForCausalLM, rotate_half
+from ..native_decode import NativeDecoder
+from ..quant.linear import QuantLinear
 
 
 def can_batch(model: Qwen2ForCausalLM) -> bool:
@@ -23,8 +27,16 @@ def can_batch(model: Qwen2ForCausalLM) -> bool:
     return model.dual_chunk is None and all(isinstance(layer.mlp, MLP) for layer in model.model.layers)
 
 
+# rows of the head at once on the native path (its kernels' per-row arithmetic is fixed below the row count from
+# which QuantLinear unpacks the weight for a float GEMM instead)
+HEAD_ROWS = 64
+
+
 def decode_step(model: Qwen2ForCausalLM, tokens: list[int], caches: list[KVCache], *, rows: int) -> torch.Tensor:
     """Run tokens[i] at caches[i].pos for every i (len(tokens) <= rows); return their logits (len(tokens), vocab)."""
+    decoder = model.fast_decode
+    if isinstance(decoder, NativeDecoder) and decoder.takes(caches):
+        return _native_step(model, decoder, tokens, caches)
     count = len(tokens)
     device = model.model.norm.weight.device  # the embedding may be a quantized table without a plain weight
     ids = torch.tensor(tokens + [0] * (rows - count), device=device)[:, None]  # (M, 1)
@@ -56,3 +68,20 @@ def decode_step(model: Qwen2ForCausalLM, tokens: list[int], caches: list[KVCache
     for cache in caches:
         cache.pos += 1
     return model.lm_head(model.model.norm(x))[:count, -1].float()  # (count, vocab)
+
+
+def _native_step(
+    model: Qwen2ForCausalLM, decoder: NativeDecoder, tokens: list[int], caches: list[KVCache]
+) -> torch.Tensor:
+    """decode_step's rows through the C layers, then the final norm and the head as a lone token takes them: the
+    norm row by row, the head on all rows where its kernel's rows are independent (the native one), else row by
+    row."""
+    ids = torch.tensor(tokens)[:, None]  # (count, 1)
+    x = model.model.embed_tokens(ids).to(model.model.norm.weight.dtype)  # (count, 1, hidden), as Model.forward
+    hidden = decoder.rows(x[:, 0], caches, [cache.pos for cache in caches]).to(x.dtype)
+    for cache in caches:
+        cache.pos += 1
+    normed = torch.cat([model.model.norm(row.view(1, 1, -1)) for row in hidden])  # (count, 1, hidden)
+    head = model.lm_head
+    step = HEAD_ROWS if isinstance(head, QuantLinear) and head._native is not None else 1
+    return torch.cat([head(normed[start : start + step]) for start in range(0, len(tokens), step)])[:, -1].float()
