@@ -5,7 +5,9 @@
 Both servers run side by side; for each client count the systems take turns (rounds alternate which goes first).
 Each client streams one chat completion (a distinct prompt of about -p tokens, -n new tokens, greedy). Reported:
 time to first token p50/p95, tokens/s over the batch's wall time (prefills included), aggregate decode tokens/s
-(the tokens after each client's first, over the span from the first first token to the last token), the tokens
+(the tokens that arrive once every client has its first token, over the span from then to the last token: the
+clients decoding side by side, no prompt being read; a server that answers one at a time has only its last client
+left by then), the tokens
 received, and the server's peak RSS; then the time to first token of a second turn of a long conversation
 against its first turn (the prefix cache at work). llama-cpp-python's server answers one request at a time (it has
 no parallel slots; it runs with --interrupt_requests False, else a new request cuts the one streaming), so its
@@ -79,12 +81,12 @@ class Server:
 
 async def stream_once(
     client: httpx.AsyncClient, server: Server, messages: list[dict], max_tokens: int
-) -> tuple[float, int, str, float, float]:
-    """(seconds to the first text chunk, text chunks, text, clock at the first and at the last chunk) of one
-    streamed chat completion."""
+) -> tuple[float, int, str, list[float]]:
+    """(seconds to the first text chunk, text chunks, text, the clock at each chunk) of one streamed chat
+    completion."""
     body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
-    first, chunks, text, first_at, last_at = None, 0, "", float("nan"), float("nan")
+    first, chunks, text, arrivals = None, 0, "", []
     async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -97,10 +99,10 @@ async def stream_once(
             if choices and (choices[0].get("delta") or {}).get("content"):
                 chunks += 1
                 text += choices[0]["delta"]["content"]
-                last_at = time.perf_counter()
+                arrivals.append(time.perf_counter())
                 if first is None:
-                    first, first_at = last_at - started, last_at
-    return (first if first is not None else float("nan")), chunks, text, first_at, last_at
+                    first = arrivals[0] - started
+    return (first if first is not None else float("nan")), chunks, text, arrivals
 
 
 def prompt(index: int, tokens: int) -> list[dict]:
@@ -117,8 +119,10 @@ async def load(server: Server, clients: int, prompt_tokens: int, new_tokens: int
         )
         wall = time.perf_counter() - started
     ttfts = sorted(r[0] for r in results)
-    decoded = sum(r[1] - 1 for r in results)  # tokens after each client's first
-    decode_span = max(r[4] for r in results) - min(r[3] for r in results)
+    # decoding side by side: from the moment every client has its first token (all prompts read) to the last token
+    all_started = max(r[3][0] for r in results if r[3])
+    decoded = sum(1 for r in results for at in r[3] if at > all_started)
+    decode_span = max(r[3][-1] for r in results if r[3]) - all_started
     return {
         "ttft_p50": statistics.median(ttfts),
         "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
@@ -132,9 +136,9 @@ async def second_turn(server: Server, tokens: int) -> tuple[float, float]:
     """TTFT of a first turn of about `tokens` tokens, and of the second turn that resends it with the answer."""
     first = prompt(99, tokens)
     async with httpx.AsyncClient(timeout=3600) as client:
-        first_ttft, _, reply, _, _ = await stream_once(client, server, first, 16)
+        first_ttft, _, reply, _ = await stream_once(client, server, first, 16)
         turn = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Shorter, please."}]
-        second_ttft, _, _, _, _ = await stream_once(client, server, turn, 4)
+        second_ttft, _, _, _ = await stream_once(client, server, turn, 4)
     return first_ttft, second_ttft
 
 
@@ -179,7 +183,7 @@ def main() -> None:
                 f"{med['decode_tok_s']:>9.1f} {med['tokens']:>7.0f}"
             )
         ours_single = statistics.median(r["decode_tok_s"] for r in table[("qwen2cli", min(args.clients))])
-        print("aggregate decode tokens/s (first token to last, all clients):")
+        print("aggregate decode tokens/s (once every client has its first token):")
         for clients in args.clients:
             ours = statistics.median(r["decode_tok_s"] for r in table[("qwen2cli", clients)])
             theirs = statistics.median(r["decode_tok_s"] for r in table[("llama.cpp", clients)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -98,10 +99,27 @@ def serve(
     app = build_app(service, api_key=api_key)
     dim(f"serving {service.model_id} on http://{host}:{port}/v1 (context {engine.ctx}, {parallel} at once)")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again to the handler it found: SIGTERM's
-    # then ends the process with success (SIGINT's stays KeyboardInterrupt: "interrupted", 130)
+
+    def answer_http() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or never listening (the port taken): the model's loop ends too
+            service.scheduler.stop()
+
+    # the model runs in this thread, the one that loaded it (Scheduler.run_here says why), HTTP in another; Ctrl-C
+    # is KeyboardInterrupt here ("interrupted", 130), SIGTERM a clean exit (0): both end the requests in flight as
+    # cancelled, then let the HTTP server finish
     signal.signal(signal.SIGTERM, _stopped)
-    server.run()
+    service.scheduler.will_run_here()  # before the HTTP server's startup would start a worker thread
+    http = threading.Thread(target=answer_http, name="qwen2-http", daemon=True)
+    http.start()
+    try:
+        service.scheduler.run_here()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+    if not server.started:
+        raise BadInput(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
 
 
 def _stopped(signum: int, frame: object) -> None:

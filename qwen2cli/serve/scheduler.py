@@ -107,21 +107,40 @@ class Scheduler:
         self.finished: Counter[str] = Counter()  # requests ended so far, by finish reason
         self.widest_step = 0  # the most requests one decode step has advanced together
         self._thread = threading.Thread(target=self._run, name="qwen2-scheduler", daemon=True)
+        self._here = False  # run_here: the worker is the caller's thread
 
     def start(self) -> None:
-        self._thread.start()
+        """Run the worker in a thread of its own (nothing, after `run_here`'s promise)."""
+        if not self._here:
+            self._thread.start()
+
+    def will_run_here(self) -> None:
+        """Promise that `run_here` will run the worker: `start()` then does nothing."""
+        self._here = True
+
+    def run_here(self) -> None:
+        """Be the worker in the calling thread until `stop()` (or an exception: KeyboardInterrupt). The server runs
+        the model in the thread that loaded it: OpenMP keeps a pool of threads for each thread that starts parallel
+        work, and with two pools on the same cores libgomp stops spinning between parallel regions, so decoding in
+        a second thread ran about 1.6x slower than in the loading one."""
+        self.will_run_here()
+        self._run()
 
     def stop(self) -> None:
-        """Finish nothing more: active and waiting requests end as cancelled; the worker thread exits."""
+        """Finish nothing more: active and waiting requests end as cancelled; the worker exits."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         with self._wake:
-            self._waiting.append(job)
-            self._wake.notify()
+            if not self._stopping:
+                self._waiting.append(job)
+                self._wake.notify()
+                return
+        job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))  # the worker has stopped, or is stopping
 
     def load(self) -> dict[str, int]:
         """Requests being answered and waiting now, and those ended so far by finish reason."""
@@ -139,27 +158,32 @@ class Scheduler:
 
     # -- the worker thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._stopping and not self._active and not self._waiting:
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    admitted = self._take_admissible()
-                for job, slot in admitted:
-                    self._guarded(job, functools.partial(self._admit, job, slot), slot)
-                pending = []
-                for active in list(self._active):
-                    token = self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
-                    if token is not None:
-                        pending.append((active, token))
-                if pending:
-                    self._forward(pending)
-        for active in self._active:
-            self._end(active, "cancelled")
-        for job in self._waiting:
-            job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not self._stopping and not self._active and not self._waiting:
+                            self._wake.wait(timeout=0.5)  # a timeout: a KeyboardInterrupt is taken between waits
+                        if self._stopping:
+                            break
+                        admitted = self._take_admissible()
+                    for job, slot in admitted:
+                        self._guarded(job, functools.partial(self._admit, job, slot), slot)
+                    pending = []
+                    for active in list(self._active):
+                        token = self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
+                        if token is not None:
+                            pending.append((active, token))
+                    if pending:
+                        self._forward(pending)
+        finally:
+            with self._wake:
+                self._stopping = True  # (when interrupted) submit() from now on ends its job at once
+            for active in list(self._active):
+                self._end(active, "cancelled")
+            while self._waiting:
+                job = self._waiting.popleft()
+                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0))
 
     def _guarded(
         self, job: Job, work: Callable[[], int | None], slot: Slot, active: Active | None = None
