@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import signal
 import threading
@@ -97,12 +98,22 @@ def serve(
     engine = load_engine(model_dir, options)
     service = Service(engine, model_id=served_name(model, model_dir), slots=parallel)
     app = build_app(service, api_key=api_key)
-    dim(f"serving {service.model_id} on http://{host}:{port}/v1 (context {engine.ctx}, {parallel} at once)")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+
+    async def announce() -> None:  # once listening (a port that cannot be bound ends the server first)
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        if server.started:
+            dim(f"serving {service.model_id} on http://{host}:{port}/v1 (context {engine.ctx}, {parallel} at once)")
+
+    async def answer() -> None:
+        announcing = asyncio.create_task(announce())
+        await server.serve()
+        await announcing
 
     def answer_http() -> None:
         try:
-            server.run()
+            asyncio.run(answer())
         finally:  # stopped, or never listening (the port taken): the model's loop ends too
             service.scheduler.stop()
 
