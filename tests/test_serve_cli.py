@@ -164,6 +164,26 @@ def test_open_host_warns_and_ctrl_c_stops_cleanly(tiny_model):
     assert "warning: listening on 0.0.0.0 without --api-key" in stderr and "Traceback" not in stderr
 
 
+def test_a_taken_port_is_one_error(tiny_model):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "qwen2cli", "serve", str(tiny_model), "--port", str(port), "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+    assert "serving" not in done.stderr  # never announced
+
+
 @pytest.mark.real
 def test_real_template_equals_apply_chat_template(real_model_dir):
     for name, messages in CONVERSATIONS.items():
