@@ -371,3 +371,57 @@ def test_export_command_writes_the_float_copy(tiny, tmp_path):
         failed = export(*args)
         assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1 and fragment in failed.stderr, failed.stderr
+
+
+@pytest.mark.real
+def test_real_import_served_side_by_side_answers_as_alone(real_import):
+    """The default model's form on the native kernels: four requests answered at once by `qwen2 serve` (fresh
+    slots, so each prompt is read whole) each get exactly the tokens that greedy generation gives that prompt alone
+    in a fresh cache: the C layers' rows never depend on each other."""
+    import threading
+
+    import httpx
+    import openai
+
+    from qwen2cli.generate import generate, load_engine
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.sampling import SamplingParams
+    from tests.serve_helpers import our_ids, start_server
+
+    _, imported, _ = real_import
+    questions = ["Write a haiku about autumn.", "def add(a, b):", "What is 12 * 7?", "Name three colours."]
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in questions]
+    answers: list[str | None] = [None] * len(questions)
+    process, url = start_server(imported, "--parallel", str(len(questions)))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+        together = threading.Barrier(len(questions))
+
+        def ask(index: int) -> None:
+            together.wait()
+            answer = client.chat.completions.create(
+                model=model,
+                messages=conversations[index],
+                temperature=0,
+                max_tokens=24,
+                extra_body={"repetition_penalty": 1.0},
+            )
+            answers[index] = answer.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(questions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        widest = httpx.get(f"{url}/health").json()["requests"]["widest_step"]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert widest > 1  # they were decoded side by side
+    engine = load_engine(imported, LoadOptions(device="cpu"))
+    params = SamplingParams(temperature=0, max_tokens=24, repeat_penalty=1.0)
+    for messages, answer in zip(conversations, answers, strict=True):
+        ids = our_ids(imported, messages, None)
+        alone = "".join(chunk.text for chunk in generate(engine, ids, params=params, cache=engine.new_cache(64)))
+        assert alone == answer, messages
