@@ -394,7 +394,7 @@ def test_real_import_served_side_by_side_answers_as_alone(real_import):
     answers: list[str | None] = [None] * len(questions)
     process, url = start_server(imported, "--parallel", str(len(questions)))
     try:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        client: Any = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         together = threading.Barrier(len(questions))
 

@@ -3,13 +3,15 @@ min-p give the scores transformers gives, entry for entry."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from qwen2cli.sampling import SamplingParams, filter_logits, penalize_repeats, pick_token
 
 
-def logits_and_history(seed: int, vocab: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_history(seed: int, vocab: int = 5000) -> tuple[torch.Tensor, Any]:
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(vocab, generator=generator) * 4
     logits[:3] = 0.0  # exact zeros: neither divided nor multiplied away
