@@ -207,7 +207,7 @@ class NativeDecoder:
                 int(key[1]),
                 config.rms_norm_eps,
             )
-            self._sized = key, shape, torch.empty(0)
+            self._sized = key, shape, torch.empty(0, device="cpu")
         shape, work = self._sized[1], self._sized[2]
         needed = self.library.qlayer_work_floats(ctypes.byref(shape), count)
         if work.numel() < needed:  # grown to the most rows asked for at once
@@ -228,7 +228,7 @@ class NativeDecoder:
         shape, work = self._shape(caches[0], count)
         hidden = x.to(torch.float32, copy=True).contiguous()  # the residual stream, updated in place by each layer
         cos, sin = self.rotary.tables(max(positions) + 1, x.device)  # float32 (positions, head_dim)
-        index = torch.tensor(positions)
+        index = torch.tensor(positions, device=cos.device)
         cos, sin = cos[index].contiguous(), sin[index].contiguous()
         position_array = (ctypes.c_int * count)(*positions)
         decode, shape_ref = self.library.qlayer_decode, ctypes.byref(shape)

@@ -76,7 +76,7 @@ def _native_step(
     """decode_step's rows through the C layers, then the final norm and the head as a lone token takes them: the
     norm row by row, the head on all rows where its kernel's rows are independent (the native one), else row by
     row."""
-    ids = torch.tensor(tokens)[:, None]  # (count, 1)
+    ids = torch.tensor(tokens, device="cpu")[:, None]  # (count, 1)
     x = model.model.embed_tokens(ids).to(model.model.norm.weight.dtype)  # (count, 1, hidden), as Model.forward
     hidden = decoder.rows(x[:, 0], caches, [cache.pos for cache in caches]).to(x.dtype)
     for cache in caches:
