@@ -19,14 +19,8 @@ from qwen2cli.load_options import LoadOptions
 from qwen2cli.model import DecoderLayer, Qwen2ForCausalLM
 from qwen2cli.quant.config import QuantConfig
 from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
-from qwen2cli.quant.linear import (
-    DEQUANT_MIN_ROWS,
-    QuantLinear,
-    int4pack_cpu_layout_known,
-    int4pack_cpu_tile,
-    quantize_linear,
-    unpack_int4pack_cpu,
-)
+from qwen2cli.quant.int4pack import int4pack_cpu_layout_known, int4pack_cpu_tile, unpack_int4pack_cpu
+from qwen2cli.quant.linear import DEQUANT_MIN_ROWS, QuantLinear, quantize_linear
 from qwen2cli.quant.native import native_library
 from qwen2cli.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from qwen2cli.quant.rtn import quantize_rtn
