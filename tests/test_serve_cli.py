@@ -100,6 +100,59 @@ def test_quantized_gguf_model_batches_as_it_answers_alone(tmp_path):
         together_scheduler.stop()
 
 
+def test_a_long_prompt_is_read_between_the_others_tokens(tiny_model, monkeypatch):
+    """A prompt is read a chunk per turn of the worker, so an answer already streaming keeps getting tokens while a
+    newcomer's long prompt is read; both answers are those each gets alone."""
+    from qwen2cli.generate import load_engine
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.sampling import SamplingParams
+    from qwen2cli.serve.scheduler import Finished, Job, Scheduler, Token
+
+    monkeypatch.setattr("qwen2cli.serve.scheduler.PREFILL_CHUNK", 8)
+    engine = load_engine(tiny_model, LoadOptions(device="cpu"))
+    short, long = engine.tokenizer.encode("short one"), engine.tokenizer.encode("a much longer prompt " * 12)
+    assert len(long) > 5 * 8
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=40)
+    scheduler = Scheduler(engine, slots=2)
+    scheduler.start()
+    events: list[tuple[str, Any]] = []
+    done = {name: threading.Event() for name in ("short", "long", "short alone", "long alone")}
+    first_short_token = threading.Event()
+
+    def emit_as(name: str):
+        def emit(event) -> None:
+            events.append((name, event))
+            if name == "short" and isinstance(event, Token):
+                first_short_token.set()
+            if not isinstance(event, Token):
+                done[name].set()
+
+        return emit
+
+    try:
+        scheduler.submit(Job(prompt_ids=short, params=params, emit=emit_as("short")))
+        assert first_short_token.wait(60)
+        submitted = len(events)
+        scheduler.submit(Job(prompt_ids=long, params=params, emit=emit_as("long")))
+        assert done["short"].wait(120) and done["long"].wait(120)
+        scheduler.stop()
+        scheduler = Scheduler(engine, slots=2)  # fresh slots: each prompt read whole, as above
+        scheduler.start()
+        for name, ids in (("short alone", short), ("long alone", long)):
+            scheduler.submit(Job(prompt_ids=ids, params=params, emit=emit_as(name)))
+            assert done[name].wait(120)
+    finally:
+        scheduler.stop()
+    names = [name for name, event in events[submitted:] if isinstance(event, Token) and name in ("short", "long")]
+    assert names[: names.index("long")].count("short") >= 4  # its tokens kept coming while the long prompt was read
+
+    def tokens(name: str) -> list[int]:
+        return [event.token_id for n, event in events if n == name and isinstance(event, Token)]
+
+    assert tokens("short") == tokens("short alone") and tokens("long") == tokens("long alone")
+    assert all(isinstance(event, Finished) for name, event in events if not isinstance(event, Token))
+
+
 def test_run_url_answers_as_the_server_does(client, server):
     done = qwen2(["run", "--url", server, "--json", "--system", "Be brief.", *SHELL_GREEDY, "Hello there"])
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Engine, prefill
+from ..generate import PREFILL_CHUNK, Engine, prefill
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams, pick_token
 from .batch_decode import can_batch, decode_step
@@ -76,7 +76,8 @@ class Slot:
 class Active:
     job: Job
     slot: Slot
-    logits: torch.Tensor  # the next token's logits (vocab,)
+    unread: list[int]  # prompt tokens still to read into the slot's cache, a chunk per turn of the worker
+    logits: torch.Tensor | None  # the next token's logits (vocab,), once the prompt is read
     seen: torch.Tensor  # (vocab,) bool: prompt and answer tokens, for the repetition penalty
     counts: torch.Tensor  # (vocab,) float: answer tokens, for frequency and presence penalties
     generator: torch.Generator
@@ -169,8 +170,13 @@ class Scheduler:
                         admitted = self._take_admissible()
                     for job, slot in admitted:
                         self._guarded(job, functools.partial(self._admit, job, slot), slot)
+                    reading = next((active for active in self._active if active.unread), None)
+                    if reading is not None:  # one chunk of one prompt a turn: the others' answers keep flowing
+                        self._guarded(reading.job, functools.partial(self._read, reading), reading.slot, reading)
                     pending = []
                     for active in list(self._active):
+                        if active.logits is None:
+                            continue
                         token = self._guarded(active.job, functools.partial(self._step, active), active.slot, active)
                         if token is not None:
                             pending.append((active, token))
@@ -222,13 +228,12 @@ class Scheduler:
         return taken
 
     def _admit(self, job: Job, slot: Slot) -> None:
-        """Prefill the part of the prompt the slot does not hold yet, and make the job active."""
+        """Make the job active in its slot, keeping the part of the prompt the slot holds; the rest is read by
+        `_read`, a chunk per turn."""
         engine, prompt = self.engine, job.prompt_ids
         kept = min(common_prefix(slot.fed_ids, prompt), slot.cache.pos, len(prompt) - 1)
         slot.cache.trim(kept)
         slot.fed_ids = prompt[:kept]
-        logits = prefill(engine, slot.cache, prompt[kept:])
-        slot.fed_ids = list(prompt)
         device = engine.loaded.device
         vocab = engine.config.vocab_size
         seen = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -239,11 +244,24 @@ class Scheduler:
         else:
             generator.seed()
         counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-        self._active.append(Active(job, slot, logits, seen, counts, generator, cached_tokens=kept))
+        self._active.append(Active(job, slot, prompt[kept:], None, seen, counts, generator, cached_tokens=kept))
+
+    def _read(self, active: Active) -> None:
+        """Read the next chunk of the job's prompt, in the chunks `prefill` reads a whole prompt in (so a prompt's
+        numbers do not depend on what else the server is doing)."""
+        if active.job.cancelled.is_set():
+            self._end(active, "cancelled")
+            return
+        chunk, active.unread = active.unread[:PREFILL_CHUNK], active.unread[PREFILL_CHUNK:]
+        logits = prefill(self.engine, active.slot.cache, chunk)
+        active.slot.fed_ids += chunk
+        if not active.unread:
+            active.logits = logits
 
     def _choose(self, active: Active) -> Token:
         """The next token, with the model's log-probabilities (before penalties and grammar) when asked for."""
         job, logits = active.job, active.logits
+        assert logits is not None, "only a job whose prompt is read chooses tokens"
         logits[self.engine.sampleable_vocab :] = float("-inf")
         model_logprobs = torch.log_softmax(logits, dim=-1) if job.logprobs is not None else None
         if job.banned_ids:
