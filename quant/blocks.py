@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .linear import QuantLinear
-from .native import native_library, unpack_q4, unpack_q5
+from .native import can_interleave, native_library, unpack_q4, unpack_q5
 
 CODE_KINDS = ("q4", "q5", "q8")
 TABLES = ("float16-zeros", "float32-offsets")
@@ -139,22 +139,35 @@ class BlockQuantLinear(QuantLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_blocks(self.codes, self.scales, self._table(), self.config)
 
+    def stored_for_post_load(self) -> tuple[tuple[str, ...], frozenset[str]]:
+        names = ("codes", *self.config.table_names)
+        return names, frozenset(names)
+
+    def on_cpu(self) -> bool:
+        return self.codes.device.type == "cpu"
+
     def post_load(self, packed: dict[str, torch.Tensor] | None = None) -> None:
-        """The kernels read the stored tensors as they are (memory-mapped views): nothing is repacked."""
+        """The kernels read the stored tensors as they are (memory-mapped views), or, where the CPU multiplies 8
+        rows interleaved (quant/qgemv_x8.c), a copy in that order made from `packed` (the same tensors read through
+        a mapping of the loader's, so that the views' pages are never read) or from the views."""
         fmt = self.config
-        if self.codes.device.type != "cpu" or native_library() is None:
+        library = native_library()
+        if self.codes.device.type != "cpu" or library is None:
             return
-        scales, table = self.scales, self._table()
+        codes, scales, table = self.codes, self.scales, self._table()
+        if packed is not None and can_interleave(library, self.out_features, self.in_features):
+            codes, scales, table = packed["codes"], packed["scales"], packed[fmt.table_names[1]]
         if fmt.half and scales.dtype != torch.float16:  # a loader that converted them: float16 holds them exactly
             scales = scales.to(torch.float16)
         if not fmt.half and scales.dtype != torch.float32:
             scales, table = scales.float(), table.float()
         names = ("scales16", "zeros16") if fmt.half else ("scales32", "offsets32")
-        self._fast = {fmt.codes: self.codes.contiguous(), names[0]: scales.contiguous(), names[1]: table.contiguous()}
+        self._fast = {fmt.codes: codes.contiguous(), names[0]: scales.contiguous(), names[1]: table.contiguous()}
         if self.bias is not None and self.bias.dtype != torch.float32:
             self.bias = self.bias.float()
-        self._native = native_library()
+        self._native = library
         self.kernel = f"{fmt.codes}-native-cpu"
+        self._interleave_native()
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:
         return dequantize_blocks(

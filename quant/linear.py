@@ -13,7 +13,17 @@ from torch import nn
 
 from .config import QuantConfig
 from .int4pack import cuda_inner_k_tiles, int4pack_cpu_layout_known, int4pack_cpu_tile, unpack_int4pack_cpu
-from .native import cpu_has_any, native_library, native_matmul, native_unpack, pack_q4, pack_q8, unpack_q4
+from .native import (
+    can_interleave,
+    cpu_has_any,
+    interleave,
+    native_library,
+    native_matmul,
+    native_unpack,
+    pack_q4,
+    pack_q8,
+    unpack_q4,
+)
 from .packing import dequantize_awq, dequantize_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .rtn import quantize_rtn
 
@@ -41,6 +51,7 @@ class QuantLinear(nn.Module):
 
     dequant_min_rows = DEQUANT_MIN_ROWS  # from this many input rows on, unpack the weight for a float GEMM
     fusable = True  # fuse_native may concatenate its tables with its neighbours' (a copy of them)
+    _interleaved = False  # the native kernel's codes and tables hold 8 rows interleaved (quant/qgemv_x8.c)
     # the buffers (the checkpoint's tensors)
     qweight: torch.Tensor
     qzeros: torch.Tensor
@@ -127,6 +138,13 @@ class QuantLinear(nn.Module):
         return F.linear(x.float(), self.dequantized_weight(), bias).to(x.dtype)
 
     # -- fast kernels ------------------------------------------------------------------------------------------
+    def stored_for_post_load(self) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The stored tensors post_load reads when handed them (`packed`), and those it needs for that."""
+        return ("qweight", "qzeros", "g_idx"), frozenset({"qweight", "qzeros"})
+
+    def on_cpu(self) -> bool:
+        return self.qweight.device.type == "cpu"
+
     def post_load(self, packed: dict[str, torch.Tensor] | None = None) -> None:
         """Repack once for the device: act-order is resolved here, never per token. `packed`: the stored tensors
         read elsewhere (so that the buffers' own pages need never be read, see quantized_load)."""
@@ -168,6 +186,7 @@ class QuantLinear(nn.Module):
                 self._fast["scales32"], self._fast["offsets32"] = by_row(scales), by_row(offsets)
             self._native = native
             self.kernel = f"{kind}-native-cpu"
+            self._interleave_native()
         elif device.type == "cpu" and self.config.bits == 4 and int4_shape_ok:
             # tinygemm dequantizes (q - 8) * scale + offset; GPTQ/AWQ mean scale * (q - zero)
             offsets = scales * (8 - zeros.float())
@@ -203,6 +222,18 @@ class QuantLinear(nn.Module):
             return
         if permuted:
             self._fast["order"] = order
+
+    def _interleave_native(self) -> None:
+        """The native kernel's codes and tables with 8 rows interleaved, where the build and the shape allow: a
+        vpdpbusd lane per row, so that the float work per block is shared by 8 rows, and rows of activations
+        decoded side by side (a server's requests) cost little more than one (docs/cpu-kernels.md)."""
+        native = self._native
+        if native is None or not can_interleave(native, self.out_features, self.in_features):
+            return
+        kind, names = self.kernel[:2], self._native_tables()
+        tables = interleave(native, kind, self._fast[kind], self._fast[names[0]], self._fast[names[1]], self.group_size)
+        self._fast.update(zip((kind, *names), tables, strict=True))
+        self._interleaved = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
@@ -256,11 +287,15 @@ class QuantLinear(nn.Module):
         fast, kind, native = self._fast, self.kernel[:2], self._native
         assert native is not None, "a native-kernel layer holds the library"
         scales, offsets = (fast[key][start:stop] for key in self._native_tables())
-        return native_unpack(native, kind, fast[kind][start:stop], scales, offsets, self.group_size, out)
+        return native_unpack(
+            native, kind, fast[kind][start:stop], scales, offsets, self.group_size, out, interleaved=self._interleaved
+        )
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the dequantized weight, float32 (stop - start, in), from the fast kernel's tables."""
         fast = self._fast
+        if self._interleaved:  # rows in whole groups of 8 (or up to the last row)
+            return self._native_rows(start, stop, torch.empty(stop - start, self.in_features, device="cpu"))
         if self.kernel == "int8pack-cpu":
             return fast["weight"][start:stop].float().mul_(fast["scales32"][start:stop, None])
         if self.kernel == "q4-native-cpu":
@@ -288,7 +323,14 @@ class QuantLinear(nn.Module):
             fast, kind = self._fast, self.kernel[:2]
             scales, offsets = (fast[key] for key in self._native_tables())
             return native_matmul(
-                self._native, kind, flat.float().contiguous(), fast[kind], scales, offsets, self.group_size
+                self._native,
+                kind,
+                flat.float().contiguous(),
+                fast[kind],
+                scales,
+                offsets,
+                self.group_size,
+                interleaved=self._interleaved,
             )
         if self.kernel == "int8pack-cpu":
             return torch.ops.aten._weight_int8pack_mm(flat, self._fast["weight"], self._fast["scales"])
@@ -340,6 +382,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
         or layer.group_size != first.group_size
         or layer.in_features != first.in_features
         or layer._native_tables() != tables
+        or layer._interleaved != first._interleaved
         for layer in layers
     ):
         return None
@@ -374,7 +417,7 @@ def fuse_native(layers: list[QuantLinear]) -> QuantLinear | None:
             layer._fast[key] = part  # rows of a contiguous tensor: contiguous views
     if orders[0] is not None:
         fused._fast["order"] = orders[0]
-    fused.kernel, fused._native = first.kernel, first._native
+    fused.kernel, fused._native, fused._interleaved = first.kernel, first._native, first._interleaved
     return fused
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.c", "qlayer.c", "attention.c")]  # one library
-HEADERS = [Path(__file__).with_name("simd.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.c", "qgemv_x8.c", "qlayer.c", "attention.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "qgemv.h")]  # all: one library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # where the CPU has them: two blocks of 32 codes per 512-bit vpdpbusd (qgemv.c's rows_dot512)
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
@@ -107,6 +107,13 @@ def build_library(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.q_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
     library.q_unpack.restype = None
     library.q_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    library.x8_gemv.restype = None
+    library.x8_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+    library.x8_unpack.restype = None
+    library.x8_unpack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    library.q_interleave.restype = None
+    library.q_interleave.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+    library.q_x8_supported.restype = ctypes.c_int
     library.attention_supported.restype = ctypes.c_int
     library.attention_prefill.restype = None
     library.attention_prefill.argtypes = (
@@ -208,11 +215,13 @@ def native_matmul(
     scales: torch.Tensor,
     offsets: torch.Tensor,
     group_size: int,
+    *,
+    interleaved: bool = False,
 ) -> torch.Tensor:
     """x (rows, in) float32 contiguous @ W^T -> (rows, out) float32. `kind` q4 (pack_q4's codes), q5 (pack_q5's)
     or q8 (pack_q8's, or any int8 codes); per (out, group), contiguous: float32 scales and offsets,
     W = stored * scale + offset; or float16 scales and int16 zeros, W = (stored - zero) * scale. Groups: multiples
-    of 32 inputs, or 16."""
+    of 32 inputs, or 16. `interleaved`: codes and tables as `interleave` returns them."""
     rows, in_features = x.shape
     out_features = packed.shape[0]
     if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # raw pointers follow
@@ -225,7 +234,7 @@ def native_matmul(
     ):
         raise ValueError("native_matmul takes float32 scales and offsets, or float16 scales and int16 zeros")
     out = torch.empty(rows, out_features, dtype=torch.float32, device=x.device)
-    library.q_gemv(
+    (library.x8_gemv if interleaved else library.q_gemv)(
         packed.data_ptr(),
         scales.data_ptr(),
         offsets.data_ptr(),
@@ -249,9 +258,11 @@ def native_unpack(
     offsets: torch.Tensor,
     group_size: int,
     out: torch.Tensor,
+    *,
+    interleaved: bool = False,
 ) -> torch.Tensor:
     """The weight rows `native_matmul` multiplies by, written into `out` (rows, in): float32, or bfloat16 rounded as
-    torch rounds. Tables as native_matmul's, rows matching `packed`'s."""
+    torch rounds. Tables as native_matmul's, rows matching `packed`'s (whole groups of 8 where interleaved)."""
     rows, in_features = out.shape
     if (
         out.dtype not in (torch.float32, torch.bfloat16)
@@ -260,7 +271,7 @@ def native_unpack(
         or not (packed.is_contiguous() and scales.is_contiguous() and offsets.is_contiguous())
     ):
         raise ValueError("native_unpack writes contiguous float32 or bfloat16 rows matching the packed ones")
-    library.q_unpack(
+    (library.x8_unpack if interleaved else library.q_unpack)(
         packed.data_ptr(),
         scales.data_ptr(),
         offsets.data_ptr(),
@@ -273,6 +284,43 @@ def native_unpack(
         out.dtype == torch.bfloat16,
     )
     return out
+
+
+def can_interleave(library: ctypes.CDLL, out_features: int, in_features: int) -> bool:
+    """Whether `interleave` applies: an AVX-512 VNNI build (qgemv_x8.c), rows in whole groups of 8, and not turned
+    off by QWEN2_NATIVE_INTERLEAVE=0 (for comparisons)."""
+    return (
+        bool(library.q_x8_supported())
+        and out_features % 8 == 0
+        and in_features % 32 == 0
+        and os.environ.get("QWEN2_NATIVE_INTERLEAVE") != "0"
+    )
+
+
+def interleave(
+    library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """native_matmul's codes and tables with each 8 rows' interleaved (quant/qgemv_x8.c's layout: a vpdpbusd lane
+    per row, which lets several activation rows share the per-block float work): new tensors of the same shapes
+    and dtypes, for `interleaved=True`. Rows: a multiple of 8 (can_interleave)."""
+    rows = packed.shape[0]
+    in_features = scales.numel() // rows * group_size  # tables (rows, groups), or (rows, groups, 1)
+    if not can_interleave(library, rows, in_features):
+        raise ValueError(f"cannot interleave a {rows} x {in_features} {kind} matrix here")
+    sources = [packed.contiguous(), scales.contiguous(), offsets.contiguous()]
+    codes, scales8, offsets8 = (torch.empty_like(t) for t in sources)
+    library.q_interleave(
+        *(t.data_ptr() for t in sources),
+        codes.data_ptr(),
+        scales8.data_ptr(),
+        offsets8.data_ptr(),
+        rows,
+        in_features,
+        group_size,
+        KINDS[kind],
+        scales.element_size(),
+    )
+    return codes, scales8, offsets8
 
 
 def prefill_attention(

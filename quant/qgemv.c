@@ -22,15 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "qgemv.h"
 #include "simd.h"
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define VNNI512 1
-#else
-#define VNNI512 0
-#endif
-
-enum { KIND_Q8 = 0, KIND_Q4 = 1, KIND_Q5 = 2 }; /* the codes' layouts above */
 
 int q4_supported(void) {
     __builtin_cpu_init();
@@ -41,10 +34,12 @@ int q4_supported(void) {
 
 int q4_vnni512(void) { return VNNI512; } /* which build this is (tests run both paths where they can) */
 
-/* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) float sums per group. Vectorized: it runs
+/* x (cols) -> xq (cols) int8, d (cols/32) block scales, xsum (groups) float sums per group, shift16 / shift32
+ * -128 x the codes' sums per 16 / 32 (what unsigned q8 codes, code + 128, add to a dot product). Vectorized: it runs
  * on one thread before each product's parallel rows (scalar lrintf took ~20 us for the 4864 inputs of down_proj);
  * cvtps_epi32 rounds to nearest even, as lrintf does in the default rounding mode. */
-static void quantize_row(const float *x, int cols, int group, int8_t *xq, float *d, float *xsum) {
+static void quantize_row(const float *x, int cols, int group, int8_t *xq, float *d, float *xsum, int32_t *shift16,
+                         int32_t *shift32) {
     const __m256 sign_bits = _mm256_set1_ps(-0.0f);
     const __m256i lanes = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int g = 0; g < cols / group; g++) xsum[g] = 0.f;
@@ -72,45 +67,15 @@ static void quantize_row(const float *x, int cols, int group, int8_t *xq, float 
         /* packs work within 128-bit lanes: 0-3 8-11 4-7 12-15 | ... ; the permute restores element order */
         __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permutevar8x32_epi32(packed, lanes));
+        shift16[2 * b] = -128 * (int32_t)hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(i0, i1))); /* exact: |sum| < 2^24 */
+        shift16[2 * b + 1] = -128 * (int32_t)hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(i2, i3)));
+        shift32[b] = shift16[2 * b] + shift16[2 * b + 1];
     }
 }
 
-/* A block of 32 weights as the unsigned operand of maddubs: q4 codes 0..15 as they are; q8 codes (signed) as |w|,
- * their signs then moved onto the activations (llama.cpp's trick). Pair sums stay within int16: 2 * 15 * 127 and
- * 2 * 128 * 127. */
-static inline __m256i weights_q4(const uint8_t *w, int b) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)(w + b * 16));
-    __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-    return _mm256_set_m128i(hi, lo);
-}
-
-/* A q5 block: q4's nibbles with each code's fifth bit (bit j of the block's uint32) or-ed in as 16, the bits spread to
- * one byte each as llama.cpp's bytes_from_bits_32 does. Pair sums of maddubs stay within int16: 2 * 31 * 127. */
-static inline __m256i weights_q5(const uint8_t *w, int b) {
-    const uint8_t *block = w + (size_t)b * 20;
-    __m128i packed = _mm_loadu_si128((const __m128i *)block);
-    __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-    uint32_t bits;
-    memcpy(&bits, block + 16, 4);
-    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
-                                         _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
-                                                           0x0101010101010101, 0x0000000000000000));
-    __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-                                    _mm256_set1_epi64x(-1));
-    return _mm256_or_si256(_mm256_set_m128i(hi, lo), _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-}
-
-/* block b's 32 codes in input order: unsigned (q4, q5) or int8 (q8) */
-static inline __attribute__((always_inline)) __m256i block_codes(const uint8_t *w, int kind, int b) {
-    if (kind == KIND_Q4) return weights_q4(w, b);
-    if (kind == KIND_Q5) return weights_q5(w, b);
-    return _mm256_loadu_si256((const __m256i *)(w + (size_t)b * 32));
-}
-
-/* block b's codes as block_dot takes them: q4/q5 codes as they are (no signs), int8 codes as their magnitudes with
- * the codes themselves in `signs` */
+/* block b's codes as block_dot takes them (the unsigned operand of maddubs): q4/q5 codes as they are (no signs),
+ * int8 codes as their magnitudes with the codes themselves in `signs`, moved onto the activations (llama.cpp's
+ * trick). Pair sums stay within int16: 2 * 31 * 127 and 2 * 128 * 127. */
 static inline __attribute__((always_inline)) __m256i unsigned_codes(const uint8_t *w, int kind, int b, int q4,
                                                                      __m256i *signs) {
     if (q4) {
@@ -130,29 +95,23 @@ static inline __m256i block_dot(__m256i unsigned_w, __m256i signs, int q4, __m25
 #endif
 }
 
-typedef struct {
-    int8_t *xq;  /* (count, cols) */
-    float *d;    /* (count, cols / 32) */
-    float *xsum; /* (count, groups) */
-} Activations;
-
-static Activations quantize_rows(const float *x, int cols, int group, int count) {
+Activations quantize_rows(const float *x, int cols, int group, int count) {
     Activations a = {aligned_alloc(32, ((size_t)cols * count + 31) / 32 * 32), malloc(sizeof(float) * (cols / 32) * count),
-                     malloc(sizeof(float) * (cols / group) * count)};
+                     malloc(sizeof(float) * (cols / group) * count), malloc(sizeof(int32_t) * (cols / 16) * count),
+                     malloc(sizeof(int32_t) * (cols / 32) * count)};
     for (int m = 0; m < count; m++)
         quantize_row(x + (size_t)m * cols, cols, group, a.xq + (size_t)m * cols, a.d + (size_t)m * (cols / 32),
-                     a.xsum + (size_t)m * (cols / group));
+                     a.xsum + (size_t)m * (cols / group), a.shift16 + (size_t)m * (cols / 16),
+                     a.shift32 + (size_t)m * (cols / 32));
     return a;
 }
 
-static void release(Activations a) {
+void release_rows(Activations a) {
     free(a.xq);
     free(a.d);
     free(a.xsum);
-}
-
-static inline __attribute__((always_inline)) float group_scale(const void *s, int g, int half) {
-    return half ? _cvtsh_ss(((const uint16_t *)s)[g]) : ((const float *)s)[g];
+    free(a.shift16);
+    free(a.shift32);
 }
 
 /* a group's zero term per unit of its activations' sum: the float32 offset, or -scale * zero */
@@ -354,7 +313,7 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *w, int 
             row_dot(weights + (size_t)r * (row_bytes), kind, (const char *)scales + (size_t)r * groups * table_bytes, \
                     (const char *)offsets + (size_t)r * groups * table_bytes, half, a, out, r, rows, cols, group,   \
                     count);                                                                                       \
-        release(a);                                                                                               \
+        release_rows(a);                                                                                               \
     }
 
 DEFINE_GEMV(q4_gemv, KIND_Q4, cols / 2, 0)
@@ -376,36 +335,11 @@ void q_gemv(const uint8_t *weights, const void *scales, const void *offsets, con
  * even as torch converts. Weights as the kernels read them: (stored - zero) * scale with float16 scales and int16
  * zeros (exactly the checkpoint's dequantization), stored * scale + offset with float32 tables. One pass from the
  * packed codes, where unpacking with torch's ops took eight over the whole block (a fifth of a prompt's time). */
-static inline __attribute__((always_inline)) void store8(void *out, size_t at, __m256 v, int bf16) {
-    if (!bf16) {
-        _mm256_storeu_ps((float *)out + at, v);
-        return;
-    }
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128((__m128i *)((uint16_t *)out + at), halves);
-}
-
 static inline __attribute__((always_inline)) void unpack_row(const uint8_t *w, int kind, const void *s,
                                                              const void *o, int half, int cols, int group, void *out,
                                                              size_t at, int bf16) {
-    for (int b = 0; b < cols / 32; b++) {
-        __m256i codes = block_codes(w, kind, b);
-        for (int k = 0; k < 4; k++) { /* 8 codes at a time, each 8 within one group (groups are 16 or more) */
-            int g = (b * 32 + k * 8) / group;
-            __m256 vs = _mm256_set1_ps(group_scale(s, g, half));
-            __m256 vo = _mm256_set1_ps(half ? 0.f : ((const float *)o)[g]);
-            __m256i zero = _mm256_set1_epi32(half ? ((const int16_t *)o)[g] : 0);
-            __m128i bytes = k < 2 ? _mm256_castsi256_si128(codes) : _mm256_extracti128_si256(codes, 1);
-            if (k % 2) bytes = _mm_srli_si128(bytes, 8);
-            __m256i wide = kind != KIND_Q8 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
-            __m256 v = half ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(wide, zero)), vs)
-                            : _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), vs, vo);
-            store8(out, at + (size_t)b * 32 + k * 8, v, bf16);
-        }
-    }
+    for (int b = 0; b < cols / 32; b++)
+        store_block(block_codes(w, kind, b), kind, s, o, half, group, b * 32, 0, 1, out, at + (size_t)b * 32, bf16);
 }
 
 #define DEFINE_UNPACK(name, kind, row_bytes, half, bf16)                                                            \

@@ -21,11 +21,14 @@
 
 void q_gemv(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out, int rows,
             int cols, int group, int count, int kind, int half);
+void x8_gemv(const uint8_t *weights, const void *scales, const void *offsets, const float *x, float *out, int rows,
+             int cols, int group, int count, int kind, int half);
 
 typedef struct {
     const uint8_t *weights;
     const void *scales, *offsets; /* (rows, groups): float16 scales and int16 zeros (half), else float32 both */
     int rows, cols, group, kind, half; /* kind: qgemv.c's KIND_Q8, KIND_Q4 or KIND_Q5 */
+    int interleaved;                   /* codes and tables of 8 rows interleaved (qgemv_x8.c) */
 } QMatrix;
 
 typedef struct {
@@ -42,7 +45,8 @@ typedef struct {
 
 /* x (count, m->cols) -> out (count, m->rows) */
 static void gemv(const QMatrix *m, const float *x, int count, float *out) {
-    q_gemv(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, count, m->kind, m->half);
+    (m->interleaved ? x8_gemv : q_gemv)(m->weights, m->scales, m->offsets, x, out, m->rows, m->cols, m->group, count,
+                                        m->kind, m->half);
 }
 
 /* a projection made of parts side by side, out (count, total): each part writes its columns of every row (through

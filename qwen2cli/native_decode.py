@@ -32,6 +32,7 @@ class _QMatrix(ctypes.Structure):
         ("group", ctypes.c_int),
         ("kind", ctypes.c_int),
         ("half", ctypes.c_int),
+        ("interleaved", ctypes.c_int),
     ]
 
 
@@ -80,6 +81,7 @@ def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
         layer.group_size,
         KINDS[kind],
         int(half),
+        int(layer._interleaved),
     )
 
 

@@ -13,7 +13,6 @@ from .config import Qwen2Config
 from .errors import BadCheckpoint, MissingDependency
 from .weights import corrupt, release_freed_memory
 
-PACKED = ("qweight", "qzeros", "g_idx")  # what QuantLinear.post_load reads
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
 
 
@@ -120,9 +119,10 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
             for name, module in modules[begin : begin + RELEASE_EVERY]:
-                stored = {key: home[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in home}
+                wanted, needed = module.stored_for_post_load()
+                stored = {key: home[f"{name}.{key}"] for key in wanted if f"{name}.{key}" in home}
                 packed = None
-                if {"qweight", "qzeros"} <= stored.keys() and module.qweight.device.type == "cpu":
+                if needed <= stored.keys() and module.on_cpu():
                     for path in stored.values():
                         if path not in handles:
                             handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))

@@ -95,7 +95,8 @@ def _random_layer(fmt: BlockFormat, rows: int, cols: int, generator: torch.Gener
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.source or f.codes}-g{f.group_size}-{f.tables}")
 def test_native_kernels_on_block_layouts_within_activation_rounding(flags, fmt, monkeypatch):
     """qgemv.c on each block layout (q5 codes and groups of 16 included): within the bound its int8 activations
-    allow (test_quant.py's), for 1 to 5 rows; long inputs' unpacked rows are the layer's weights exactly."""
+    allow (test_quant.py's), for 1 to 9 rows (past the 8 a pass of the interleaved kernel takes); long inputs'
+    unpacked rows are the layer's weights exactly."""
     from qwen2cli.quant.native import native_matmul
 
     library = build_library(flags)
@@ -106,14 +107,18 @@ def test_native_kernels_on_block_layouts_within_activation_rounding(flags, fmt, 
     monkeypatch.setattr("qwen2cli.quant.blocks.native_library", lambda: library)
     layer.post_load()
     assert layer.kernel == f"{fmt.codes}-native-cpu"
-    for rows in (1, 3, 5):
+    assert layer._interleaved == bool(library.q_x8_supported())  # AVX-512 VNNI builds: 8 rows interleaved
+    for rows in (1, 3, 5, 9):
         x = torch.randn(rows, 384, generator=generator) * torch.logspace(-2, 1, 384)
         expected = x.double() @ weight.double().t()
         step = x.view(rows, -1, 32).abs().amax(dim=-1).repeat_interleave(32, dim=-1) / 127
         bound = (step.double() / 2) @ weight.abs().double().t() + 1e-4 * expected.abs().max()
         scales, offsets = (layer._fast[name] for name in layer._native_tables())
-        got = native_matmul(library, fmt.codes, x, layer._fast[fmt.codes], scales, offsets, fmt.group_size)
+        tables = (layer._fast[fmt.codes], scales, offsets, fmt.group_size)
+        got = native_matmul(library, fmt.codes, x, *tables, interleaved=layer._interleaved)
         assert bool(((got.double() - expected).abs() <= bound).all())
+        alone = [native_matmul(library, fmt.codes, row[None], *tables, interleaved=layer._interleaved) for row in x]
+        assert torch.equal(torch.cat(alone), got)  # a row's numbers do not depend on the rows beside it
     for dtype in (torch.float32, torch.bfloat16):
         rows_out = layer._native_rows(8, 40, torch.empty(32, 384, dtype=dtype))
         assert torch.equal(rows_out, weight[8:40].to(dtype))
