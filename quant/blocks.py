@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .linear import QuantLinear
-from .native import can_interleave, native_library, unpack_q4, unpack_q5
+from .native import can_interleave, interleave_rows, native_library, unpack_q4, unpack_q5
 
 CODE_KINDS = ("q4", "q5", "q8")
 TABLES = ("float16-zeros", "float32-offsets")
@@ -101,6 +101,7 @@ class BlockQuantLinear(QuantLinear):
     # the file (the C decoder takes q/k/v and gate/up as parts instead)
     dequant_min_rows = 20
     fusable = False
+    reads_rows = True
     config: BlockFormat  # type: ignore[assignment]  # QuantLinear's QuantConfig: the layout's description here
     codes: torch.Tensor
     scales: torch.Tensor
@@ -146,28 +147,43 @@ class BlockQuantLinear(QuantLinear):
     def on_cpu(self) -> bool:
         return self.codes.device.type == "cpu"
 
-    def post_load(self, packed: dict[str, torch.Tensor] | None = None) -> None:
+    def post_load(self, packed: dict[str, Any] | None = None) -> None:
         """The kernels read the stored tensors as they are (memory-mapped views), or, where the CPU multiplies 8
-        rows interleaved (quant/qgemv_x8.c), a copy in that order made from `packed` (the same tensors read through
-        a mapping of the loader's, so that the views' pages are never read) or from the views."""
+        rows interleaved (quant/qgemv_x8.c), a copy in that order. `packed`: for each stored name, a function
+        giving its rows start:stop (the loader's, which maps the file for each block of rows, so that neither the
+        views' pages nor a whole tensor's are ever in memory beside the copy); else the copy is made from the
+        views."""
         fmt = self.config
         library = native_library()
         if self.codes.device.type != "cpu" or library is None:
             return
-        codes, scales, table = self.codes, self.scales, self._table()
-        if packed is not None and can_interleave(library, self.out_features, self.in_features):
-            codes, scales, table = packed["codes"], packed["scales"], packed[fmt.table_names[1]]
-        if fmt.half and scales.dtype != torch.float16:  # a loader that converted them: float16 holds them exactly
-            scales = scales.to(torch.float16)
-        if not fmt.half and scales.dtype != torch.float32:
-            scales, table = scales.float(), table.float()
         names = ("scales16", "zeros16") if fmt.half else ("scales32", "offsets32")
-        self._fast = {fmt.codes: codes.contiguous(), names[0]: scales.contiguous(), names[1]: table.contiguous()}
+
+        def kernel_tables(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> list[torch.Tensor]:
+            if fmt.half and scales.dtype != torch.float16:  # a loader that converted them: float16 holds them exactly
+                scales = scales.to(torch.float16)
+            if not fmt.half and scales.dtype != torch.float32:
+                scales, table = scales.float(), table.float()
+            return [codes.contiguous(), scales.contiguous(), table.contiguous()]
+
+        if can_interleave(library, self.out_features, self.in_features):
+            stored = ("codes", *fmt.table_names)
+            own = (self.codes, self.scales, self._table())
+
+            def read(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                parts = [packed[key](start, stop) for key in stored] if packed else [t[start:stop] for t in own]
+                codes, scales, table = kernel_tables(*parts)
+                return codes, scales, table
+
+            tables = list(interleave_rows(library, fmt.codes, self.out_features, fmt.group_size, read))
+            self._interleaved = True
+        else:
+            tables = kernel_tables(self.codes, self.scales, self._table())
+        self._fast = dict(zip((fmt.codes, *names), tables, strict=True))
         if self.bias is not None and self.bias.dtype != torch.float32:
             self.bias = self.bias.float()
         self._native = library
         self.kernel = f"{fmt.codes}-native-cpu"
-        self._interleave_native()
 
     def _float_rows(self, start: int, stop: int) -> torch.Tensor:
         return dequantize_blocks(

@@ -52,6 +52,7 @@ class QuantLinear(nn.Module):
     dequant_min_rows = DEQUANT_MIN_ROWS  # from this many input rows on, unpack the weight for a float GEMM
     fusable = True  # fuse_native may concatenate its tables with its neighbours' (a copy of them)
     _interleaved = False  # the native kernel's codes and tables hold 8 rows interleaved (quant/qgemv_x8.c)
+    reads_rows = False  # post_load's `packed`: the stored tensors (views); True: functions reading their rows
     # the buffers (the checkpoint's tensors)
     qweight: torch.Tensor
     qzeros: torch.Tensor

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -297,30 +298,55 @@ def can_interleave(library: ctypes.CDLL, out_features: int, in_features: int) ->
     )
 
 
+INTERLEAVE_ROWS = 8192  # rows interleaved at a time (7 MB of the int8 head's codes): a multiple of 8
+
+
 def interleave(
     library: ctypes.CDLL, kind: str, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """native_matmul's codes and tables with each 8 rows' interleaved (quant/qgemv_x8.c's layout: a vpdpbusd lane
     per row, which lets several activation rows share the per-block float work): new tensors of the same shapes
     and dtypes, for `interleaved=True`. Rows: a multiple of 8 (can_interleave)."""
-    rows = packed.shape[0]
-    in_features = scales.numel() // rows * group_size  # tables (rows, groups), or (rows, groups, 1)
-    if not can_interleave(library, rows, in_features):
-        raise ValueError(f"cannot interleave a {rows} x {in_features} {kind} matrix here")
-    sources = [packed.contiguous(), scales.contiguous(), offsets.contiguous()]
-    codes, scales8, offsets8 = (torch.empty_like(t) for t in sources)
-    library.q_interleave(
-        *(t.data_ptr() for t in sources),
-        codes.data_ptr(),
-        scales8.data_ptr(),
-        offsets8.data_ptr(),
-        rows,
-        in_features,
+    return interleave_rows(
+        library,
+        kind,
+        packed.shape[0],
         group_size,
-        KINDS[kind],
-        scales.element_size(),
+        lambda start, stop: (packed[start:stop], scales[start:stop], offsets[start:stop]),
     )
-    return codes, scales8, offsets8
+
+
+def interleave_rows(
+    library: ctypes.CDLL,
+    kind: str,
+    rows: int,
+    group_size: int,
+    read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`interleave` of the codes and tables `read(start, stop)` gives for rows start:stop, asked for INTERLEAVE_ROWS
+    at a time and dropped before the next block is read: a reader that maps its file for each block holds one
+    block's pages in memory beside the interleaved copy, never the whole tensor's."""
+    outputs: list[torch.Tensor] = []
+    for start in range(0, rows, INTERLEAVE_ROWS):
+        stop = min(rows, start + INTERLEAVE_ROWS)
+        parts = [part.contiguous() for part in read(start, stop)]
+        in_features = parts[1].numel() // (stop - start) * group_size  # tables (rows, groups), or (rows, groups, 1)
+        if not outputs:
+            if not can_interleave(library, rows, in_features):
+                raise ValueError(f"cannot interleave a {rows} x {in_features} {kind} matrix here")
+            outputs = [torch.empty((rows, *part.shape[1:]), dtype=part.dtype) for part in parts]
+        library.q_interleave(
+            *(part.data_ptr() for part in parts),
+            *(out[start:stop].data_ptr() for out in outputs),
+            stop - start,
+            in_features,
+            group_size,
+            KINDS[kind],
+            parts[1].element_size(),
+        )
+        del parts
+    codes, scales, offsets = outputs
+    return codes, scales, offsets
 
 
 def prefill_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from torch import nn
 
 from .config import Qwen2Config
 from .errors import BadCheckpoint, MissingDependency
-from .weights import corrupt, release_freed_memory
+from .weights import StoredRows, corrupt, release_freed_memory
 
 KEEP_FLOAT = ("lm_head", "embed_tokens", ".gate", "shared_expert_gate")
 
@@ -101,13 +102,21 @@ def use_kernel_cache() -> None:
         quant_native.cache_dir = kernel_cache_dir()
 
 
+OWN_READ_BYTES = 64 << 20  # a tensor read for post_load by plain reads, not a mapping, from this size on (the head)
+
+
+def _rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return tensor[start:stop]
+
+
 def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = None) -> None:
     """Convert loaded packed weights once into the fastest kernel layout for their device.
 
     With `home` (which checkpoint file holds each tensor: weights.tensor_homes), the packed integers are read
     for this through mappings of their own, dropped every RELEASE_EVERY Linears: the modules' buffers (memory-mapped
     views, kept for the reference path and for saving) are then never read, and stay out of resident memory beside
-    the kernels' copy."""
+    the kernels' copy. Modules that take them (`reads_rows`) get functions giving blocks of rows instead, reading a
+    tensor over OWN_READ_BYTES by plain reads, so that not even a mapping holds all of it at once."""
     from safetensors import safe_open
 
     from .quant.linear import QuantLinear
@@ -115,18 +124,26 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
     use_kernel_cache()
     home = home or {}
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+    by_rows: dict[Path, StoredRows] = {}
     for begin in range(0, len(modules), RELEASE_EVERY):
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
             for name, module in modules[begin : begin + RELEASE_EVERY]:
                 wanted, needed = module.stored_for_post_load()
                 stored = {key: home[f"{name}.{key}"] for key in wanted if f"{name}.{key}" in home}
-                packed = None
+                packed: dict[str, Any] | None = None
                 if needed <= stored.keys() and module.on_cpu():
                     for path in stored.values():
                         if path not in handles:
                             handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
                     packed = {key: handles[path].get_tensor(f"{name}.{key}") for key, path in stored.items()}
+                    if module.reads_rows:  # rows of the views; a big tensor's by plain reads, a block at a time
+                        for key, path in stored.items():
+                            if packed[key].nbytes > OWN_READ_BYTES:
+                                rows = by_rows[path] = by_rows.get(path) or StoredRows(path)
+                                packed[key] = rows.reader(f"{name}.{key}")
+                            else:
+                                packed[key] = functools.partial(_rows, packed[key])
                 module.post_load(packed)
             del packed, handles  # the last views of this batch's mappings
         release_freed_memory()

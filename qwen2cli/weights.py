@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
+import mmap
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +106,25 @@ def release_freed_memory() -> None:
             pass
 
 
+def drop_pages(views: list[torch.Tensor]) -> None:
+    """Take the pages read through views of a read-only file mapping (safe_open's) out of the process's resident
+    memory (Linux's MADV_DONTNEED; elsewhere nothing). They are the file's: touched again, they are read back from
+    the page cache, so only residency changes. Never for memory of the process's own (it would be zeroed)."""
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for view in views:
+        start = -(-view.data_ptr() // page) * page  # whole pages inside the view
+        end = (view.data_ptr() + view.nbytes) // page * page
+        if end > start:
+            madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of returning it: calibration forwards allocate and free
     tensors of tens of MB per batch, each above malloc's mmap threshold (32 MB at most), so every one was a fresh
@@ -131,6 +152,49 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+
+STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+class StoredRows:
+    """Tensors of one safetensors file read a block of rows at a time with plain reads into memory of their own (no
+    mapping of the file): the rows of a tensor too big to hold twice (the int8 head) can be turned into something
+    else block by block, with only one block's bytes beside the result, and nothing read stays resident after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError) as exc:
+            raise corrupt(path, exc) from exc
+        self.start = 8 + size
+        self.header: dict[str, dict] = {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+    def reader(self, name: str) -> Callable[[int, int], torch.Tensor]:
+        """`read(start, stop)`: rows start:stop of tensor `name`."""
+        entry = self.header[name]
+        dtype, shape = STORED_DTYPES.get(entry["dtype"]), list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if dtype is None or not shape or end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt(self.path, ValueError(f"{name}: cannot read rows of {entry['dtype']} {shape}"))
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            rows = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+            try:
+                with self.path.open("rb") as handle:
+                    handle.seek(self.start + begin + start * row_bytes)
+                    done = handle.readinto(rows.view(torch.uint8).numpy().reshape(-1).data)
+            except OSError as exc:
+                raise corrupt(self.path, exc) from exc
+            if done != rows.nbytes or not 0 <= start <= stop <= shape[0]:
+                raise corrupt(self.path, ValueError(f"{name}: rows {start}:{stop} are past the end"))
+            return rows
+
+        return read
 
 
 def save_weights(

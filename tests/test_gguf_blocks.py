@@ -203,6 +203,30 @@ def test_imported_model_matches_transformers_through_dequantized_weights(tiny, m
 
 
 @pytest.mark.skipif(not NATIVE, reason="the native kernel cannot build here (test_quant.py says why)")
+def test_block_tables_read_by_plain_reads_are_those_read_through_mappings(tiny, monkeypatch):
+    """The loader hands block layers their stored tensors a block of rows at a time: through a mapping, or, past
+    OWN_READ_BYTES (the real model's head), by plain reads. Both give the kernels the same tables, and the layers
+    the same outputs."""
+    from qwen2cli import quantized_load
+    from qwen2cli.generate import load_engine
+    from qwen2cli.load_options import LoadOptions
+    from qwen2cli.quant.blocks import BlockQuantLinear
+
+    _, imported = tiny
+
+    def tables() -> dict[str, dict[str, torch.Tensor]]:
+        model = load_engine(imported, LoadOptions(device="cpu", dtype="float32")).loaded.model
+        return {n: m._fast for n, m in model.named_modules() if isinstance(m, BlockQuantLinear) and m._fast}
+
+    mapped = tables()
+    monkeypatch.setattr(quantized_load, "OWN_READ_BYTES", 0)
+    read = tables()
+    assert mapped and mapped.keys() == read.keys()
+    for name, fast in mapped.items():
+        assert fast.keys() == read[name].keys()
+        assert all(torch.equal(fast[key], read[name][key]) for key in fast), name
+
+
 def test_imported_model_decodes_on_the_kernels_in_c(tiny):
     """Every Linear block-quantized (the Q4_K_M shapes, v/down of two kinds in one layer): the one-token C decoder
     runs, as close to exact float math (every layer dequantize-then-matmul) as the Python path over the same

@@ -127,3 +127,33 @@ def test_read_state_dict_gives_the_stored_values(tiny_model):
     for name, tensor in state.items():
         expected = reference[name].to(torch.bfloat16) if name in converted else reference[name]
         assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+
+
+def test_stored_rows_read_blocks_of_rows_as_stored(tmp_path):
+    """StoredRows' plain reads give any block of rows of any stored dtype as safetensors reads them; a file cut
+    short is a BadCheckpoint naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen2cli.errors import BadCheckpoint
+    from qwen2cli.weights import StoredRows
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "codes": torch.randint(-128, 128, (37, 24), generator=generator, dtype=torch.int8),
+        "scales": torch.randn(37, 3, generator=generator).to(torch.float16),
+        "weight": torch.randn(37, 5, 2, generator=generator).to(torch.bfloat16),
+        "zeros": torch.randint(-300, 300, (37, 3), generator=generator, dtype=torch.int16),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    reference, stored = load_file(str(path)), StoredRows(path)
+    for name, tensor in reference.items():
+        read = stored.reader(name)
+        for start, stop in ((0, 37), (0, 8), (8, 16), (32, 37), (5, 5)):
+            rows = read(start, stop)
+            assert rows.dtype == tensor.dtype and torch.equal(rows, tensor[start:stop]), (name, start, stop)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(BadCheckpoint, match="cut.safetensors"):  # the last tensor's rows run past the end
+        for name in reference:
+            StoredRows(cut).reader(name)(0, 37)
