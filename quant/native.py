@@ -330,11 +330,13 @@ def interleave_rows(
     for start in range(0, rows, INTERLEAVE_ROWS):
         stop = min(rows, start + INTERLEAVE_ROWS)
         parts = [part.contiguous() for part in read(start, stop)]
+        if any(part.device.type != "cpu" for part in parts):  # raw pointers follow
+            raise ValueError("interleave takes CPU tensors")
         in_features = parts[1].numel() // (stop - start) * group_size  # tables (rows, groups), or (rows, groups, 1)
         if not outputs:
             if not can_interleave(library, rows, in_features):
                 raise ValueError(f"cannot interleave a {rows} x {in_features} {kind} matrix here")
-            outputs = [torch.empty((rows, *part.shape[1:]), dtype=part.dtype) for part in parts]
+            outputs = [torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device="cpu") for part in parts]
         library.q_interleave(
             *(part.data_ptr() for part in parts),
             *(out[start:stop].data_ptr() for out in outputs),

@@ -183,7 +183,7 @@ class StoredRows:
         row_bytes = (end - begin) // shape[0] if shape[0] else 0
 
         def read(start: int, stop: int) -> torch.Tensor:
-            rows = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+            rows = torch.empty((stop - start, *shape[1:]), dtype=dtype, device="cpu")  # never the default device
             try:
                 with self.path.open("rb") as handle:
                     handle.seek(self.start + begin + start * row_bytes)
