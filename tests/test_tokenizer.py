@@ -17,7 +17,8 @@ from tokenizers.models import BPE
 from devtools.corpus import EDGE_CASES, build_corpus, gettext_corpus
 from devtools.tiny_tokenizer import write_tiny_tokenizer
 from qwen2cli.errors import BadCheckpoint
-from qwen2cli.tokenizer import Qwen2Tokenizer, _load_cached, tables_from_files
+from qwen2cli.tokenizer import Qwen2Tokenizer, tables_from_files
+from qwen2cli.tokenizer_tables import load_tables
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +144,11 @@ def test_cached_tables_equal_the_built_ones_and_a_truncated_cache_is_rebuilt(tin
     built = tables_from_files(tiny_dir)
     Qwen2Tokenizer.from_dir(tiny_dir)
     (cache,) = (tmp_path / "home" / "cache" / "tokenizers").glob("*.bin")
-    assert vars(_load_cached(cache)) == vars(built)
+    assert vars(load_tables(cache)) == vars(built)
     cache.write_bytes(cache.read_bytes()[:-100])
-    assert _load_cached(cache) is None
+    assert load_tables(cache) is None
     assert Qwen2Tokenizer.from_dir(tiny_dir).encode(EDGE_CASES[0]) == Qwen2Tokenizer(built).encode(EDGE_CASES[0])
-    assert vars(_load_cached(cache)) == vars(built)
+    assert vars(load_tables(cache)) == vars(built)
 
 
 @pytest.mark.real
