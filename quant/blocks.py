@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .codes import unpack_q4, unpack_q5
 from .linear import QuantLinear
-from .native import can_interleave, interleave_rows, native_library, unpack_q4, unpack_q5
+from .native import can_interleave, interleave_rows, native_library
 
 CODE_KINDS = ("q4", "q5", "q8")
 TABLES = ("float16-zeros", "float32-offsets")

@@ -13,7 +13,7 @@ import torch
 
 from .gguf_dequant import half_field, q6_k_codes
 from .quant.blocks import BlockFormat
-from .quant.native import pack_q4, pack_q5
+from .quant.codes import pack_q4, pack_q5
 
 BLOCKS_PER_CHUNK = 1 << 16  # bounds the temporaries whatever the tensor's size
 

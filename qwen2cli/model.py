@@ -106,7 +106,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Fused:
-    """Several Linears of one block that read the same input, computed by one call (quant.linear.fuse_native) and
+    """Several Linears of one block that read the same input, computed by one call (quant.convert.fuse_native) and
     split, for inputs of up to `max_rows` rows; longer ones go through the layers one by one. Not a submodule:
     parameter names, state dicts and the separate layers stay as the checkpoint has them."""
 

@@ -66,8 +66,8 @@ class _Shape(ctypes.Structure):
 def _matrix(layer: nn.Module, kept: list[torch.Tensor]) -> _QMatrix | None:
     """A native-kernel QuantLinear as qlayer.c reads it (its tables appended to `kept`, which the decoder holds
     while it holds their addresses); None for anything else (act-order included)."""
+    from .quant.codes import KINDS
     from .quant.linear import QuantLinear
-    from .quant.native import KINDS
 
     if not isinstance(layer, QuantLinear) or layer._native is None or "order" in layer._fast:
         return None

@@ -75,7 +75,7 @@ def swap_quantized_modules(model: nn.Module, config: Qwen2Config, *, dtype: torc
     """Replace every quantized Linear (all but the head, embeddings and routers) with the checkpoint's QuantLinear;
     a GGUF import's listed modules (head and embedding included) with block modules."""
     from .quant.config import QuantConfig
-    from .quant.linear import replace_linears
+    from .quant.convert import replace_linears
 
     modules = block_modules(config)
     if modules:
@@ -150,9 +150,10 @@ def finish_quantized_modules(model: nn.Module, home: dict[str, Path] | None = No
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.linear.fuse_native)."""
+    """q/k/v, and gate/up, of each block as one kernel call where their kernels allow (quant.convert.fuse_native)."""
     from .model import MLP, Attention, Fused
-    from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear, fuse_native
+    from .quant.convert import fuse_native
+    from .quant.linear import DEQUANT_MIN_ROWS, QuantLinear
 
     for index, module in enumerate(model.modules()):
         if index % RELEASE_EVERY == 0:  # the tables each fused one replaced are freed: hand them back as for repacking
@@ -219,7 +220,7 @@ def quantize_at_load(model: nn.Module, load_in: str, *, device: torch.device) ->
     if device.type == "cuda":
         return _bitsandbytes(model, load_in, keeps_float)
     from .quant.config import QuantConfig
-    from .quant.linear import quantize_linear
+    from .quant.convert import quantize_linear
 
     use_kernel_cache()
     pending = list(_float_linears(model, keeps_float).values())[::-1]

@@ -154,8 +154,9 @@ INT4_KERNEL = "int4pack-cuda" if ON_CUDA else __import__("tests.test_quant").tes
 )
 def test_int4_kernel_equals_the_reference_path(shape, group, method, act_order):
     from qwen2cli.quant.config import QuantConfig
+    from qwen2cli.quant.convert import quantize_linear
     from qwen2cli.quant.gptq import GPTQ
-    from qwen2cli.quant.linear import QuantLinear, quantize_linear
+    from qwen2cli.quant.linear import QuantLinear
 
     torch.manual_seed(0)
     in_features, out_features = shape

@@ -13,7 +13,8 @@ import torch
 from qwen2cli.gguf_import import import_gguf
 from qwen2cli.gguf_repack import CONVERTERS, repack
 from qwen2cli.quant.blocks import BlockFormat, BlockQuantLinear, dequantize_blocks
-from qwen2cli.quant.native import build_library, native_flags, native_library, pack_q4, pack_q5, unpack_q5
+from qwen2cli.quant.codes import pack_q4, pack_q5, unpack_q5
+from qwen2cli.quant.native import build_library, native_flags, native_library
 from tests.tiny_gguf import Q4_K_M_LAYER_TYPES, write_tiny_gguf
 
 NATIVE = native_library() is not None

@@ -18,9 +18,10 @@ from qwen2cli import quant
 from qwen2cli.load_options import LoadOptions
 from qwen2cli.model import DecoderLayer, Qwen2ForCausalLM
 from qwen2cli.quant.config import QuantConfig
+from qwen2cli.quant.convert import quantize_linear
 from qwen2cli.quant.gptq import GPTQ, upper_cholesky_of_inverse
 from qwen2cli.quant.int4pack import int4pack_cpu_layout_known, int4pack_cpu_tile, unpack_int4pack_cpu
-from qwen2cli.quant.linear import DEQUANT_MIN_ROWS, QuantLinear, quantize_linear
+from qwen2cli.quant.linear import DEQUANT_MIN_ROWS, QuantLinear
 from qwen2cli.quant.native import native_library
 from qwen2cli.quant.packing import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from qwen2cli.quant.rtn import quantize_rtn
@@ -1211,7 +1212,8 @@ def test_native_kernel_within_its_activation_rounding(flags, bits, rows, in_feat
     differ from x W^T by at most sum_i |w_i| * (that scale / 2), a bound computed here from x alone. Each build
     this CPU runs (the AVX-512 one takes two blocks at a time where a group holds an even number of them: not
     group 32, nor 224's 7), with float32 tables and with float16 scales and int16 zeros."""
-    from qwen2cli.quant.native import build_library, native_matmul, pack_q4, pack_q8, unpack_q4
+    from qwen2cli.quant.codes import pack_q4, pack_q8, unpack_q4
+    from qwen2cli.quant.native import build_library, native_matmul
 
     library = build_library(flags)
     if library is None:

@@ -39,7 +39,7 @@ def quantize_model(
     """Quantize every decoder Linear as `settings` say (checked against the model by settings.check_model), each
     layer fed by the already-quantized layers before it; save to `out_dir` (`replace_output`: a model already
     there is replaced). `progress` hears of calibrating (samples), quantizing (layers) and saving (bytes)."""
-    from ..quant.linear import quantize_linear
+    from ..quant.convert import quantize_linear
 
     def report(step: Step, done: int, total: int) -> None:
         if progress is not None:
