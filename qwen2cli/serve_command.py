@@ -121,6 +121,8 @@ def serve(
     # is KeyboardInterrupt here ("interrupted", 130), SIGTERM a clean exit (0): both end the requests in flight as
     # cancelled, then let the HTTP server finish
     signal.signal(signal.SIGTERM, _stopped)
+    # a background job of a script inherits SIGINT ignored: Ctrl-C (or kill -INT) must stop the server all the same
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     service.scheduler.will_run_here()  # before the HTTP server's startup would start a worker thread
     http = threading.Thread(target=answer_http, name="qwen2-http", daemon=True)
     http.start()

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -179,7 +180,14 @@ def free_port() -> int:
 def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "qwen2cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen([*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started as a script's background job would be (`cmd &` leaves SIGINT ignored): Ctrl-C must still stop it
+    process = subprocess.Popen(
+        [*command, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
